@@ -1,0 +1,59 @@
+# Set-up and entry points. `make pipeline` and `make test` work on a fresh Debian machine
+# (as root or with sudo) and are fast on a second run: every step leaves a stamp and is
+# skipped while its inputs are unchanged; downloads are cached under $(FLAM_CACHE_DIR).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+export FLAM_CACHE_DIR ?= $(HOME)/.cache/flam
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export HF_HUB_OFFLINE := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: help install deps pipeline test test-fast lint format lock clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed deps  ## Python environment (.venv) + Debian tools + cached packages
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip -q; \
+		$(BIN)/python -m pip install -q uv==0.13.9; }
+	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+deps: $(FLAM_CACHE_DIR)/.debian-ready  ## Debian tools (fluidsynth, espeak-ng) and sound packages
+
+$(FLAM_CACHE_DIR)/.debian-ready: scripts/install-debian.sh
+	bash scripts/install-debian.sh "$(FLAM_CACHE_DIR)/debs"
+	@touch $@
+
+pipeline: install  ## Run the whole pipeline (dvc repro) on the default CPU profile
+	$(BIN)/dvc repro
+
+test: install  ## Run the whole test suite (slow end-to-end tests included)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install  ## Tests without the slow end-to-end ones
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed  ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lock: $(VENV)/.installed  ## Re-resolve requirements.lock from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:  ## Remove pipeline outputs (keeps the environment and caches)
+	rm -rf data reports models

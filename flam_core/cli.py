@@ -1,0 +1,132 @@
+"""The `flam` command. Each subcommand parses its arguments and calls one `flam_core` function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from flam_core.config import Params, load_params
+from flam_core.errors import FlamError
+
+app = typer.Typer(help="FLAM: open-vocabulary, frame-level sound event detection.", no_args_is_help=True)
+sources_app = typer.Typer(help="The library of labelled source recordings.", no_args_is_help=True)
+config_app = typer.Typer(help="Resolved parameters.", no_args_is_help=True)
+app.add_typer(sources_app, name="sources")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+class _State:
+    params_path: Path | None = None
+    profile: str | None = None
+    overrides: list[str] = []  # noqa: RUF012 - replaced per invocation
+
+    def params(self) -> Params:
+        return load_params(self.params_path, self.profile, self.overrides)
+
+
+state = _State()
+
+
+@app.callback()
+def main(
+    params: Annotated[
+        Path | None, typer.Option("--params", help="params.yaml to read (default: found from cwd up).")
+    ] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="default | smoke | gpu")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-S", help="Override a parameter: -S sources.splits.seed=3")
+    ] = None,
+) -> None:
+    state.params_path, state.profile, state.overrides = params, profile, list(overrides or [])
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the resolved parameters (params.yaml + profile + overrides) as YAML."""
+    typer.echo(yaml.safe_dump(state.params().model_dump(mode="json"), sort_keys=False))
+
+
+@sources_app.command("build")
+def sources_build(
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip undecodable files and report them.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Library folder (default: sources.out_dir).")] = None,
+) -> None:
+    """Build the source library: clips (FLAC), manifest.parquet and summary.json."""
+    from flam_core.data.sources import build_source_library
+
+    params = state.params()
+    if skip_bad:
+        params = params.model_copy(update={"sources": params.sources.model_copy(update={"skip_bad": True})})
+    summary = build_source_library(params, out_dir=out)
+    stats = summary["stats"]
+    for item in summary["skipped_bad_files"]:
+        console.print(f"[yellow]skipped[/] {item['clip']}: {item['error']}")
+    console.print(
+        f"source library: {stats['n_event_clips']} event clips, {stats['n_event_labels']} event labels, "
+        f"{stats['n_backgrounds']} backgrounds, {len(stats['heldout_labels'])} held-out labels; "
+        f"{len(summary['rejected'])} rejected, {len(summary['skipped_bad_files'])} skipped; "
+        f"manifest {summary['manifest_hash'][:12]}"
+    )
+
+
+@sources_app.command("stats")
+def sources_stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    library: Annotated[Path | None, typer.Option(help="Library folder (default: sources.out_dir).")] = None,
+) -> None:
+    """Counts per kind, split, label and package; held-out labels; unreadable clips."""
+    from flam_core.data.sources import check_readable, library_stats, load_manifest
+
+    folder = library or Path(state.params().sources.out_dir)
+    manifest = load_manifest(folder)
+    stats = library_stats(manifest)
+    stats["unreadable_clips"] = check_readable(manifest, folder)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    out = Console()
+    summary = Table(title=f"source library {folder}")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    for key in ("n_clips", "n_event_clips", "n_event_labels", "n_backgrounds", "heldout_label_fraction"):
+        summary.add_row(key, str(stats[key]))
+    summary.add_row("unreadable clips", str(len(stats["unreadable_clips"])))
+    out.print(summary)
+    for title, counts in (("kind/split", stats["per_kind_split"]), ("package", stats["per_package"])):
+        table = Table(title=title)
+        table.add_column(title)
+        table.add_column("clips", justify="right")
+        for key, value in counts.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    out.print("held-out labels: " + ", ".join(stats["heldout_labels"]))
+
+
+def run() -> None:
+    """Console entry point: project errors print one clear line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except FlamError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,305 @@
+"""Typed parameters: `params.yaml` (+ a profile overlay + overrides) -> validated pydantic models.
+
+Resolution order, later wins:
+1. `params.yaml` (the default CPU profile; the single source of defaults),
+2. `profiles/<profile>.yaml` when `profile` is not `default` (deep-merged overlay),
+3. overrides such as `sources.splits.seed=7` from the CLI (`-S/--set`) or a KFP parameter.
+
+Every section forbids unknown keys, and every bound is declared on the field, so a bad file
+fails at load time with the dotted key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flam_core.errors import ConfigError
+
+PROFILES = ("default", "smoke", "gpu")
+DEBIAN_PACKAGES = (
+    "scratch",
+    "tuxpaint-stamps-default",
+    "minetest-data",
+    "qabcs-data",
+    "sound-theme-freedesktop",
+    "sound-icons",
+)
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Seconds = Annotated[float, Field(gt=0.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AudioParams(_Section):
+    sample_rate: Literal[16000, 32000, 44100, 48000] = 16000
+
+
+class ActivityParams(_Section):
+    """Event activity from A-weighted RMS: a frame is active above `threshold_db` re the peak."""
+
+    threshold_db: float = Field(-35.0, ge=-90.0, le=-3.0)
+    frame_s: float = Field(0.025, gt=0.0, le=0.2)
+    hop_s: float = Field(0.010, gt=0.0, le=0.1)
+    min_span_s: float = Field(0.03, ge=0.0, le=1.0)
+    merge_gap_s: float = Field(0.10, ge=0.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _hop_within_frame(self) -> ActivityParams:
+        if self.hop_s > self.frame_s:
+            raise ValueError(f"hop_s ({self.hop_s}) must not exceed frame_s ({self.frame_s})")
+        return self
+
+
+class ProcessingParams(_Section):
+    """How every source clip is conditioned before it enters the library."""
+
+    peak_dbfs: float = Field(-1.0, ge=-30.0, le=0.0)
+    trim_margin_s: float = Field(0.02, ge=0.0, le=1.0)
+    min_event_s: float = Field(0.1, gt=0.0, le=5.0)
+    max_event_s: float = Field(8.0, gt=0.0, le=10.0)
+    min_background_s: float = Field(2.0, gt=0.0, le=60.0)
+    max_background_s: float = Field(30.0, gt=0.0, le=600.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProcessingParams:
+        if self.min_event_s >= self.max_event_s:
+            raise ValueError("min_event_s must be below max_event_s")
+        if self.min_background_s >= self.max_background_s:
+            raise ValueError("min_background_s must be below max_background_s")
+        return self
+
+
+class MidiParams(_Section):
+    """General MIDI renders (fluidsynth + FluidR3_GM)."""
+
+    enabled: bool = True
+    clips_per_label: int = Field(6, ge=1, le=200)
+    min_note_s: float = Field(0.4, gt=0.0, le=5.0)
+    max_note_s: float = Field(2.5, gt=0.0, le=8.0)
+    gain: float = Field(1.0, gt=0.0, le=5.0)
+
+
+class SpeechParams(_Section):
+    """espeak-ng speech in several voices and languages."""
+
+    enabled: bool = True
+    clips_per_label: int = Field(6, ge=1, le=200)
+
+
+class ProceduralParams(_Section):
+    """Procedural backgrounds: coloured noise, mains hum, room tone."""
+
+    enabled: bool = True
+    clips_per_label: int = Field(4, ge=1, le=100)
+    duration_s: float = Field(10.0, gt=1.0, le=60.0)
+
+
+class UserFolder(_Section):
+    """A folder of audio files described by a CSV (`filename,label[,caption]`)."""
+
+    dir: str
+    csv: str
+    licence: str = "unknown"
+    kind: Literal["event", "background"] = "event"
+
+
+class SplitParams(_Section):
+    seed: int = 20250505
+    val_fraction: float = Field(0.1, ge=0.0, le=0.4)
+    test_fraction: float = Field(0.15, ge=0.0, le=0.4)
+    heldout_label_fraction: float = Field(0.2, ge=0.15, le=0.6)
+
+
+class SourcesParams(_Section):
+    out_dir: str = "data/sources"
+    packages: list[str] = Field(default_factory=lambda: list(DEBIAN_PACKAGES))
+    max_clips_per_label: int = Field(40, ge=1, le=100000)
+    skip_bad: bool = False
+    user_folders: list[UserFolder] = Field(default_factory=list)
+    activity: ActivityParams = ActivityParams()
+    processing: ProcessingParams = ProcessingParams()
+    midi: MidiParams = MidiParams()
+    speech: SpeechParams = SpeechParams()
+    procedural: ProceduralParams = ProceduralParams()
+    splits: SplitParams = SplitParams()
+
+    @field_validator("packages")
+    @classmethod
+    def _known_packages(cls, packages: list[str]) -> list[str]:
+        unknown = sorted(set(packages) - set(DEBIAN_PACKAGES))
+        if unknown:
+            raise ValueError(f"unknown package(s) {unknown}; allowed: {list(DEBIAN_PACKAGES)}")
+        return packages
+
+
+class LlmCaptionParams(_Section):
+    """Optional rewrite of template captions by an OpenAI-compatible chat endpoint."""
+
+    enabled: bool = False
+    endpoint: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    cache_path: str = "data/captions/llm_cache.json"
+    timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+
+    @model_validator(mode="after")
+    def _endpoint_when_enabled(self) -> LlmCaptionParams:
+        if self.enabled and not self.endpoint:
+            raise ValueError("endpoint is required when enabled is true")
+        return self
+
+
+class CaptionParams(_Section):
+    per_label: int = Field(6, ge=1, le=50)
+    seed: int = 7
+    llm: LlmCaptionParams = LlmCaptionParams()
+
+
+class Params(_Section):
+    """All stage parameters. One attribute per `params.yaml` section."""
+
+    profile: Literal["default", "smoke", "gpu"] = "default"
+    cache_dir: str | None = None
+    audio: AudioParams = AudioParams()
+    sources: SourcesParams = SourcesParams()
+    captions: CaptionParams = CaptionParams()
+
+    @property
+    def cache_path(self) -> Path:
+        """Download/extraction cache: `cache_dir`, else $FLAM_CACHE_DIR, else ~/.cache/flam."""
+        raw = self.cache_dir or os.environ.get("FLAM_CACHE_DIR") or "~/.cache/flam"
+        return Path(raw).expanduser()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, recorded in artifacts that they produced."""
+        payload = {name: self.model_dump(mode="json")[name] for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge `overlay` into a copy of `base` (mappings merge, other values replace)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (["a", "b", "c"], VALUE parsed as a YAML scalar or flow collection)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like 'section.key=value'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: i + 1])
+                raise ConfigError(f"override {text!r}: '{dotted}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _format_errors(error: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        dotted = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            parent = _section_model(item["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            lines.append(f"unknown key '{dotted}' (allowed here: {', '.join(allowed)})")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{dotted}: {message}{got_text}")
+    return "invalid parameters:\n  " + "\n  ".join(lines)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (None below a list or a leaf)."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def find_params_file(start: Path | None = None) -> Path:
+    """`params.yaml` in `start` (default: the working directory) or its nearest parent."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "params.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no params.yaml in {here} or its parents; pass --params PATH")
+
+
+def load_params(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    overrides: Iterable[str] = (),
+) -> Params:
+    """Load, overlay and validate the parameters.
+
+    Args:
+        path: the params file; default `params.yaml` found from the working directory up.
+        profile: overrides the file's `profile` key (`default`, `smoke` or `gpu`).
+        overrides: `dotted.key=value` strings applied last.
+    """
+    params_path = Path(path) if path else find_params_file()
+    if not params_path.is_file():
+        raise ConfigError(f"params file not found: {params_path}")
+    try:
+        raw = yaml.safe_load(params_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params_path}: top level must be a mapping of sections")
+    overrides = list(overrides)
+    merged = apply_overrides(raw, overrides)
+    chosen = profile or merged.get("profile", "default")
+    if chosen not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {chosen!r}; allowed: {list(PROFILES)}")
+    if chosen != "default":
+        overlay_path = params_path.parent / "profiles" / f"{chosen}.yaml"
+        if not overlay_path.is_file():
+            raise ConfigError(f"profile {chosen!r}: overlay file {overlay_path} not found")
+        overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        # Overrides win over the profile overlay: re-apply them after merging.
+        merged = apply_overrides(deep_merge(raw, overlay), overrides)
+    merged["profile"] = chosen
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, merged)) from None

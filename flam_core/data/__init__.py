@@ -1,0 +1,1 @@
+"""Data: source library, captions, mixture recipes, mixing, shards, loaders, validation."""

@@ -1,0 +1,387 @@
+"""The source library: labelled single-event clips and backgrounds, with honest splits.
+
+`build_source_library(params)` gathers `RawClip`s from the catalog builders, conditions each
+one (decode, downmix, resample to the profile rate, trim silence, cap the length, peak
+normalise), measures its active spans, stores it as 16-bit FLAC, captions every label, and
+splits clips into train/val/test with a seeded set of whole labels held out for
+open-vocabulary tests. The library is written to a staging folder and swapped in only when
+complete, so a failed build leaves the previous library untouched.
+
+Layout of `sources.out_dir`:
+    clips/<clip_id>.flac    mono, `audio.sample_rate`, peak at `processing.peak_dbfs`
+    manifest.parquet        one row per clip (columns: `MANIFEST_COLUMNS`)
+    summary.json            counts, per-package accounting, rejected files, hashes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from rich.progress import track
+
+from flam_core.audio.activity import active_spans
+from flam_core.audio.io import read_audio, resample, write_flac
+from flam_core.config import ActivityParams, Params, ProcessingParams, SplitParams
+from flam_core.data.captions import caption_table
+from flam_core.data.catalog.base import BuildReport, RawClip
+from flam_core.data.catalog.debian import debian_clips
+from flam_core.data.catalog.folder import folder_clips
+from flam_core.data.catalog.midi import midi_clips
+from flam_core.data.catalog.procedural import procedural_clips
+from flam_core.data.catalog.speech import speech_clips
+from flam_core.errors import AudioError, DataError
+from flam_core.utils import atomic_dir, atomic_write_text, file_sha256, json_sha256, stable_seed
+
+SCHEMA_VERSION = 1
+MANIFEST_COLUMNS = (
+    "clip_id",  # str, unique: "<source_package>-<12 hex>"
+    "path",  # str, FLAC path relative to the library folder
+    "label",  # str, clean lower-case label
+    "captions",  # list[str], the label first
+    "kind",  # "event" | "background"
+    "split",  # "train" | "val" | "test"
+    "heldout",  # bool: the label is held out of train/val (open-vocabulary test)
+    "duration_s",  # float
+    "sample_rate",  # int
+    "active_spans",  # list[[onset_s, offset_s]], sorted, disjoint, inside [0, duration_s]
+    "source_package",  # str: Debian package, "fluid-soundfont-gm", "espeak-ng", "procedural", "user:<dir>"
+    "origin",  # str: file inside the package, or the render description
+    "licence",  # str
+    "sha256",  # str: hash of the FLAC file
+)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SourceClip:
+    """One row of `manifest.parquet` (see `MANIFEST_COLUMNS`)."""
+
+    clip_id: str
+    path: str
+    label: str
+    captions: list[str]
+    kind: str
+    split: str
+    heldout: bool
+    duration_s: float
+    sample_rate: int
+    active_spans: list[list[float]]
+    source_package: str
+    origin: str
+    licence: str
+    sha256: str
+
+
+class Rejected(Exception):
+    """A clip that is valid audio but unusable (silent, too short); counted, not fatal."""
+
+
+def condition_clip(
+    raw: RawClip, sample_rate: int, processing: ProcessingParams, activity: ActivityParams
+) -> np.ndarray:
+    """Decode and condition one clip; returns mono float32 at `sample_rate`.
+
+    Raises `AudioError` for undecodable input and `Rejected` for silent or too-short clips.
+    """
+    if raw.path is not None:
+        samples, _ = read_audio(raw.path, sample_rate=sample_rate)
+    else:
+        assert raw.samples is not None and raw.sample_rate is not None
+        if raw.samples.size == 0 or not np.isfinite(raw.samples).all():
+            raise AudioError(f"{raw.source_package}/{raw.origin}: empty or non-finite samples")
+        samples = resample(raw.samples, raw.sample_rate, sample_rate)
+    spans = active_spans(samples, sample_rate, **activity.model_dump())
+    if len(spans) == 0:
+        raise Rejected("silent")
+    margin = int(round(processing.trim_margin_s * sample_rate))
+    start = max(0, int(spans[0, 0] * sample_rate) - margin)
+    end = min(len(samples), int(math.ceil(spans[-1, 1] * sample_rate)) + margin)
+    samples = samples[start:end]
+    is_event = raw.kind == "event"
+    longest = processing.max_event_s if is_event else processing.max_background_s
+    shortest = processing.min_event_s if is_event else processing.min_background_s
+    if len(samples) > longest * sample_rate:
+        samples = samples[: int(longest * sample_rate)].copy()
+        fade = min(len(samples), int(0.01 * sample_rate))
+        samples[-fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    if len(samples) < shortest * sample_rate:
+        raise Rejected(f"shorter than {shortest} s after trimming")
+    peak = float(np.max(np.abs(samples)))
+    return (samples * (10 ** (processing.peak_dbfs / 20) / peak)).astype(np.float32)
+
+
+def _condition_and_write(
+    raw: RawClip, out_dir: Path, params: Params
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Worker: condition `raw`, write its FLAC, read it back, and describe it.
+
+    Returns `(row, None)` or `(None, reason)` for a rejected clip; `AudioError` propagates.
+    """
+    sources, rate = params.sources, params.audio.sample_rate
+    try:
+        samples = condition_clip(raw, rate, sources.processing, sources.activity)
+    except Rejected as reason:
+        return None, str(reason)
+    relpath = f"clips/{raw.clip_id}.flac"
+    write_flac(out_dir / relpath, samples, rate)
+    # Spans are measured on what was stored (16-bit), so they describe the file exactly.
+    stored, _ = read_audio(out_dir / relpath)
+    duration_s = len(stored) / rate
+    spans = np.clip(np.round(active_spans(stored, rate, **sources.activity.model_dump()), 4), 0.0, duration_s)
+    row = {
+        "clip_id": raw.clip_id,
+        "path": relpath,
+        "label": raw.label,
+        "kind": raw.kind,
+        "duration_s": duration_s,
+        "sample_rate": rate,
+        "active_spans": spans.tolist(),
+        "source_package": raw.source_package,
+        "origin": raw.origin,
+        "licence": raw.licence,
+        "sha256": file_sha256(out_dir / relpath),
+    }
+    return row, None
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def gather_raw_clips(params: Params, base_dir: Path) -> tuple[list[RawClip], list[BuildReport]]:
+    """Every catalog builder enabled in `params`, in a fixed order."""
+    sources, rate, seed = params.sources, params.audio.sample_rate, params.sources.splits.seed
+    clips: list[RawClip] = []
+    reports: list[BuildReport] = []
+    for package in sources.packages:
+        package_clips, report = debian_clips(package, params.cache_path, seed)
+        clips += package_clips
+        reports.append(report)
+    generated = []
+    if sources.midi.enabled:
+        generated += midi_clips(sources.midi, rate, params.cache_path, seed)
+    if sources.speech.enabled:
+        generated += speech_clips(sources.speech, rate, seed)
+    if sources.procedural.enabled:
+        generated += procedural_clips(sources.procedural, rate, seed)
+    for folder in sources.user_folders:
+        generated += folder_clips(folder, base_dir)
+    for package, count in sorted(Counter(c.source_package for c in generated).items()):
+        reports.append(BuildReport(package=package, mapped=count))
+    clips += generated
+    duplicates = [cid for cid, n in Counter(c.clip_id for c in clips).items() if n > 1]
+    if duplicates:
+        raise DataError(f"duplicate clip ids {duplicates[:5]}: two builders named the same origin")
+    return clips, reports
+
+
+def cap_per_label(clips: Sequence[RawClip], max_per_label: int, seed: int) -> list[RawClip]:
+    """Keep at most `max_per_label` clips of each label (seeded choice, stable order)."""
+    by_label: dict[str, list[RawClip]] = {}
+    for clip in sorted(clips, key=lambda c: c.clip_id):
+        by_label.setdefault(clip.label, []).append(clip)
+    kept = []
+    for label, group in sorted(by_label.items()):
+        if len(group) > max_per_label:
+            rng = np.random.default_rng(stable_seed(seed, "cap", label))
+            group = [group[i] for i in sorted(rng.choice(len(group), max_per_label, replace=False))]
+        kept += group
+    return kept
+
+
+def assign_splits(table: pd.DataFrame, splits: SplitParams) -> tuple[pd.DataFrame, list[str]]:
+    """Add `split` and `heldout` columns; returns the table and the held-out labels.
+
+    A seeded `heldout_label_fraction` of event labels goes entirely to `test` (heldout=True).
+    Every other label is split clip by clip: it keeps at least one training clip, gets a
+    test clip from 3 clips up and a validation clip from 5 clips up.
+    """
+    event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
+    n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
+    rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
+    heldout = sorted(rng.choice(event_labels, size=n_heldout, replace=False).tolist()) if event_labels else []
+    split = pd.Series("train", index=table.index, dtype=object)
+    for label, group in table.groupby("label", sort=True):
+        index = group.sort_values("clip_id").index.to_numpy()
+        if label in heldout:
+            split[index] = "test"
+            continue
+        index = np.random.default_rng(stable_seed(splits.seed, "split", label)).permutation(index)
+        n = len(index)
+        n_test = max(round(n * splits.test_fraction), 1 if n >= 3 else 0)
+        n_val = max(round(n * splits.val_fraction), 1 if n >= 5 else 0)
+        n_val = min(n_val, n - 1 - min(n_test, n - 1))
+        n_test = min(n_test, n - 1 - n_val)
+        split[index[:n_test]] = "test"
+        split[index[n_test : n_test + n_val]] = "val"
+    return table.assign(split=split, heldout=table["label"].isin(heldout)), heldout
+
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    """Content hash of a manifest: rows (incl. each FLAC's sha256) in clip_id order."""
+    rows = manifest.sort_values("clip_id").to_dict(orient="records")
+    return json_sha256([{k: _plain(v) for k, v in row.items()} for row in rows])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def build_source_library(
+    params: Params, out_dir: Path | None = None, base_dir: Path = Path(), workers: int | None = None
+) -> dict[str, Any]:
+    """Build the library into `out_dir` (default `sources.out_dir`); returns the summary.
+
+    With `sources.skip_bad`, undecodable files are skipped and listed in the summary;
+    otherwise the first one stops the build with an `AudioError` naming it, and nothing is
+    written.
+    """
+    sources = params.sources
+    out_dir = Path(out_dir) if out_dir is not None else base_dir / sources.out_dir
+    raw_clips, reports = gather_raw_clips(params, base_dir)
+    raw_clips = cap_per_label(raw_clips, sources.max_clips_per_label, sources.splits.seed)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    with atomic_dir(out_dir) as staging:
+        (staging / "clips").mkdir()
+        # fork: workers inherit the imported modules (torch alone takes seconds to import);
+        # each worker limits torch to one thread, as torch's own DataLoader workers do.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = [pool.submit(_condition_and_write, raw, staging, params) for raw in raw_clips]
+            for raw, future in track(
+                list(zip(raw_clips, futures, strict=True)),
+                description="conditioning clips",
+                disable=not _interactive(),
+            ):
+                try:
+                    row, reason = future.result()
+                except AudioError as exc:
+                    if not sources.skip_bad:
+                        for pending in futures:
+                            pending.cancel()
+                        raise
+                    skipped.append({"clip": f"{raw.source_package}/{raw.origin}", "error": str(exc)})
+                    continue
+                if row is None:
+                    rejected.append({"clip": f"{raw.source_package}/{raw.origin}", "reason": str(reason)})
+                else:
+                    rows.append(row)
+        rows = _drop_duplicates(rows, staging, rejected)
+        if not any(r["kind"] == "event" for r in rows):
+            raise DataError("the source library would hold no event clip; check sources.* params")
+        table = pd.DataFrame(rows).sort_values("clip_id", ignore_index=True)
+        table, heldout = assign_splits(table, sources.splits)
+        builder_captions = {c.label: (c.kind, c.captions) for c in raw_clips}
+        captions = caption_table(builder_captions, params.captions, base_dir)
+        table["captions"] = table["label"].map(captions)
+        manifest = table[list(MANIFEST_COLUMNS)]
+        manifest.to_parquet(staging / "manifest.parquet", index=False)
+        summary = {
+            "schema_version": SCHEMA_VERSION,
+            "profile": params.profile,
+            "params_hash": params.section_hash("audio", "sources", "captions"),
+            "manifest_hash": manifest_hash(manifest),
+            "heldout_labels": heldout,
+            "packages": [asdict(r) for r in reports],
+            "rejected": rejected,
+            "skipped_bad_files": skipped,
+            "stats": library_stats(manifest),
+        }
+        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _drop_duplicates(
+    rows: list[dict[str, Any]], staging: Path, rejected: list[dict[str, str]]
+) -> list[dict[str, Any]]:
+    """Keep one clip per distinct audio content (packages ship byte-identical copies).
+
+    A copy left in would be able to sit in train and test at once. The first clip id wins.
+    """
+    first_of: dict[str, str] = {}
+    kept = []
+    for row in sorted(rows, key=lambda r: r["clip_id"]):
+        original = first_of.setdefault(row["sha256"], row["clip_id"])
+        if original == row["clip_id"]:
+            kept.append(row)
+            continue
+        (staging / row["path"]).unlink()
+        rejected.append(
+            {"clip": f"{row['source_package']}/{row['origin']}", "reason": f"duplicate of {original}"}
+        )
+    return kept
+
+
+def _interactive() -> bool:
+    return os.environ.get("CI") is None and os.isatty(2)
+
+
+def load_manifest(library_dir: Path) -> pd.DataFrame:
+    path = Path(library_dir) / "manifest.parquet"
+    if not path.is_file():
+        raise DataError(
+            f"no source library at {library_dir} (missing manifest.parquet); run `flam sources build`"
+        )
+    manifest = pd.read_parquet(path)
+    missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}")
+    return manifest
+
+
+def library_stats(manifest: pd.DataFrame) -> dict[str, Any]:
+    """Counts per kind, split, label and package, and the held-out share of event labels."""
+    events = manifest[manifest["kind"] == "event"]
+    event_labels = sorted(events["label"].unique())
+    heldout = sorted(events.loc[events["heldout"], "label"].unique())
+    return {
+        "n_clips": len(manifest),
+        "n_event_clips": len(events),
+        "n_backgrounds": int((manifest["kind"] == "background").sum()),
+        "n_event_labels": len(event_labels),
+        "n_background_labels": int(manifest.loc[manifest["kind"] == "background", "label"].nunique()),
+        "heldout_labels": heldout,
+        "heldout_label_fraction": round(len(heldout) / max(len(event_labels), 1), 4),
+        "total_duration_s": round(float(manifest["duration_s"].sum()), 2),
+        "per_kind_split": {
+            f"{kind}/{split}": int(n)
+            for (kind, split), n in manifest.groupby(["kind", "split"]).size().items()
+        },
+        "per_package": {k: int(v) for k, v in manifest["source_package"].value_counts().sort_index().items()},
+        "per_label": {k: int(v) for k, v in manifest["label"].value_counts().sort_index().items()},
+    }
+
+
+def check_readable(manifest: pd.DataFrame, library_dir: Path) -> list[str]:
+    """Clip ids whose FLAC is missing, undecodable, or not at the manifest's rate/length."""
+    bad = []
+    for row in manifest.itertuples(index=False):
+        try:
+            info = sf.info(str(Path(library_dir) / row.path))
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            bad.append(row.clip_id)
+            continue
+        if info.samplerate != row.sample_rate or abs(info.frames / info.samplerate - row.duration_s) > 1e-3:
+            bad.append(row.clip_id)
+    return bad

@@ -1,0 +1,25 @@
+"""Shared fixtures: the project's params, and one smoke source library built per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flam_core.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_params(*overrides: str) -> Params:
+    return load_params(ROOT / "params.yaml", profile="smoke", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def smoke_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A source library built once with the smoke profile: (folder, summary)."""
+    from flam_core.data.sources import build_source_library
+
+    out = tmp_path_factory.mktemp("smoke") / "sources"
+    summary = build_source_library(smoke_params(), out_dir=out, base_dir=ROOT)
+    return out, summary

@@ -1,0 +1,138 @@
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from flam_core.config import DEBIAN_PACKAGES, MidiParams, ProceduralParams, UserFolder
+from flam_core.data.catalog.base import RawClip
+from flam_core.data.catalog.debian import MappingRule, PackageMapping, load_mapping, map_files
+from flam_core.data.catalog.folder import folder_clips
+from flam_core.data.catalog.midi import GM_SOUNDS, _plan_slots
+from flam_core.data.catalog.procedural import coloured_noise, procedural_clips
+from flam_core.errors import DataError
+
+
+def mapping(**kwargs) -> PackageMapping:
+    rules = (
+        MappingRule(pattern="Animal/Dog*.wav", label="dog barking"),
+        MappingRule(pattern="Animal/*", label="animal"),
+        MappingRule(pattern="speech/*", label="a person speaking", sample=2),
+    )
+    return PackageMapping(package="pkg", licence="CC0", root=".", clips=rules, exclude=("Loops/*",), **kwargs)
+
+
+def test_first_matching_rule_wins_and_every_file_is_accounted_for():
+    files = ["Animal/Dog1.wav", "Animal/Dog2.wav", "Animal/Cat.wav", "Loops/a.wav", "Other/x.wav"]
+    files += [f"speech/s{i}.ogg" for i in range(5)]
+    selected, report = map_files(mapping(), files, seed=1)
+    labels = dict(selected)
+    assert labels["Animal/Dog1.wav"].label == "dog barking"
+    assert labels["Animal/Cat.wav"].label == "animal"
+    assert report.excluded == 1 and report.unmapped == 1 and report.unmapped_examples == ["Other/x.wav"]
+    assert report.mapped == 5 and report.sampled_out == 3
+    assert report.mapped + report.excluded + report.unmapped + report.sampled_out == len(files)
+
+
+def test_sampling_is_seeded():
+    files = [f"speech/s{i}.ogg" for i in range(20)]
+    first = [rel for rel, _ in map_files(mapping(), files, seed=1)[0]]
+    again = [rel for rel, _ in map_files(mapping(), files, seed=1)[0]]
+    other = [rel for rel, _ in map_files(mapping(), files, seed=2)[0]]
+    assert first == again and len(first) == 2
+    assert first != other
+
+
+@pytest.mark.parametrize("package", DEBIAN_PACKAGES)
+def test_every_debian_package_has_a_valid_reviewed_mapping(package):
+    mapping = load_mapping(package)
+    assert mapping.clips, package
+    for rule in mapping.clips:
+        assert rule.label == rule.label.strip().lower(), rule.label
+        assert not any(ch.isdigit() for ch in rule.label), rule.label
+        assert 1 <= len(rule.label.split()) <= 7, rule.label
+
+
+def test_mapping_file_errors_name_the_file(tmp_path):
+    (tmp_path / "pkg.yaml").write_text(
+        "package: pkg\nlicence: x\nroot: .\nclips: [{pattern: '*', labl: x}]\n"
+    )
+    with pytest.raises(DataError, match=r"pkg.yaml: invalid mapping file"):
+        load_mapping("pkg", tmp_path)
+    with pytest.raises(DataError, match="no label mapping"):
+        load_mapping("missing", tmp_path)
+
+
+def test_midi_plan_is_seeded_and_slots_do_not_overlap():
+    params = MidiParams(clips_per_label=3)
+    slots = _plan_slots(params, seed=5)
+    assert len(slots) == 3 * len(GM_SOUNDS)
+    assert slots == _plan_slots(params, seed=5)
+    assert [s.notes for s in slots] != [s.notes for s in _plan_slots(params, seed=6)]
+    for before, after in itertools.pairwise(slots):
+        assert before.start_s + before.length_s < after.start_s
+    labels = [s.label for s in GM_SOUNDS]
+    assert len(labels) == len(set(labels))
+
+
+def test_coloured_noise_has_the_requested_slope():
+    rng = np.random.default_rng(0)
+    n = 2**16
+    for exponent in (0.0, 1.0, 2.0):
+        power = np.abs(np.fft.rfft(coloured_noise(rng, n, exponent))) ** 2
+        freqs = np.fft.rfftfreq(n)
+        band = (freqs > 0.001) & (freqs < 0.4)
+        slope = np.polyfit(np.log(freqs[band]), np.log(power[band]), 1)[0]
+        assert slope == pytest.approx(-exponent, abs=0.1)
+
+
+def test_procedural_backgrounds_are_deterministic():
+    params = ProceduralParams(clips_per_label=2, duration_s=2.0)
+    first, again = procedural_clips(params, 16000, 3), procedural_clips(params, 16000, 3)
+    assert [c.clip_id for c in first] == [c.clip_id for c in again]
+    assert all(np.array_equal(a.samples, b.samples) for a, b in zip(first, again, strict=True))
+    assert {c.kind for c in first} == {"background"}
+
+
+def write_user_folder(root: Path, rows: list[str]) -> UserFolder:
+    audio = root / "audio"
+    audio.mkdir(parents=True)
+    t = np.arange(8000) / 16000
+    sf.write(audio / "bark.wav", 0.5 * np.sin(2 * np.pi * 500 * t), 16000)
+    sf.write(audio / "horn.flac", 0.5 * np.sin(2 * np.pi * 300 * t), 16000)
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return UserFolder(dir=str(audio), csv=str(root / "labels.csv"), licence="CC-BY-4.0")
+
+
+def test_user_folder_import(tmp_path):
+    spec = write_user_folder(
+        tmp_path,
+        [
+            "filename,label,caption",
+            "bark.wav,Dog Barking,a dog barks twice",
+            "bark.wav,Dog Barking,barking",
+            "horn.flac,car horn,",
+        ],
+    )
+    clips = folder_clips(spec)
+    assert [(c.origin, c.label, c.captions) for c in clips] == [
+        ("bark.wav", "dog barking", ("a dog barks twice", "barking")),
+        ("horn.flac", "car horn", ()),
+    ]
+    assert all(isinstance(c, RawClip) and c.licence == "CC-BY-4.0" for c in clips)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["name,label", "bark.wav,dog"], r"missing column\(s\) \['filename'\]"),
+        (["filename,label", "missing.wav,dog"], r"file 'missing.wav' is not in"),
+        (["filename,label", "bark.wav,"], r"empty label on data row\(s\) \[1\]"),
+        (["filename,label", "bark.wav,dog", "bark.wav,cat"], r"file 'bark.wav' has several labels"),
+    ],
+)
+def test_user_folder_errors_name_the_problem(tmp_path, rows, message):
+    spec = write_user_folder(tmp_path, rows)
+    with pytest.raises(DataError, match=message):
+        folder_clips(spec)

@@ -1,0 +1,214 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from flam_core.config import SplitParams
+from flam_core.data.catalog.debian import AUDIO_SUFFIXES, fetch_package, load_mapping
+from flam_core.data.sources import (
+    MANIFEST_COLUMNS,
+    assign_splits,
+    build_source_library,
+    check_readable,
+    library_stats,
+    load_manifest,
+)
+from flam_core.errors import AudioError, DataError
+from tests.conftest import ROOT, smoke_params
+
+# A library with no Debian package and no renders: only a user folder + procedural noise.
+USER_ONLY = (
+    "sources.packages=[]",
+    "sources.max_clips_per_label=40",
+    "sources.midi.enabled=false",
+    "sources.speech.enabled=false",
+    "sources.procedural.clips_per_label=1",
+    "sources.procedural.duration_s=3",
+)
+
+
+def test_manifest_contract(smoke_library):
+    folder, summary = smoke_library
+    manifest = load_manifest(folder)
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    assert manifest["clip_id"].is_unique
+    assert set(manifest["kind"]) == {"event", "background"}
+    assert set(manifest["split"]) <= {"train", "val", "test"}
+    assert (manifest["sample_rate"] == 16000).all()
+    assert check_readable(manifest, folder) == []
+    for row in manifest.itertuples():
+        spans = np.asarray(row.active_spans.tolist(), dtype=float).reshape(-1, 2)
+        assert len(spans) >= 1, row.clip_id
+        assert (spans[:, 0] >= 0).all() and (spans[:, 1] <= row.duration_s + 1e-6).all()
+        assert (spans[:, 1] > spans[:, 0]).all() and (spans[1:, 0] > spans[:-1, 1]).all()
+        assert row.captions[0] == row.label and len(set(row.captions)) == len(row.captions) >= 2
+    assert summary["manifest_hash"] and summary["stats"] == library_stats(manifest)
+
+
+def test_clips_are_conditioned(smoke_library):
+    folder, _ = smoke_library
+    manifest = load_manifest(folder)
+    for row in manifest.sample(20, random_state=0).itertuples():
+        samples, rate = sf.read(folder / row.path, dtype="float32")
+        assert samples.ndim == 1 and rate == 16000
+        assert np.max(np.abs(samples)) == pytest.approx(10 ** (-1 / 20), abs=2e-3)  # peak_dbfs = -1
+        limit = 8.0 if row.kind == "event" else 30.0
+        assert len(samples) / rate <= limit + 1e-3
+
+
+def test_heldout_labels_never_reach_train_or_val(smoke_library):
+    folder, summary = smoke_library
+    manifest = load_manifest(folder)
+    events = manifest[manifest["kind"] == "event"]
+    heldout = set(summary["heldout_labels"])
+    assert len(heldout) / events["label"].nunique() >= 0.15
+    assert set(events.loc[events["heldout"], "label"]) == heldout
+    assert (events.loc[events["heldout"], "split"] == "test").all()
+    seen = events[~events["heldout"]]
+    assert set(seen.loc[seen["split"] == "train", "label"]) == set(seen["label"])
+    assert not (manifest.loc[manifest["kind"] == "background", "heldout"]).any()
+
+
+def test_every_package_file_is_accounted_for(smoke_library):
+    _, summary = smoke_library
+    packages = {p["package"]: p for p in summary["packages"]}
+    assert {"scratch", "sound-theme-freedesktop", "fluid-soundfont-gm", "espeak-ng", "procedural"} <= set(
+        packages
+    )
+    scratch = packages["scratch"]
+    assert scratch["mapped"] >= 40 and scratch["unmapped"] == 0
+    # mapped + excluded + unmapped + sampled out = every audio file under the mapping's root
+    root = fetch_package("scratch", smoke_params().cache_path) / load_mapping("scratch").root
+    n_files = sum(1 for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    assert scratch["mapped"] + scratch["excluded"] + scratch["unmapped"] + scratch["sampled_out"] == n_files
+
+
+def test_split_sizes_follow_the_fractions():
+    table = pd.DataFrame(
+        {
+            "clip_id": [f"c{i:03d}" for i in range(200)],
+            "label": [f"l{i % 10}" for i in range(200)],
+            "kind": "event",
+        }
+    )
+    split, heldout = assign_splits(
+        table, SplitParams(val_fraction=0.1, test_fraction=0.2, heldout_label_fraction=0.2)
+    )
+    assert len(heldout) == 2
+    seen = split[~split["heldout"]]
+    counts = seen.groupby("label")["split"].value_counts().unstack()
+    assert (counts["test"] == 4).all() and (counts["val"] == 2).all() and (counts["train"] == 14).all()
+    again, _ = assign_splits(
+        table, SplitParams(val_fraction=0.1, test_fraction=0.2, heldout_label_fraction=0.2)
+    )
+    pd.testing.assert_frame_equal(split, again)
+
+
+def test_build_is_deterministic(tmp_path):
+    overrides = (
+        "sources.packages=[sound-theme-freedesktop]",
+        "sources.midi.clips_per_label=1",
+        "sources.speech.clips_per_label=1",
+        "sources.procedural.clips_per_label=1",
+        "sources.procedural.duration_s=3",
+    )
+    first = build_source_library(smoke_params(*overrides), out_dir=tmp_path / "a", base_dir=ROOT)
+    second = build_source_library(smoke_params(*overrides), out_dir=tmp_path / "b", base_dir=ROOT)
+    assert first["manifest_hash"] == second["manifest_hash"]
+    other = build_source_library(
+        smoke_params(*overrides, "sources.splits.seed=1"), out_dir=tmp_path / "c", base_dir=ROOT
+    )
+    assert other["manifest_hash"] != first["manifest_hash"]
+
+
+def make_user_folder(root: Path, broken: bytes | None) -> str:
+    audio = root / "audio"
+    audio.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["filename,label"]
+    for i in range(4):
+        clip = np.zeros(16000, np.float32)
+        clip[4000:12000] = 0.3 * rng.standard_normal(8000)
+        sf.write(audio / f"knock{i}.wav", clip, 16000)
+        rows.append(f"knock{i}.wav,door knocking")
+    if broken is not None:
+        (audio / "broken.wav").write_bytes(broken)
+        rows.append("broken.wav,door knocking")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return f"sources.user_folders=[{{dir: {audio}, csv: {root / 'labels.csv'}}}]"
+
+
+@pytest.mark.parametrize("broken", [b"", b"RIFF1234WAVEfmt garbage"])
+def test_corrupt_user_file_stops_the_build_and_writes_nothing(tmp_path, broken):
+    folder = make_user_folder(tmp_path / "user", broken)
+    out = tmp_path / "library"
+    with pytest.raises(AudioError, match=r"broken\.wav"):
+        build_source_library(smoke_params(*USER_ONLY, folder), out_dir=out, base_dir=ROOT)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["user"]  # no staging folder left behind
+
+
+def test_a_failed_rebuild_keeps_the_previous_library(tmp_path):
+    good = make_user_folder(tmp_path / "good", None)
+    out = tmp_path / "library"
+    summary = build_source_library(smoke_params(*USER_ONLY, good), out_dir=out, base_dir=ROOT)
+    bad = make_user_folder(tmp_path / "bad", b"junk")
+    with pytest.raises(AudioError):
+        build_source_library(smoke_params(*USER_ONLY, bad), out_dir=out, base_dir=ROOT)
+    assert json.loads((out / "summary.json").read_text())["manifest_hash"] == summary["manifest_hash"]
+
+
+def test_skip_bad_skips_and_reports_the_file(tmp_path):
+    folder = make_user_folder(tmp_path / "user", b"junk")
+    summary = build_source_library(
+        smoke_params(*USER_ONLY, folder, "sources.skip_bad=true"), out_dir=tmp_path / "library", base_dir=ROOT
+    )
+    assert [Path(s["clip"]).name for s in summary["skipped_bad_files"]] == ["broken.wav"]
+    assert "cannot decode" in summary["skipped_bad_files"][0]["error"]
+    assert summary["stats"]["per_label"]["door knocking"] == 4
+
+
+def test_a_library_without_events_is_refused(tmp_path):
+    with pytest.raises(DataError, match="no event clip"):
+        build_source_library(smoke_params(*USER_ONLY), out_dir=tmp_path / "library", base_dir=ROOT)
+    assert not (tmp_path / "library").exists()
+
+
+def run_flam(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flam_core.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_cli_stats_json(smoke_library):
+    folder, summary = smoke_library
+    proc = run_flam("sources", "stats", "--json", "--library", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["unreadable_clips"] == []
+    assert stats["n_event_labels"] == summary["stats"]["n_event_labels"]
+
+
+def test_cli_skip_bad_reports_the_file(tmp_path):
+    folder = make_user_folder(tmp_path / "user", b"junk")
+    sets = [arg for override in (*USER_ONLY, folder) for arg in ("-S", override)]
+    proc = run_flam(
+        "--profile", "smoke", *sets, "sources", "build", "--skip-bad", "--out", str(tmp_path / "lib")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped" in proc.stderr and "broken.wav" in proc.stderr
+    failed = run_flam("--profile", "smoke", *sets, "sources", "build", "--out", str(tmp_path / "lib2"))
+    assert failed.returncode == 2
+    assert "broken.wav: cannot decode" in failed.stderr
+    assert not (tmp_path / "lib2").exists()
+
+
+def test_cli_config_error_exits_2_naming_the_key():
+    proc = run_flam("-S", "sources.midi.clips_per_label=0", "config", "show")
+    assert proc.returncode == 2
+    assert "sources.midi.clips_per_label" in proc.stderr and "greater than or equal to 1" in proc.stderr

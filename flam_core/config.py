@@ -167,6 +167,58 @@ class CaptionParams(_Section):
     llm: LlmCaptionParams = LlmCaptionParams()
 
 
+class MixtureCounts(_Section):
+    """Mixtures per recipe split."""
+
+    train: int = Field(4000, ge=1, le=100_000_000)
+    val: int = Field(400, ge=1, le=10_000_000)
+    test_seen: int = Field(400, ge=1, le=10_000_000)
+    test_unseen: int = Field(400, ge=1, le=10_000_000)
+
+
+class SynthParams(_Section):
+    """Mixture recipes (FLAM_SPEC "Data"): one background + N events per 10 s mixture."""
+
+    out_dir: str = "data/recipes"
+    seed: int = 1
+    mixture_s: float = Field(10.0, gt=1.0, le=60.0)
+    n_mixtures: MixtureCounts = MixtureCounts()
+    min_events: int = Field(1, ge=0, le=50)
+    max_events: int = Field(10, ge=1, le=50)
+    max_overlap: int = Field(3, ge=1, le=20)
+    split_prob: Fraction = 0.1
+    repeat_prob: Fraction = 0.1
+    min_pieces: int = Field(2, ge=2, le=10)
+    max_pieces: int = Field(3, ge=2, le=10)
+    min_snr_db: float = Field(6.0, ge=-20.0, le=60.0)
+    max_snr_db: float = Field(30.0, ge=-20.0, le=60.0)
+    background_dbfs: float = Field(-45.0, ge=-80.0, le=-6.0)
+    fade_s: float = Field(0.01, ge=0.0, le=0.5)
+    chunk_mixtures: int = Field(100_000, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SynthParams:
+        for low, high in (
+            ("min_events", "max_events"),
+            ("min_pieces", "max_pieces"),
+            ("min_snr_db", "max_snr_db"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"{low} ({getattr(self, low)}) must not exceed {high} ({getattr(self, high)})"
+                )
+        if self.split_prob + self.repeat_prob > 1.0:
+            raise ValueError("split_prob + repeat_prob must not exceed 1")
+        return self
+
+
+class FrameParams(_Section):
+    """The model's frame grid, which frame labels are computed on."""
+
+    n_frames: int = Field(32, ge=1, le=4096)  # frames per `synth.mixture_s` (paper: 32 per 10 s)
+    min_coverage: Fraction = 0.25  # active share of a frame that makes it positive
+
+
 class Params(_Section):
     """All stage parameters. One attribute per `params.yaml` section."""
 
@@ -175,6 +227,8 @@ class Params(_Section):
     audio: AudioParams = AudioParams()
     sources: SourcesParams = SourcesParams()
     captions: CaptionParams = CaptionParams()
+    synth: SynthParams = SynthParams()
+    frames: FrameParams = FrameParams()
 
     @property
     def cache_path(self) -> Path:

@@ -71,6 +71,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def interactive() -> bool:
+    """Whether progress bars should show: a terminal on stderr, and not CI."""
+    return os.environ.get("CI") is None and os.isatty(2)
+
+
 def run_tool(args: Sequence[str], *, cwd: Path | None = None, hint: str = "") -> str:
     """Run an external program; raise `ExternalToolError` with its stderr when it fails."""
     if shutil.which(args[0]) is None:

@@ -32,7 +32,7 @@ class _FakeChat(BaseHTTPRequestHandler):
     calls: list[dict] = []  # noqa: RUF012
     reply: object = None
 
-    def do_POST(self):  # noqa: N802 - http.server's naming
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append(body)
         payload = json.dumps({"choices": [{"message": {"content": json.dumps(type(self).reply)}}]})

@@ -53,7 +53,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "cat": ("kitten",),
     "meowing": ("meows", "mewing"),
     "car": ("vehicle", "automobile"),
-    "person": ("someone", "a human"),
+    "a person": ("someone", "a human"),
     "man": ("male",),
     "woman": ("female",),
     "baby": ("infant", "toddler"),
@@ -81,14 +81,16 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "wind": ("gusts of wind",),
     "rain": ("rainfall",),
 }
-_WORD = re.compile(r"[a-z]+")
+_SYNONYM_PATTERN = re.compile(
+    r"\b(" + "|".join(map(re.escape, sorted(SYNONYMS, key=len, reverse=True))) + r")\b"
+)
 
 
 def _synonym_variants(label: str, rng: np.random.Generator) -> list[str]:
-    """Copies of `label` with one word swapped for a synonym."""
+    """Copies of `label` with one word or phrase swapped for a synonym."""
     variants = []
-    for match in _WORD.finditer(label):
-        for alternative in SYNONYMS.get(match.group(), ()):
+    for match in _SYNONYM_PATTERN.finditer(label):
+        for alternative in SYNONYMS[match.group()]:
             variants.append(label[: match.start()] + alternative + label[match.end() :])
     rng.shuffle(variants)
     return variants

@@ -42,7 +42,14 @@ from flam_core.data.catalog.midi import midi_clips
 from flam_core.data.catalog.procedural import procedural_clips
 from flam_core.data.catalog.speech import speech_clips
 from flam_core.errors import AudioError, DataError
-from flam_core.utils import atomic_dir, atomic_write_text, file_sha256, json_sha256, stable_seed
+from flam_core.utils import (
+    atomic_dir,
+    atomic_write_text,
+    file_sha256,
+    interactive,
+    json_sha256,
+    stable_seed,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (
@@ -56,6 +63,7 @@ MANIFEST_COLUMNS = (
     "duration_s",  # float
     "sample_rate",  # int
     "active_spans",  # list[[onset_s, offset_s]], sorted, disjoint, inside [0, duration_s]
+    "active_rms_dbfs",  # float: RMS level of the samples inside the active spans (mixing reference)
     "source_package",  # str: Debian package, "fluid-soundfont-gm", "espeak-ng", "procedural", "user:<dir>"
     "origin",  # str: file inside the package, or the render description
     "licence",  # str
@@ -78,6 +86,7 @@ class SourceClip:
     duration_s: float
     sample_rate: int
     active_spans: list[list[float]]
+    active_rms_dbfs: float
     source_package: str
     origin: str
     licence: str
@@ -148,12 +157,22 @@ def _condition_and_write(
         "duration_s": duration_s,
         "sample_rate": rate,
         "active_spans": spans.tolist(),
+        "active_rms_dbfs": active_rms_dbfs(stored, rate, spans),
         "source_package": raw.source_package,
         "origin": raw.origin,
         "licence": raw.licence,
         "sha256": file_sha256(out_dir / relpath),
     }
     return row, None
+
+
+def active_rms_dbfs(samples: np.ndarray, sample_rate: int, spans: np.ndarray) -> float:
+    """RMS level in dBFS of the samples inside `spans` (the clip's level when it sounds)."""
+    mask = np.zeros(len(samples), dtype=bool)
+    for onset, offset in np.round(np.asarray(spans) * sample_rate).astype(int):
+        mask[onset:offset] = True
+    active = samples[mask] if mask.any() else samples
+    return round(float(10 * np.log10(np.mean(np.square(active, dtype=np.float64)) + 1e-20)), 3)
 
 
 def _worker_init() -> None:
@@ -207,23 +226,26 @@ def assign_splits(table: pd.DataFrame, splits: SplitParams) -> tuple[pd.DataFram
     """Add `split` and `heldout` columns; returns the table and the held-out labels.
 
     A seeded `heldout_label_fraction` of event labels goes entirely to `test` (heldout=True).
-    Every other label is split clip by clip: it keeps at least one training clip, gets a
-    test clip from 3 clips up and a validation clip from 5 clips up.
+    Every other event label is split clip by clip: it keeps at least one training clip, gets
+    a test clip from 3 clips up and a validation clip from 4 clips up. Backgrounds are split
+    the same way as one group.
     """
     event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
     n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
     rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
     heldout = sorted(rng.choice(event_labels, size=n_heldout, replace=False).tolist()) if event_labels else []
     split = pd.Series("train", index=table.index, dtype=object)
-    for label, group in table.groupby("label", sort=True):
+    # Events are split label by label; backgrounds form one group (few clips per label).
+    group_key = table["label"].where(table["kind"] == "event", "<backgrounds>")
+    for key, group in table.groupby(group_key, sort=True):
         index = group.sort_values("clip_id").index.to_numpy()
-        if label in heldout:
+        if key in heldout:
             split[index] = "test"
             continue
-        index = np.random.default_rng(stable_seed(splits.seed, "split", label)).permutation(index)
+        index = np.random.default_rng(stable_seed(splits.seed, "split", key)).permutation(index)
         n = len(index)
         n_test = max(round(n * splits.test_fraction), 1 if n >= 3 else 0)
-        n_val = max(round(n * splits.val_fraction), 1 if n >= 5 else 0)
+        n_val = max(round(n * splits.val_fraction), 1 if n >= 4 else 0)
         n_val = min(n_val, n - 1 - min(n_test, n - 1))
         n_test = min(n_test, n - 1 - n_val)
         split[index[:n_test]] = "test"
@@ -272,7 +294,7 @@ def build_source_library(
             for raw, future in track(
                 list(zip(raw_clips, futures, strict=True)),
                 description="conditioning clips",
-                disable=not _interactive(),
+                disable=not interactive(),
             ):
                 try:
                     row, reason = future.result()
@@ -331,10 +353,6 @@ def _drop_duplicates(
             {"clip": f"{row['source_package']}/{row['origin']}", "reason": f"duplicate of {original}"}
         )
     return kept
-
-
-def _interactive() -> bool:
-    return os.environ.get("CI") is None and os.isatty(2)
 
 
 def load_manifest(library_dir: Path) -> pd.DataFrame:

@@ -219,6 +219,23 @@ class FrameParams(_Section):
     min_coverage: Fraction = 0.25  # active share of a frame that makes it positive
 
 
+class ShardParams(_Section):
+    """Optional materialised mixtures: WebDataset tar shards (FLAC + labels JSON + recipe id)."""
+
+    out_dir: str = "data/shards"
+    splits: list[Literal["train", "val", "test_seen", "test_unseen"]] = Field(
+        default_factory=lambda: ["train", "val", "test_seen", "test_unseen"]
+    )
+    max_shard_mb: float = Field(256.0, gt=0.0, le=4096.0)
+
+
+class ValidateParams(_Section):
+    """The data-validation gate (great-expectations suites + cross-table checks)."""
+
+    report_dir: str = "reports/validation"
+    check_shards: bool = False
+
+
 class Params(_Section):
     """All stage parameters. One attribute per `params.yaml` section."""
 
@@ -229,6 +246,8 @@ class Params(_Section):
     captions: CaptionParams = CaptionParams()
     synth: SynthParams = SynthParams()
     frames: FrameParams = FrameParams()
+    shards: ShardParams = ShardParams()
+    validation: ValidateParams = ValidateParams()
 
     @property
     def cache_path(self) -> Path:

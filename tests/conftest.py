@@ -23,3 +23,14 @@ def smoke_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     out = tmp_path_factory.mktemp("smoke") / "sources"
     summary = build_source_library(smoke_params(), out_dir=out, base_dir=ROOT)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def smoke_recipes(smoke_library: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Recipes of every split sampled from the smoke library: (folder, summary)."""
+    from flam_core.data.recipes import build_recipes
+
+    library, _ = smoke_library
+    out = tmp_path_factory.mktemp("smoke") / "recipes"
+    summary = build_recipes(smoke_params(), library_dir=library, out_dir=out)
+    return out, summary

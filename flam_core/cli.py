@@ -21,6 +21,8 @@ sources_app = typer.Typer(help="The library of labelled source recordings.", no_
 config_app = typer.Typer(help="Resolved parameters.", no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
 app.add_typer(config_app, name="config")
+synth_app = typer.Typer(help="Mixture recipes and materialised shards.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -111,6 +113,22 @@ def sources_stats(
             table.add_row(key, str(value))
         out.print(table)
     out.print("held-out labels: " + ", ".join(stats["heldout_labels"]))
+
+
+@synth_app.command("recipes")
+def synth_recipes(
+    library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Recipe folder (default: synth.out_dir).")] = None,
+) -> None:
+    """Sample the mixture recipes of every split (Parquet + summary.json)."""
+    from flam_core.data.recipes import build_recipes
+
+    summary = build_recipes(state.params(), library_dir=library, out_dir=out)
+    for split, info in summary["splits"].items():
+        console.print(
+            f"{split}: {info['n_mixtures']} mixtures, {info['n_event_pieces']} event pieces, "
+            f"{info['n_event_labels']} labels, {info['bytes'] / 1e6:.1f} MB"
+        )
 
 
 def run() -> None:

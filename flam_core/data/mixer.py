@@ -19,6 +19,8 @@ span shorter than a frame (so that a short click still marks the frame it falls 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,10 +197,18 @@ class Mixer:
         )
 
     def render(self, plan: MixPlan, i: int) -> np.ndarray:
-        """The waveform of mixture i: `[n_samples]` float32."""
+        """The waveform of mixture i: `[n_samples]` float32, peak-limited to `PEAK_LIMIT`."""
+        out = self.render_rows(plan, range(plan.row_start[i], plan.row_start[i + 1]))
+        peak = np.max(np.abs(out))
+        if peak > PEAK_LIMIT:
+            out *= np.float32(PEAK_LIMIT / peak)
+        return out
+
+    def render_rows(self, plan: MixPlan, rows: Iterable[int]) -> np.ndarray:
+        """The sum of the given plan rows, without the peak limiter (`[n_samples]` float32)."""
         out = np.zeros(self.n_samples, dtype=np.float32)
         pool = self.pool
-        for r in range(plan.row_start[i], plan.row_start[i + 1]):
+        for r in rows:
             n = plan.n_samples[r]
             if n <= 0:
                 continue
@@ -206,15 +216,16 @@ class Mixer:
             piece = pool[src : src + n] * plan.gain[r]
             fade = min(plan.fade[r], n // 2)
             if fade > 0:
-                ramp = np.linspace(0.0, 1.0, fade, endpoint=False, dtype=np.float32)
+                ramp = self._ramp(fade)
                 piece[:fade] *= ramp
                 piece[n - fade :] *= ramp[::-1]
             dst = plan.dst_start[r]
             out[dst : dst + n] += piece
-        peak = np.max(np.abs(out))
-        if peak > PEAK_LIMIT:
-            out *= np.float32(PEAK_LIMIT / peak)
         return out
+
+    @functools.cache  # noqa: B019 - a handful of fade lengths per mixer
+    def _ramp(self, n: int) -> np.ndarray:
+        return np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
 
     def frame_labels(self, plan: MixPlan, i: int) -> FrameLabels:
         rows = np.arange(plan.row_start[i], plan.row_start[i + 1])

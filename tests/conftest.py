@@ -26,7 +26,9 @@ def smoke_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 
 
 @pytest.fixture(scope="session")
-def smoke_recipes(smoke_library: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def smoke_recipes(
+    smoke_library: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
     """Recipes of every split sampled from the smoke library: (folder, summary)."""
     from flam_core.data.recipes import build_recipes
 

@@ -87,7 +87,9 @@ def test_split_and_repeated_events(sampled):
     assert multi.max() <= synth.max_pieces and multi.min() >= synth.min_pieces
     share = len(multi) / len(counts)
     assert share == pytest.approx(synth.split_prob + synth.repeat_prob, abs=0.02)
-    for _, group in list(events.set_index(["mixture_id", "event_index"]).loc[multi.index[:300]].groupby(level=[0, 1])):
+    for _, group in list(
+        events.set_index(["mixture_id", "event_index"]).loc[multi.index[:300]].groupby(level=[0, 1])
+    ):
         assert group["clip_id"].nunique() == 1 and group["gain_db"].nunique() == 1
         starts, ends = group["onset_s"].to_numpy(), (group["onset_s"] + group["duration_s"]).to_numpy()
         assert (starts[1:] >= ends[:-1]).all()  # pieces of one event follow each other

@@ -219,6 +219,34 @@ class FrameParams(_Section):
     min_coverage: Fraction = 0.25  # active share of a frame that makes it positive
 
 
+class FeatureParams(_Section):
+    """Log-mel front end (defaults: YAMNet's: 25 ms windows, 10 ms hop, 64 bands 125-7500 Hz)."""
+
+    n_mels: int = Field(64, ge=8, le=512)
+    win_s: float = Field(0.025, gt=0.0, le=0.2)
+    hop_s: float = Field(0.010, gt=0.0, le=0.1)
+    f_min: float = Field(125.0, ge=0.0, le=20000.0)
+    f_max: float = Field(7500.0, gt=0.0, le=24000.0)
+    log_offset: float = Field(0.001, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _band(self) -> FeatureParams:
+        if self.f_min >= self.f_max:
+            raise ValueError(f"f_min ({self.f_min}) must be below f_max ({self.f_max})")
+        return self
+
+
+class LoaderParams(_Section):
+    """Training batches: mixtures on the fly (or from shards) with a shared text buffer."""
+
+    batch_size: int = Field(16, ge=1, le=65536)
+    texts_per_audio: int = Field(5, ge=1, le=64)  # N: the text buffer has N x batch_size slots
+    num_workers: int = Field(2, ge=0, le=64)
+    shuffle: bool = True
+    seed: int = 0
+    features: bool = True  # log-mel in the workers (else raw waveforms only)
+
+
 class ShardParams(_Section):
     """Optional materialised mixtures: WebDataset tar shards (FLAC + labels JSON + recipe id)."""
 
@@ -246,6 +274,8 @@ class Params(_Section):
     captions: CaptionParams = CaptionParams()
     synth: SynthParams = SynthParams()
     frames: FrameParams = FrameParams()
+    features: FeatureParams = FeatureParams()
+    loader: LoaderParams = LoaderParams()
     shards: ShardParams = ShardParams()
     validation: ValidateParams = ValidateParams()
 

@@ -1,0 +1,182 @@
+"""Training batches: mixtures mixed on the fly (or read from shards) with a shared text buffer.
+
+Batch layout (a dict; B = mixtures in the batch, S = `texts_per_audio` x `batch_size`
+text slots, L = `frames.n_frames`, T = samples per mixture, F = log-mel frames):
+
+    "mixture_id"  LongTensor  [B]         recipe mixture ids
+    "audio"       FloatTensor [B, T]      waveforms (float32, peak <= 0.99)
+    "features"    FloatTensor [B, M, F]   log-mel (only when `loader.features`)
+    "texts"       list[str]   [S]         captions; "" in padded slots
+    "text_labels" list[str]   [S]         the label each text names; "" in padded slots
+    "text_mask"   BoolTensor  [S]         True for real texts
+    "labels"      BoolTensor  [B, S, L]   labels[i, k, l]: the label of text k sounds in
+                                          frame l of mixture i
+
+The text buffer: each mixture contributes the captions of up to N = `texts_per_audio` of its
+event labels (the first N by onset). Identical captions are kept once. A text is labelled
+against every mixture of the batch by its label, not by the mixture it came from: if
+mixture j also contains "dog barking" (as an event or as its background), the text
+"a dog barks" from mixture i is positive in j's frames where the dog sounds, not a
+negative. The buffer is padded to a fixed S, so every batch has the same shapes.
+
+Workers: with `num_workers` DataLoader workers (and optionally `rank`/`world_size` for
+data-parallel training), each worker reads a disjoint slice of the (per-epoch shuffled)
+mixture order, so an epoch yields every mixture exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flam_core.audio.features import LogMel
+from flam_core.config import Params
+from flam_core.data.mixer import Mixer, MixPlan, Mixture
+from flam_core.data.recipes import read_recipes
+from flam_core.data.sources import load_manifest
+from flam_core.utils import stable_seed
+
+
+class MixtureDataset(IterableDataset):
+    """Yields `Mixture`s of one recipe split, mixed on the fly. See the module docstring."""
+
+    def __init__(
+        self,
+        mixer: Mixer,
+        plan: MixPlan,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.mixer, self.plan = mixer, plan
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle order per epoch (call before iterating, in the main process)."""
+        self.epoch = epoch
+
+    def indices(self) -> np.ndarray:
+        """The mixture indices this worker (of this rank) reads, in order."""
+        order = np.arange(len(self.plan))
+        if self.shuffle:
+            order = np.random.default_rng(stable_seed(self.seed, "epoch", self.epoch)).permutation(order)
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return order[self.rank :: self.world_size][worker::n_workers]
+
+    def __iter__(self) -> Iterator[Mixture]:
+        for i in self.indices():
+            yield self.mixer.mix(self.plan, int(i))
+
+
+class ShardDataset(IterableDataset):
+    """Yields `Mixture`s read from WebDataset shards; workers (and ranks) take disjoint shards."""
+
+    def __init__(self, paths: Sequence[Path], rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.paths = sorted(Path(p) for p in paths)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Mixture]:
+        from flam_core.data.shards import iter_shards
+
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from iter_shards(self.paths[self.rank :: self.world_size][worker::n_workers])
+
+
+class Collate:
+    """Mixtures -> one batch dict (see the module docstring). Picklable for worker processes."""
+
+    def __init__(self, texts_per_audio: int, batch_size: int, features: LogMel | None = None) -> None:
+        self.texts_per_audio = texts_per_audio
+        self.slots = texts_per_audio * batch_size
+        self.features = features
+
+    def __call__(self, mixtures: Sequence[Mixture]) -> dict[str, Any]:
+        texts: list[str] = []
+        text_labels: list[str] = []
+        seen: set[str] = set()
+        for mixture in mixtures:
+            labels = mixture.labels
+            events = [k for k in range(len(labels.labels)) if labels.is_event[k]][: self.texts_per_audio]
+            for k in events:
+                if labels.captions[k] not in seen:
+                    seen.add(labels.captions[k])
+                    texts.append(labels.captions[k])
+                    text_labels.append(labels.labels[k])
+        n_texts = len(texts)
+        n_frames = mixtures[0].labels.frames.shape[1]
+        targets = np.zeros((len(mixtures), self.slots, n_frames), dtype=bool)
+        for i, mixture in enumerate(mixtures):
+            row_of = {label: k for k, label in enumerate(mixture.labels.labels)}
+            for k, label in enumerate(text_labels):
+                row = row_of.get(label)
+                if row is not None:
+                    targets[i, k] = mixture.labels.frames[row]
+        mask = np.zeros(self.slots, dtype=bool)
+        mask[:n_texts] = True
+        audio = torch.from_numpy(np.stack([m.audio for m in mixtures]))
+        batch: dict[str, Any] = {
+            "mixture_id": torch.tensor([m.mixture_id for m in mixtures], dtype=torch.long),
+            "audio": audio,
+            "texts": texts + [""] * (self.slots - n_texts),
+            "text_labels": text_labels + [""] * (self.slots - n_texts),
+            "text_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(targets),
+        }
+        if self.features is not None:
+            with torch.no_grad():
+                batch["features"] = self.features(audio)
+        return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    params: Params,
+    split: str,
+    library_dir: Path | None = None,
+    recipes_dir: Path | None = None,
+    shards: Sequence[Path] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    mixer: Mixer | None = None,
+) -> DataLoader:
+    """A DataLoader over one recipe split: on the fly by default, from `shards` when given."""
+    loader = params.loader
+    features = LogMel(params.features, params.audio.sample_rate) if loader.features else None
+    collate = Collate(loader.texts_per_audio, loader.batch_size, features)
+    if shards is not None:
+        dataset: IterableDataset = ShardDataset(shards, rank, world_size)
+    else:
+        library_dir = Path(library_dir or params.sources.out_dir)
+        recipes_dir = Path(recipes_dir or params.synth.out_dir)
+        if mixer is None:
+            mixer = Mixer(
+                load_manifest(library_dir), library_dir, params.synth, params.frames, params.audio.sample_rate
+            )
+        plan = mixer.plan(read_recipes(recipes_dir / f"{split}.parquet"))
+        dataset = MixtureDataset(
+            mixer, plan, loader.shuffle and split == "train", loader.seed, rank, world_size
+        )
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        collate_fn=collate,
+        num_workers=loader.num_workers,
+        worker_init_fn=_worker_init if loader.num_workers else None,
+        multiprocessing_context="fork" if loader.num_workers else None,
+        persistent_workers=False,
+    )

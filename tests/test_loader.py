@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from flam_core.data.loader import Collate, MixtureDataset, make_loader
+from flam_core.data.mixer import Mixer
+from flam_core.data.recipes import read_recipes
+from flam_core.data.sources import load_manifest
+from tests.conftest import smoke_params
+
+
+@pytest.fixture(scope="module")
+def setup(smoke_library, smoke_recipes):
+    library, _ = smoke_library
+    recipes_dir, _ = smoke_recipes
+    params = smoke_params("loader.batch_size=4", "loader.num_workers=2")
+    mixer = Mixer(load_manifest(library), library, params.synth, params.frames, params.audio.sample_rate)
+    return params, library, recipes_dir, mixer
+
+
+def test_batch_layout(setup):
+    params, library, recipes_dir, mixer = setup
+    loader = make_loader(params, "val", library, recipes_dir, mixer=mixer)
+    batch = next(iter(loader))
+    b, s, n_frames = 4, params.loader.texts_per_audio * 4, params.frames.n_frames
+    assert batch["audio"].shape == (b, mixer.n_samples) and batch["audio"].dtype == torch.float32
+    assert batch["features"].shape[:2] == (b, params.features.n_mels)
+    assert batch["features"].shape[2] == mixer.n_samples // int(params.features.hop_s * 16000) + 1
+    assert len(batch["texts"]) == len(batch["text_labels"]) == s
+    assert batch["text_mask"].shape == (s,) and batch["labels"].shape == (b, s, n_frames)
+    n_texts = int(batch["text_mask"].sum())
+    assert all(batch["texts"][:n_texts]) and not any(batch["texts"][n_texts:])
+    assert not batch["labels"][:, n_texts:].any()
+    assert len(set(batch["texts"][:n_texts])) == n_texts  # deduplicated
+
+
+def test_texts_are_labelled_against_every_mixture_by_label(setup):
+    _, _, recipes_dir, mixer = setup
+    plan = mixer.plan(read_recipes(recipes_dir / "train.parquet"))
+    mixtures = [mixer.mix(plan, i) for i in range(len(plan))]
+    collate = Collate(texts_per_audio=5, batch_size=len(mixtures))
+    batch = collate(mixtures)
+    shared = 0
+    for k, label in enumerate(batch["text_labels"]):
+        if not label:
+            continue
+        for i, mixture in enumerate(mixtures):
+            labels = mixture.labels
+            if label in labels.labels:
+                expected = labels.frames[labels.labels.index(label)]
+                shared += 1
+            else:
+                expected = np.zeros(mixer.frames.n_frames, bool)
+            assert np.array_equal(batch["labels"][i, k].numpy(), expected), (k, i, label)
+    assert shared > len([t for t in batch["text_labels"] if t])  # labels recur across mixtures
+
+
+def test_workers_read_disjoint_slices_covering_the_split_once(setup):
+    params, library, recipes_dir, mixer = setup
+    loader = make_loader(params, "train", library, recipes_dir, mixer=mixer)
+    ids = torch.cat([batch["mixture_id"] for batch in loader]).tolist()
+    assert sorted(ids) == list(range(len(loader.dataset.plan)))
+
+
+def test_data_parallel_ranks_split_the_epoch_and_epochs_reshuffle(setup):
+    _, _, recipes_dir, mixer = setup
+    plan = mixer.plan(read_recipes(recipes_dir / "train.parquet"))
+    ranks = [
+        MixtureDataset(mixer, plan, shuffle=True, seed=3, rank=r, world_size=2).indices() for r in (0, 1)
+    ]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted([*ranks[0], *ranks[1]]) == list(range(len(plan)))
+    dataset = MixtureDataset(mixer, plan, shuffle=True, seed=3)
+    first = dataset.indices().tolist()
+    dataset.set_epoch(1)
+    assert dataset.indices().tolist() != first and sorted(dataset.indices().tolist()) == sorted(first)
+
+
+def test_loader_audio_equals_the_mixer(setup):
+    params, library, recipes_dir, mixer = setup
+    loader = make_loader(params, "val", library, recipes_dir, mixer=mixer)
+    plan = loader.dataset.plan
+    for batch in loader:
+        for row, mixture_id in enumerate(batch["mixture_id"].tolist()):
+            index = int(np.flatnonzero(plan.mixture_ids == mixture_id)[0])
+            assert np.array_equal(batch["audio"][row].numpy(), mixer.render(plan, index))

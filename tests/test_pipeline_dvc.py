@@ -1,0 +1,48 @@
+"""End to end: `dvc repro` on the smoke profile runs every stage, and a second run does nothing."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(Path.home()), "CI": "1"}
+    if "FLAM_CACHE_DIR" in os.environ:
+        env["FLAM_CACHE_DIR"] = os.environ["FLAM_CACHE_DIR"]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+
+
+def test_dvc_repro_smoke_then_nothing_to_do(tmp_path):
+    project = tmp_path / "project"
+    tracked = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"]):
+        assert run(command, project).returncode == 0
+    dvc = str(Path(sys.executable).parent / "dvc")
+    first = run([dvc, "repro"], project)
+    assert first.returncode == 0, first.stdout + first.stderr
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (project / "data/sources/manifest.parquet").is_file()
+    assert (project / "data/recipes/train.parquet").is_file()
+    second = run([dvc, "repro"], project)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout

@@ -131,6 +131,35 @@ def synth_recipes(
         )
 
 
+@synth_app.command("shards")
+def synth_shards(
+    library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
+    recipes: Annotated[Path | None, typer.Option(help="Recipe folder (default: synth.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Shard folder (default: shards.out_dir).")] = None,
+) -> None:
+    """Materialise mixtures into WebDataset shards (when `shards.enabled`)."""
+    from flam_core.data.shards import write_shards
+    from flam_core.utils import atomic_write_text
+
+    params = state.params()
+    out = out or Path(params.shards.out_dir)
+    if not params.shards.enabled:
+        atomic_write_text(out / "summary.json", json.dumps({"enabled": False, "splits": {}}, indent=2))
+        console.print("shards: disabled (shards.enabled=false); mixtures are mixed on the fly")
+        return
+    summary = write_shards(
+        params,
+        library or Path(params.sources.out_dir),
+        recipes or Path(params.synth.out_dir),
+        out_dir=out,
+    )
+    for split, info in summary["splits"].items():
+        console.print(
+            f"{split}: {info['n_mixtures']} mixtures in {info['n_shards']} shard(s), "
+            f"{info['bytes'] / 1e6:.0f} MB"
+        )
+
+
 def run() -> None:
     """Console entry point: project errors print one clear line and exit 2."""
     try:

@@ -248,8 +248,10 @@ class LoaderParams(_Section):
 
 
 class ShardParams(_Section):
-    """Optional materialised mixtures: WebDataset tar shards (FLAC + labels JSON + recipe id)."""
+    """Optional materialised mixtures: WebDataset tar shards (exact float32 audio + labels JSON)."""
 
+    enabled: bool = False  # the `shards` stage writes only a summary while this is false
+    flac_preview: bool = False  # also store a 16-bit FLAC of each mixture for listening
     out_dir: str = "data/shards"
     splits: list[Literal["train", "val", "test_seen", "test_unseen"]] = Field(
         default_factory=lambda: ["train", "val", "test_seen", "test_unseen"]

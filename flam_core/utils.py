@@ -45,6 +45,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; outputs are for everyone to read
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(retired)
@@ -65,6 +66,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        Path(tmp).chmod(0o644)  # mkstemp makes it owner-only
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

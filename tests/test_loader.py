@@ -84,3 +84,20 @@ def test_loader_audio_equals_the_mixer(setup):
         for row, mixture_id in enumerate(batch["mixture_id"].tolist()):
             index = int(np.flatnonzero(plan.mixture_ids == mixture_id)[0])
             assert np.array_equal(batch["audio"][row].numpy(), mixer.render(plan, index))
+
+
+def test_shard_batches_equal_on_the_fly_batches(setup, tmp_path):
+    from flam_core.data.shards import shard_paths, write_shards
+
+    params, library, recipes_dir, mixer = setup
+    params = smoke_params("loader.batch_size=4", "loader.num_workers=0", "shards.max_shard_mb=0.5")
+    write_shards(params, library, recipes_dir, out_dir=tmp_path / "shards", splits=["val"])
+    paths = shard_paths(tmp_path / "shards", "val")
+    assert len(paths) > 1
+    from_shards = list(make_loader(params, "val", shards=paths))
+    on_the_fly = list(make_loader(params, "val", library, recipes_dir, mixer=mixer))
+    assert len(from_shards) == len(on_the_fly)
+    for a, b in zip(from_shards, on_the_fly, strict=True):
+        assert torch.equal(a["mixture_id"], b["mixture_id"]) and torch.equal(a["audio"], b["audio"])
+        assert a["texts"] == b["texts"] and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["features"], b["features"])

@@ -160,6 +160,33 @@ def synth_shards(
         )
 
 
+@app.command("validate")
+def validate(
+    library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
+    recipes: Annotated[Path | None, typer.Option(help="Recipe folder (default: synth.out_dir).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Report folder (default: validation.report_dir).")
+    ] = None,
+) -> None:
+    """The data-validation gate: sources, recipes (and shards when enabled). Exit 1 on failure."""
+    from flam_core.data.validate import ValidationFailed, validate_all
+
+    params = state.params()
+    shards = params.shards.enabled or params.validation.check_shards
+    try:
+        result = validate_all(
+            params,
+            library or Path(params.sources.out_dir),
+            recipes or Path(params.synth.out_dir),
+            report or Path(params.validation.report_dir),
+            shards_dir=Path(params.shards.out_dir) if shards else None,
+        )
+    except ValidationFailed as failed:
+        console.print(f"[red]validation failed[/]\n{failed}")
+        raise typer.Exit(1) from None
+    console.print(f"validation passed: {len(result.checks)} checks")
+
+
 def run() -> None:
     """Console entry point: project errors print one clear line and exit 2."""
     try:

@@ -337,7 +337,10 @@ def build_recipes(
     too_long = manifest.loc[manifest["kind"] == "event", "duration_s"].max()
     if too_long > synth.mixture_s:
         raise DataError(f"event clips up to {too_long:.2f} s do not fit {synth.mixture_s} s mixtures")
-    sources_summary = json.loads((library_dir / "summary.json").read_text())
+    summary_path = library_dir / "summary.json"
+    if not summary_path.is_file():
+        raise DataError(f"source library summary not found: {summary_path}; run `flam sources build`")
+    sources_summary = json.loads(summary_path.read_text())
     splits: dict[str, Any] = {}
     with atomic_dir(out_dir) as staging, Progress(disable=not interactive()) as progress:
         for split in RECIPE_SPLITS:

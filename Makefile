@@ -14,12 +14,12 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help install deps pipeline test test-fast lint format lock clean
+.PHONY: help install deps yamnet pipeline test test-fast lint format lock clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed deps  ## Python environment (.venv) + Debian tools + cached packages
+install: $(VENV)/.installed deps yamnet  ## Python environment (.venv) + Debian tools + cached packages + weights
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@touch $@
+
+yamnet: $(FLAM_CACHE_DIR)/yamnet/yamnet.pt  ## YAMNet weights converted to PyTorch (no TensorFlow)
+
+$(FLAM_CACHE_DIR)/yamnet/yamnet.pt: scripts/convert_yamnet.py | $(VENV)/.installed
+	$(BIN)/python scripts/convert_yamnet.py
 
 deps: $(FLAM_CACHE_DIR)/.debian-ready  ## Debian tools (fluidsynth, espeak-ng) and sound packages
 

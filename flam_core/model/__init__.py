@@ -1,0 +1,1 @@
+"""Neural network models: pretrained audio backbones (YAMNet) and the FLAM model."""

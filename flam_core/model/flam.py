@@ -1,0 +1,158 @@
+"""The FLAM head: frame and global audio embeddings, text embeddings, per-text scale and bias.
+
+Shapes: B audios, L frames, Da audio feature size, K texts, Dt text feature size, D the
+shared embedding size (512 in the paper).
+
+- temporal context: a small trainable block over the (possibly frozen) frame features
+  `[B, L, Da] -> [B, L, Da]` (a pre-norm transformer layer, or a residual 1-D convolution);
+- `frame_embeddings`: the audio projection (Linear, ReLU, Linear) applied to every frame,
+  L2-normalised: `[B, L, D]`;
+- `global_embedding`: the same projection applied to the mean of the frames: `[B, D]`;
+- `text_embeddings`: the text projection, L2-normalised: `[K, D]`;
+- `text_scale_bias`: `alpha = exp(MLP_a(t))` (final bias ln 10, so alpha starts near 10) and
+  `beta = MLP_b(t)` (final bias -8), each `[K]`. Ablations replace either by one learned
+  scalar shared by every text.
+
+Scores: `p = sigmoid(alpha * cos + beta)`; the unbiased detector `p / (p + sigmoid(beta))`
+removes the learned label prior, so one threshold (0.5) serves every prompt; the
+approximate form `sigmoid(alpha * cos)` agrees when beta << -10.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class FlamConfig:
+    audio_dim: int
+    text_dim: int
+    embed_dim: int = 512
+    context: Literal["transformer", "conv", "none"] = "transformer"
+    context_layers: int = 1
+    context_heads: int = 8
+    dropout: float = 0.1
+    text_scale: bool = True  # False: one shared learned scale (ablation `no_text_scale`)
+    text_bias: bool = True  # False: one shared learned bias (ablation `no_text_bias`)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), activation(), nn.Linear(d_hidden, d_out))
+
+
+class _ConvContext(nn.Module):
+    """Residual 1-D convolution over frames (kernel 3), pre-norm."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.dropout(F.gelu(y))
+
+
+class FlamHead(nn.Module):
+    """Everything of FLAM that sits on top of the audio frame features and text features."""
+
+    def __init__(self, config: FlamConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.context == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                config.audio_dim,
+                config.context_heads,
+                dim_feedforward=2 * config.audio_dim,
+                dropout=config.dropout,
+                batch_first=True,
+                norm_first=True,
+            )
+            self.context: nn.Module = nn.TransformerEncoder(
+                layer, config.context_layers, enable_nested_tensor=False
+            )
+        elif config.context == "conv":
+            self.context = nn.Sequential(
+                *[_ConvContext(config.audio_dim, config.dropout) for _ in range(config.context_layers)]
+            )
+        else:
+            self.context = nn.Identity()
+        d = config.embed_dim
+        self.audio_proj = _mlp(config.audio_dim, d, d, nn.ReLU)
+        self.text_proj = _mlp(config.text_dim, d, d, nn.ReLU)
+        self.alpha_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
+        self.beta_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
+        nn.init.constant_(self.alpha_mlp[-1].bias, math.log(10.0))
+        nn.init.constant_(self.beta_mlp[-1].bias, -8.0)
+        # Shared scale/bias for the ablations (unused parameters otherwise).
+        self.shared_log_alpha = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.shared_beta = nn.Parameter(torch.tensor(-8.0))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP temperature theta
+
+    # --- audio -------------------------------------------------------------------------------
+    def contextualise(self, features: torch.Tensor) -> torch.Tensor:
+        """`[B, L, Da]` frame features -> `[B, L, Da]` with temporal context."""
+        return self.context(features)
+
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """Contextualised `[B, L, Da]` -> `[B, L, D]`, unit norm."""
+        return F.normalize(self.audio_proj(frames), dim=-1)
+
+    def global_embedding(self, frames: torch.Tensor) -> torch.Tensor:
+        """Contextualised `[B, L, Da]` -> `[B, D]`: the projection of the frames' mean, unit norm."""
+        return F.normalize(self.audio_proj(frames.mean(dim=1)), dim=-1)
+
+    # --- text --------------------------------------------------------------------------------
+    def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
+        """`[K, Dt]` -> `[K, D]`, unit norm."""
+        return F.normalize(self.text_proj(text_features), dim=-1)
+
+    def text_scale_bias(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[K, Dt]` -> (alpha `[K]` > 0, beta `[K]`)."""
+        k = text_features.shape[0]
+        if self.config.text_scale:
+            alpha = torch.exp(self.alpha_mlp(text_features).squeeze(-1))
+        else:
+            alpha = torch.exp(self.shared_log_alpha).expand(k)
+        beta = (
+            self.beta_mlp(text_features).squeeze(-1) if self.config.text_bias else self.shared_beta.expand(k)
+        )
+        return alpha, beta
+
+    # --- scores ------------------------------------------------------------------------------
+    @staticmethod
+    def frame_logits(
+        frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """`h = alpha * cos + beta`: `[B, L, D]`, `[K, D]`, `[K]`, `[K]` -> `[B, K, L]`."""
+        cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
+        return alpha[None, :, None] * cos + beta[None, :, None]
+
+    @staticmethod
+    def unbiased_scores(logits: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """`p / (p + sigmoid(beta))` with `p = sigmoid(logits)`; `[B, K, L]`, `[K]` -> `[B, K, L]`.
+
+        In log space, `log s = log p - log(p + sigmoid(beta))`, which stays exact when both p
+        and sigmoid(beta) are tiny (beta around -8 and below).
+        """
+        log_p = F.logsigmoid(logits)
+        log_prior = F.logsigmoid(beta)[None, :, None]
+        return torch.exp(log_p - torch.logaddexp(log_p, log_prior))
+
+    @staticmethod
+    def approximate_scores(
+        frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor
+    ) -> torch.Tensor:
+        """`sigmoid(alpha * cos)`: `[B, K, L]`; equals the unbiased score when beta << -10."""
+        cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
+        return torch.sigmoid(alpha[None, :, None] * cos)

@@ -187,6 +187,43 @@ def validate(
     console.print(f"validation passed: {len(result.checks)} checks")
 
 
+@app.command("features")
+def features(
+    library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
+    recipes: Annotated[Path | None, typer.Option(help="Recipe folder (default: synth.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Cache folder (default: train.features_dir).")] = None,
+) -> None:
+    """Cache the frozen audio encoder's frame features of every mixture."""
+    from flam_core.features import build_feature_cache
+
+    params = state.params()
+    summary = build_feature_cache(
+        params,
+        library or Path(params.sources.out_dir),
+        recipes or Path(params.synth.out_dir),
+        out or Path(params.train.features_dir),
+    )
+    console.print(
+        f"features ({summary['encoder']}, {summary['dim']}-d x {summary['n_frames']} frames): "
+        f"{summary['shapes']}"
+    )
+
+
+@app.command("train")
+def train_command(
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps (schedule unchanged).")
+    ] = None,
+) -> None:
+    """Train FLAM (or an ablation: train.mode) on the train split."""
+    from flam_core.train import train
+
+    metrics = train(state.params(), out_dir=out, resume=resume, max_steps=max_steps)
+    console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+
+
 def run() -> None:
     """Console entry point: project errors print one clear line and exit 2."""
     try:

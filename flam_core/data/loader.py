@@ -6,6 +6,8 @@ text slots, L = `frames.n_frames`, T = samples per mixture, F = log-mel frames):
     "mixture_id"  LongTensor  [B]         recipe mixture ids
     "audio"       FloatTensor [B, T]      waveforms (float32, peak <= 0.99)
     "features"    FloatTensor [B, M, F]   log-mel (only when `loader.features`)
+    "frame_features" FloatTensor [B, L, Da] cached encoder frame features (instead of "audio"
+                                          and "features" when batching `CachedMixture`s)
     "texts"       list[str]   [S]         captions; "" in padded slots
     "text_labels" list[str]   [S]         the label each text names; "" in padded slots
     "text_mask"   BoolTensor  [S]         True for real texts
@@ -27,6 +29,7 @@ mixture order, so an epoch yields every mixture exactly once.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,68 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flam_core.audio.features import LogMel
 from flam_core.config import Params
-from flam_core.data.mixer import Mixer, MixPlan, Mixture
+from flam_core.data.mixer import FrameLabels, Mixer, MixPlan, Mixture
 from flam_core.data.recipes import read_recipes
 from flam_core.data.sources import load_manifest
 from flam_core.utils import stable_seed
 
 
-class MixtureDataset(IterableDataset):
+@dataclass(frozen=True)
+class CachedMixture:
+    """A mixture as the frozen audio encoder saw it: frame features instead of audio."""
+
+    mixture_id: int
+    features: np.ndarray  # [L, Da] float16 or float32
+    labels: FrameLabels
+
+
+class IndexedDataset(IterableDataset):
+    """Iterates `items[i]` over a per-epoch shuffled order, each worker (and rank) a disjoint slice.
+
+    `items` is anything with `len()` and integer indexing: rendered mixtures, a feature cache.
+    """
+
+    def __init__(
+        self, items: Any, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__()
+        self.items = items
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle order per epoch (call before iterating, in the main process)."""
+        self.epoch = epoch
+
+    def indices(self) -> np.ndarray:
+        """The item indices this worker (of this rank) reads, in order."""
+        order = np.arange(len(self.items))
+        if self.shuffle:
+            order = np.random.default_rng(stable_seed(self.seed, "epoch", self.epoch)).permutation(order)
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return order[self.rank :: self.world_size][worker::n_workers]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in self.indices():
+            yield self.items[int(i)]
+
+
+class RenderedMixtures:
+    """`Mixer.mix` over a plan as an indexable sequence of `Mixture`s."""
+
+    def __init__(self, mixer: Mixer, plan: MixPlan) -> None:
+        self.mixer, self.plan = mixer, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> Mixture:
+        return self.mixer.mix(self.plan, i)
+
+
+class MixtureDataset(IndexedDataset):
     """Yields `Mixture`s of one recipe split, mixed on the fly. See the module docstring."""
 
     def __init__(
@@ -54,28 +112,8 @@ class MixtureDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(RenderedMixtures(mixer, plan), shuffle, seed, rank, world_size)
         self.mixer, self.plan = mixer, plan
-        self.shuffle, self.seed = shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """A new shuffle order per epoch (call before iterating, in the main process)."""
-        self.epoch = epoch
-
-    def indices(self) -> np.ndarray:
-        """The mixture indices this worker (of this rank) reads, in order."""
-        order = np.arange(len(self.plan))
-        if self.shuffle:
-            order = np.random.default_rng(stable_seed(self.seed, "epoch", self.epoch)).permutation(order)
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return order[self.rank :: self.world_size][worker::n_workers]
-
-    def __iter__(self) -> Iterator[Mixture]:
-        for i in self.indices():
-            yield self.mixer.mix(self.plan, int(i))
 
 
 class ShardDataset(IterableDataset):
@@ -102,7 +140,7 @@ class Collate:
         self.slots = texts_per_audio * batch_size
         self.features = features
 
-    def __call__(self, mixtures: Sequence[Mixture]) -> dict[str, Any]:
+    def __call__(self, mixtures: Sequence[Mixture | CachedMixture]) -> dict[str, Any]:
         texts: list[str] = []
         text_labels: list[str] = []
         seen: set[str] = set()
@@ -125,15 +163,19 @@ class Collate:
                     targets[i, k] = mixture.labels.frames[row]
         mask = np.zeros(self.slots, dtype=bool)
         mask[:n_texts] = True
-        audio = torch.from_numpy(np.stack([m.audio for m in mixtures]))
         batch: dict[str, Any] = {
             "mixture_id": torch.tensor([m.mixture_id for m in mixtures], dtype=torch.long),
-            "audio": audio,
             "texts": texts + [""] * (self.slots - n_texts),
             "text_labels": text_labels + [""] * (self.slots - n_texts),
             "text_mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(targets),
         }
+        if isinstance(mixtures[0], CachedMixture):
+            stacked = np.stack([m.features for m in mixtures])  # type: ignore[union-attr]
+            batch["frame_features"] = torch.from_numpy(stacked).float()
+            return batch
+        audio = torch.from_numpy(np.stack([m.audio for m in mixtures]))  # type: ignore[union-attr]
+        batch["audio"] = audio
         if self.features is not None:
             with torch.no_grad():
                 batch["features"] = self.features(audio)

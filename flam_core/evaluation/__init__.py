@@ -1,0 +1,1 @@
+"""Evaluation: frame-level detection metrics and the scores they are computed from."""

@@ -1,0 +1,451 @@
+"""Training: one loop, read top to bottom.
+
+    batch -> frame features (cached, or the audio encoder) -> temporal context
+          -> frame + global embeddings; texts -> text features -> embeddings, alpha, beta
+          -> FlamLoss (CLIP + 200 * frame SED + prior) -> Adam step (warm-up, linear decay)
+
+The CPU profile trains the head on cached frozen-backbone features; with `model.frozen_audio`
+false (or the `cnn` encoder) the audio encoder trains too, on mixtures mixed on the fly.
+Checkpoints (model, optimiser, schedule, RNG states, data position) are written atomically
+every `train.checkpoint_every` steps; `resume=True` continues from the last one and gives the
+same losses as an uninterrupted run. A non-finite loss stops training with the step and the
+batch's mixture ids, leaving the last good checkpoint in place.
+
+Outputs in `train.out_dir`: `model.pt` (head, and the audio encoder when trained),
+`config.json` (resolved parameters, head config, encoder and text-encoder references),
+`metrics.json`, and `checkpoints/`. The loss curve goes to `reports/train/loss.csv` (a DVC
+plot) and, with the parameters and system facts, to MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from flam_core.config import Params
+from flam_core.data.loader import Collate, IndexedDataset, make_loader
+from flam_core.errors import DataError, FlamError
+from flam_core.features import FeatureCache
+from flam_core.losses import FlamLoss
+from flam_core.model.audio_encoder import AudioEncoder, build_audio_encoder
+from flam_core.model.flam import FlamConfig, FlamHead
+from flam_core.model.text_encoder import TextEncoder
+from flam_core.utils import atomic_dir, atomic_write_text, interactive
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class TrainingDiverged(FlamError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Position:
+    """Where training is: optimiser steps done, epoch, and batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class Outputs:
+    """What one forward pass gives the loss and the evaluation."""
+
+    frame_emb: torch.Tensor  # [B, L, D]
+    global_emb: torch.Tensor  # [B, D]
+    text_emb: torch.Tensor  # [K, D]
+    alpha: torch.Tensor  # [K]
+    beta: torch.Tensor  # [K]
+
+
+class FlamModel(torch.nn.Module):
+    """The trainable whole: an optional audio encoder (None: cached features), the head, texts."""
+
+    def __init__(self, head: FlamHead, text_encoder: TextEncoder, audio_encoder: AudioEncoder | None) -> None:
+        super().__init__()
+        self.head, self.text_encoder, self.audio_encoder = head, text_encoder, audio_encoder
+
+    def frames(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "frame_features" in batch:
+            return batch["frame_features"]
+        if self.audio_encoder is None:
+            raise DataError("batch has no cached frame features and the model has no audio encoder")
+        return self.audio_encoder(batch["audio"])
+
+    def forward(self, batch: dict[str, Any], texts: list[str]) -> Outputs:
+        context = self.head.contextualise(self.frames(batch))
+        text_features = self.text_encoder(texts)
+        alpha, beta = self.head.text_scale_bias(text_features)
+        return Outputs(
+            frame_emb=self.head.frame_embeddings(context),
+            global_emb=self.head.global_embedding(context),
+            text_emb=self.head.text_embeddings(text_features),
+            alpha=alpha,
+            beta=beta,
+        )
+
+
+def build_model(params: Params, audio_dim: int | None = None) -> FlamModel:
+    """Text encoder, audio encoder (unless `audio_dim` is given: cached features) and the head."""
+    model, train = params.model, params.train
+    text_encoder = TextEncoder(model.text_encoder, model.text_max_length, model.train_text_encoder)
+    audio_encoder = None
+    if audio_dim is None:
+        audio_encoder = build_audio_encoder(
+            model.audio_encoder,
+            params.features,
+            params.audio.sample_rate,
+            params.frames.n_frames,
+            params.synth.mixture_s,
+            frozen=model.frozen_audio,
+        )
+        audio_dim = audio_encoder.out_dim
+    config = FlamConfig(
+        audio_dim=audio_dim,
+        text_dim=text_encoder.dim,
+        embed_dim=model.embed_dim,
+        context=model.context,
+        context_layers=model.context_layers,
+        context_heads=model.context_heads,
+        dropout=model.dropout,
+        text_scale=train.mode != "no_text_scale",
+        text_bias=train.mode != "no_text_bias",
+    )
+    return FlamModel(FlamHead(config), text_encoder, audio_encoder)
+
+
+def build_loss(params: Params) -> FlamLoss:
+    train = params.train
+    return FlamLoss(
+        mode="global" if train.mode == "global" else "flam",
+        w_clip=train.w_clip,
+        w_sed=train.w_sed,
+        w_prior=0.0 if train.mode == "no_prior_loss" else train.w_prior,
+        chunk_size=train.loss_chunk or None,
+    )
+
+
+def compute_loss(model: FlamModel, loss_fn: FlamLoss, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    n_texts = int(batch["text_mask"].sum())
+    if n_texts == 0:
+        raise DataError(f"batch of mixtures {batch['mixture_id'].tolist()} has no text: no event labels")
+    out = model(batch, batch["texts"][:n_texts])
+    return loss_fn(
+        audio_emb=out.global_emb,
+        text_emb=out.text_emb,
+        labels=batch["labels"][:, :n_texts],
+        text_mask=torch.ones(n_texts, dtype=torch.bool),
+        logit_scale=model.head.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+        frame_emb=out.frame_emb,
+        alpha=out.alpha,
+        beta=out.beta,
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _train_loader(
+    params: Params, features_dir: Path | None, library_dir: Path, recipes_dir: Path
+) -> DataLoader:
+    loader = params.loader
+    if features_dir is not None:
+        cache = FeatureCache(features_dir, "train")
+        dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed)
+        collate = Collate(loader.texts_per_audio, loader.batch_size)
+        return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=collate, num_workers=0)
+    on_the_fly = params.model_copy(update={"loader": loader.model_copy(update={"features": False})})
+    return make_loader(on_the_fly, "train", library_dir, recipes_dir)
+
+
+def _batches(loader: DataLoader, position: Position) -> Iterator[dict[str, Any]]:
+    """Endless batches from `position` on; skips the batches of the current epoch already used."""
+    while True:
+        loader.dataset.set_epoch(position.epoch)  # type: ignore[attr-defined]
+        for index, batch in enumerate(loader):
+            if index < position.batch_in_epoch:
+                continue
+            position.batch_in_epoch = index + 1
+            yield batch
+        position.epoch += 1
+        position.batch_in_epoch = 0
+
+
+def _save_checkpoint(
+    folder: Path,
+    model: FlamModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: Position,
+    keep: int = 2,
+) -> None:
+    target = folder / f"step-{position.step:07d}"
+    with atomic_dir(target) as staging:
+        torch.save(
+            {
+                "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "position": vars(position).copy(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(),
+            },
+            staging / "state.pt",
+        )
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(Path(folder).glob("step-*/state.pt"))
+    return found[-1] if found else None
+
+
+def _trainable_state(model: FlamModel) -> dict[str, torch.Tensor]:
+    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    if model.audio_encoder is not None and any(p.requires_grad for p in model.audio_encoder.parameters()):
+        state |= {f"audio_encoder.{k}": v for k, v in model.audio_encoder.state_dict().items()}
+    if model.text_encoder.trainable:
+        state |= {f"text_encoder.{k}": v for k, v in model.text_encoder.model.state_dict().items()}
+    return state
+
+
+def _load_trainable_state(model: FlamModel, state: dict[str, torch.Tensor]) -> None:
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    model.head.load_state_dict(part("head."))
+    if model.audio_encoder is not None and part("audio_encoder."):
+        model.audio_encoder.load_state_dict(part("audio_encoder."))
+    if model.text_encoder.trainable and part("text_encoder."):
+        model.text_encoder.model.load_state_dict(part("text_encoder."))
+
+
+def train(
+    params: Params,
+    library_dir: Path | None = None,
+    recipes_dir: Path | None = None,
+    features_dir: Path | None = None,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    report_dir: Path = Path("reports/train"),
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train with `params.train` on the train split; returns the final metrics.
+
+    `features_dir` (default `train.features_dir` when `model.frozen_audio`) holds the cached
+    frame features; `max_steps` stops early (the schedule still spans `train.steps`), which is
+    how tests interrupt a run.
+    """
+    cfg = params.train
+    library_dir = Path(library_dir or params.sources.out_dir)
+    recipes_dir = Path(recipes_dir or params.synth.out_dir)
+    out_dir = Path(out_dir or cfg.out_dir)
+    if params.model.frozen_audio:
+        features_dir = Path(features_dir or cfg.features_dir)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    loader = _train_loader(params, features_dir, library_dir, recipes_dir)
+    audio_dim = FeatureCache(features_dir, "train").summary["dim"] if features_dir is not None else None
+    model = build_model(params, audio_dim)
+    loss_fn = build_loss(params)
+    if cfg.init_from:
+        init = torch.load(Path(cfg.init_from) / "model.pt", map_location="cpu")
+        _load_trainable_state(model, init)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+    )
+    position = Position()
+    checkpoints = out_dir / "checkpoints"
+    if resume and (last := latest_checkpoint(checkpoints)) is not None:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        _load_trainable_state(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = Position(**state["position"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+    elif not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    history = _read_history(report_dir / "loss.csv") if resume else []
+    history = [row for row in history if int(row["step"]) <= position.step]
+    model.train()
+    stop = min(cfg.steps, max_steps or cfg.steps)
+    tracker = _Tracker(params, resume)
+    started = time.perf_counter()
+    batches = _batches(loader, position)
+    from rich.progress import Progress
+
+    with Progress(disable=not interactive()) as progress:
+        task = progress.add_task("training", total=stop, completed=position.step)
+        while position.step < stop:
+            batch = next(batches)
+            losses = compute_loss(model, loss_fn, batch)
+            if not torch.isfinite(losses["loss"]):
+                raise TrainingDiverged(
+                    f"non-finite loss ({losses['loss'].item()}) at step {position.step + 1}, batch of "
+                    f"mixtures {batch['mixture_id'].tolist()}; the last good checkpoint stays in "
+                    f"{checkpoints}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            position.step += 1
+            row = {"step": position.step, "lr": scheduler.get_last_lr()[0]}
+            row |= {k: float(v.detach()) for k, v in losses.items()}
+            history.append(row)
+            if position.step % cfg.log_every == 0 or position.step == stop:
+                tracker.log(row)
+            if position.step % cfg.checkpoint_every == 0:
+                _save_checkpoint(checkpoints, model, optimizer, scheduler, position)
+            progress.advance(task)
+    _write_history(report_dir / "loss.csv", history)
+    metrics = {
+        "steps": position.step,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
+        "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
+    }
+    if features_dir is not None and position.step >= cfg.steps:
+        metrics |= quick_validation(model, features_dir)
+    if position.step >= cfg.steps:
+        _save_model(out_dir, model, params)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
+    tracker.finish(metrics)
+    return metrics
+
+
+def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
+    """Frame AUROC on the val split (seen labels, label as prompt), and how well sigmoid(beta)
+    of each training label tracks its frame prior (Spearman correlation)."""
+    from scipy.stats import spearmanr
+
+    from flam_core.evaluation.frames import event_vocabulary, frame_auroc, truth_matrix, vocabulary_scores
+
+    val = FeatureCache(features_dir, "val")
+    vocabulary = event_vocabulary(val)
+    auroc = frame_auroc(truth_matrix(val, vocabulary), vocabulary_scores(model, val, vocabulary))
+    train_cache = FeatureCache(features_dir, "train")
+    train_labels = event_vocabulary(train_cache)
+    truth = truth_matrix(train_cache, train_labels)
+    present = truth.any(axis=2)  # [M, K]
+    # The batch prior r_k = positives / (B * L) is, up to the constant B * L, the label's
+    # positive frames per occurrence; a rank correlation needs no constant.
+    prior = truth.sum(axis=(0, 2)) / np.maximum(present.sum(axis=0), 1)
+    with torch.no_grad():
+        _, beta = model.head.text_scale_bias(model.text_encoder(train_labels))
+    correlation = spearmanr(torch.sigmoid(beta).numpy(), prior).statistic
+    return {
+        "val_frame_auroc_micro": round(auroc["micro"], 4),
+        "val_frame_auroc_macro": round(auroc["macro"], 4),
+        "val_labels": auroc["n_labels"],
+        "beta_prior_spearman": round(float(correlation), 4),
+    }
+
+
+def _save_model(out_dir: Path, model: FlamModel, params: Params) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".model.pt.tmp"
+    torch.save(_trainable_state(model), tmp)
+    tmp.replace(out_dir / "model.pt")
+    config = {
+        "params": params.model_dump(mode="json"),
+        "head": model.head.config.to_dict(),
+        "audio": {
+            "encoder": params.model.audio_encoder,
+            "frozen": params.model.frozen_audio,
+            "sample_rate": params.audio.sample_rate,
+            "n_frames": params.frames.n_frames,
+            "mixture_s": params.synth.mixture_s,
+        },
+        "text_encoder": {
+            "source": params.model.text_encoder,
+            "dim": model.text_encoder.dim,
+            "max_length": params.model.text_max_length,
+            "trained": model.text_encoder.trainable,
+        },
+    }
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    fields = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(fields)] + [",".join(str(row.get(f, "")) for f in fields) for row in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class _Tracker:
+    """MLflow run of this training (SQLite store by default); imported lazily."""
+
+    def __init__(self, params: Params, resume: bool) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
+        mlflow.set_experiment(os.environ.get("FLAM_EXPERIMENT", "flam"))
+        self.run = mlflow.start_run(run_name=f"train-{params.train.mode}")
+        flat = _flatten(params.model_dump(mode="json"))
+        mlflow.log_params(
+            {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train", "loader", "synth")}
+        )
+        mlflow.set_tags(
+            {
+                "resumed": str(resume),
+                "torch": torch.__version__,
+                "threads": str(torch.get_num_threads()),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "cpus": str(os.cpu_count()),
+                "cuda": str(torch.cuda.is_available()),
+            }
+        )
+
+    def log(self, row: dict[str, float]) -> None:
+        self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        self.mlflow.end_run()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, name + ".")
+        else:
+            flat[name] = value
+    return flat

@@ -170,9 +170,27 @@ def _train_loader(
         cache = FeatureCache(features_dir, "train")
         dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed)
         collate = Collate(loader.texts_per_audio, loader.batch_size)
-        return DataLoader(dataset, batch_size=loader.batch_size, collate_fn=collate, num_workers=0)
+        # Its own generator: creating an iterator must not draw from the global RNG, or the
+        # batches skipped on resume would shift the dropout masks of a resumed run.
+        generator = torch.Generator().manual_seed(loader.seed)
+        return DataLoader(
+            dataset, batch_size=loader.batch_size, collate_fn=collate, num_workers=0, generator=generator
+        )
     on_the_fly = params.model_copy(update={"loader": loader.model_copy(update={"features": False})})
     return make_loader(on_the_fly, "train", library_dir, recipes_dir)
+
+
+def _check_trainable(loader: DataLoader) -> None:
+    """Fail before any step when the train split is empty or names no event label."""
+    items = loader.dataset.items  # type: ignore[attr-defined]
+    if len(items) == 0:
+        raise DataError("the train split is empty: no mixture to train on")
+    if isinstance(items, FeatureCache):
+        has_events = any(labels.is_event.any() for _, labels in items.labels)
+    else:
+        has_events = bool(items.plan.is_event.any())
+    if not has_events:
+        raise DataError("the train split has no event label: every text buffer would be empty")
 
 
 def _batches(loader: DataLoader, position: Position) -> Iterator[dict[str, Any]]:
@@ -263,6 +281,7 @@ def train(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     loader = _train_loader(params, features_dir, library_dir, recipes_dir)
+    _check_trainable(loader)
     audio_dim = FeatureCache(features_dir, "train").summary["dim"] if features_dir is not None else None
     model = build_model(params, audio_dim)
     loss_fn = build_loss(params)

@@ -77,9 +77,10 @@ class TextEncoder(nn.Module):
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.trainable:
             return self.encode(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            with torch.no_grad():
-                for text, vector in zip(missing, self.encode(missing), strict=True):
-                    self._cache[text] = vector.float()
+        with torch.no_grad():
+            for text in dict.fromkeys(texts):
+                if text not in self._cache:
+                    # One text per call: a text's embedding must not depend on which other texts
+                    # it was first padded with, or resumed runs would drift from uninterrupted ones.
+                    self._cache[text] = self.encode([text])[0].float()
         return torch.stack([self._cache[t] for t in texts])

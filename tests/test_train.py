@@ -1,0 +1,148 @@
+"""Training on the smoke profile's cached features: loss, resume, failure modes."""
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flam_core.errors import DataError
+from flam_core.features import build_feature_cache
+from flam_core.model.flam import FlamConfig, FlamHead
+from flam_core.train import TrainingDiverged, train
+from tests.conftest import smoke_params
+
+STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.checkpoint_every=8")
+
+
+@pytest.fixture(scope="module")
+def feature_cache(smoke_library, smoke_recipes, tmp_path_factory):
+    library, _ = smoke_library
+    recipes_dir, _ = smoke_recipes
+    out = tmp_path_factory.mktemp("features") / "features"
+    build_feature_cache(smoke_params(), library, recipes_dir, out, splits=["train", "val"])
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_in_tmp(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}")
+        yield
+
+
+def run(feature_cache, tmp_path, name, *overrides, **kwargs):
+    params = smoke_params(*STEPS, *overrides)
+    return train(
+        params,
+        features_dir=feature_cache,
+        out_dir=tmp_path / name,
+        report_dir=tmp_path / f"{name}-reports",
+        **kwargs,
+    )
+
+
+def losses(tmp_path, name):
+    lines = (tmp_path / f"{name}-reports" / "loss.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return np.array([[float(v) for v in line.split(",")] for line in lines[1:]]), header
+
+
+def test_training_lowers_the_loss_and_writes_the_model(feature_cache, tmp_path):
+    metrics = run(feature_cache, tmp_path, "model")
+    assert metrics["steps"] == 24 and metrics["final_loss"] < metrics["first_loss"]
+    assert 0.0 <= metrics["val_frame_auroc_micro"] <= 1.0
+    out = tmp_path / "model"
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_encoder"]["dim"] == 384 and config["audio"]["encoder"] == "yamnet"
+    state = torch.load(out / "model.pt")
+    assert any(k.startswith("head.alpha_mlp") for k in state)
+    table, header = losses(tmp_path, "model")
+    assert header[:3] == ["step", "lr", "loss"] and table.shape[0] == 24
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(feature_cache, tmp_path):
+    run(feature_cache, tmp_path, "whole")
+    run(feature_cache, tmp_path, "split", max_steps=16)  # stops after the step-16 checkpoint
+    assert not (tmp_path / "split" / "model.pt").exists()
+    run(feature_cache, tmp_path, "split", resume=True)
+    whole, _ = losses(tmp_path, "whole")
+    resumed, _ = losses(tmp_path, "split")
+    np.testing.assert_allclose(resumed, whole, rtol=1e-6, atol=1e-7)
+    a = torch.load(tmp_path / "whole" / "model.pt")
+    b = torch.load(tmp_path / "split" / "model.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_non_finite_loss_stops_naming_step_and_batch(feature_cache, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(feature_cache, broken)
+    features = np.load(broken / "train.features.npy", mmap_mode="r+")
+    features[:] = np.nan
+    features.flush()
+    del features
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 1, batch of mixtures \[\d+"):
+        run(broken, tmp_path, "nan")
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
+    no_events = tmp_path / "no-events"
+    shutil.copytree(feature_cache, no_events)
+    with (no_events / "train.labels.pkl").open("rb") as handle:
+        labels = pickle.load(handle)
+    stripped = []
+    for mixture_id, frame_labels in labels:
+        keep = ~frame_labels.is_event
+        stripped.append(
+            (
+                mixture_id,
+                type(frame_labels)(
+                    labels=tuple(np.array(frame_labels.labels)[keep]),
+                    captions=tuple(np.array(frame_labels.captions)[keep]),
+                    is_event=frame_labels.is_event[keep],
+                    frames=frame_labels.frames[keep],
+                ),
+            )
+        )
+    with (no_events / "train.labels.pkl").open("wb") as handle:
+        pickle.dump(stripped, handle)
+    with pytest.raises(DataError, match="no event label"):
+        run(no_events, tmp_path, "empty")
+    assert not (tmp_path / "empty-reports").exists()
+
+
+def test_missing_cache_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"no cached features for split 'train'.*flam features"):
+        train(smoke_params(*STEPS), features_dir=tmp_path / "nothing", out_dir=tmp_path / "m")
+
+
+def test_head_initialisation_and_score_forms():
+    head = FlamHead(FlamConfig(audio_dim=16, text_dim=8, embed_dim=8, context="none"))
+    text = torch.randn(5, 8)
+    alpha, beta = head.text_scale_bias(text)
+    assert torch.allclose(alpha, torch.full((5,), 10.0), rtol=0.5)
+    assert torch.allclose(beta, torch.full((5,), -8.0), atol=1.0)
+    frame_emb = torch.nn.functional.normalize(torch.randn(2, 7, 8), dim=-1)
+    text_emb = head.text_embeddings(text)
+    # Far-negative beta: the unbiased score and the approximate sigmoid(alpha * cos) agree.
+    very_negative = torch.full((5,), -20.0)
+    logits = head.frame_logits(frame_emb, text_emb, alpha, very_negative)
+    unbiased = head.unbiased_scores(logits, very_negative)
+    approximate = head.approximate_scores(frame_emb, text_emb, alpha)
+    assert torch.allclose(unbiased, approximate, atol=1e-6)
+    # Near the prior the two differ: the unbiased score removes it.
+    logits = head.frame_logits(frame_emb, text_emb, alpha, beta * 0)
+    assert not torch.allclose(head.unbiased_scores(logits, beta * 0), approximate, atol=1e-3)
+
+
+def test_ablation_heads_share_one_scale_or_bias():
+    text = torch.randn(4, 8)
+    no_scale = FlamHead(FlamConfig(audio_dim=16, text_dim=8, embed_dim=8, context="none", text_scale=False))
+    alpha, _ = no_scale.text_scale_bias(text)
+    assert torch.all(alpha == alpha[0])
+    no_bias = FlamHead(FlamConfig(audio_dim=16, text_dim=8, embed_dim=8, context="none", text_bias=False))
+    _, beta = no_bias.text_scale_bias(text)
+    assert torch.all(beta == beta[0])

@@ -282,7 +282,8 @@ def train(
     np.random.seed(cfg.seed % 2**32)
     loader = _train_loader(params, features_dir, library_dir, recipes_dir)
     _check_trainable(loader)
-    audio_dim = FeatureCache(features_dir, "train").summary["dim"] if features_dir is not None else None
+    items = loader.dataset.items  # type: ignore[attr-defined]
+    audio_dim = items.summary["dim"] if isinstance(items, FeatureCache) else None
     model = build_model(params, audio_dim)
     loss_fn = build_loss(params)
     if cfg.init_from:

@@ -36,3 +36,14 @@ def smoke_recipes(
     out = tmp_path_factory.mktemp("smoke") / "recipes"
     summary = build_recipes(smoke_params(), library_dir=library, out_dir=out)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def mixer(smoke_library: tuple[Path, dict]):
+    """A Mixer over the smoke library."""
+    from flam_core.data.mixer import Mixer
+    from flam_core.data.sources import load_manifest
+
+    library, _ = smoke_library
+    params = smoke_params()
+    return Mixer(load_manifest(library), library, params.synth, params.frames, params.audio.sample_rate)

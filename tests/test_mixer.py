@@ -14,16 +14,28 @@ from tests.conftest import ROOT, smoke_params
 
 
 @pytest.fixture(scope="module")
-def mixer(smoke_library):
-    library, _ = smoke_library
-    params = smoke_params()
-    return Mixer(load_manifest(library), library, params.synth, params.frames, params.audio.sample_rate)
-
-
-@pytest.fixture(scope="module")
 def plans(mixer, smoke_recipes):
     recipes_dir, _ = smoke_recipes
     return {split: mixer.plan(read_recipes(recipes_dir / f"{split}.parquet")) for split in RECIPE_SPLITS}
+
+
+def one_event_recipe(background, event, onset_s: float, gain_db: float) -> pd.DataFrame:
+    """A one-mixture recipe: `background` (manifest row) under one whole `event` clip."""
+    return pd.DataFrame(
+        {
+            "mixture_id": [0, 0],
+            "kind": ["background", "event"],
+            "event_index": [-1, 0],
+            "clip_id": [background.clip_id, event.clip_id],
+            "label": [background.label, event.label],
+            "caption_id": [-1, 0],
+            "clip_offset_s": [0.0, 0.0],
+            "onset_s": [0.0, onset_s],
+            "duration_s": [10.0, event.duration_s],
+            "gain_db": [0.0, gain_db],
+            "fade_s": [0.0, 0.0],
+        }
+    )
 
 
 def frame_energy(audio: np.ndarray, n_frames: int) -> np.ndarray:
@@ -63,21 +75,7 @@ def test_labels_follow_the_active_spans_not_the_placement_window(mixer, smoke_li
     row = gappy.iloc[0]
     spans = np.array([list(s) for s in row.active_spans])
     background = manifest[manifest["kind"] == "background"].iloc[0]
-    recipe = pd.DataFrame(
-        {
-            "mixture_id": [0, 0],
-            "kind": ["background", "event"],
-            "event_index": [-1, 0],
-            "clip_id": [background.clip_id, row.clip_id],
-            "label": [background.label, row.label],
-            "caption_id": [-1, 0],
-            "clip_offset_s": [0.0, 0.0],
-            "onset_s": [0.0, 1.0],
-            "duration_s": [10.0, row.duration_s],
-            "gain_db": [0.0, 20.0],
-            "fade_s": [0.0, 0.0],
-        }
-    )
+    recipe = one_event_recipe(background, row, onset_s=1.0, gain_db=20.0)
     labels = mixer.frame_labels(mixer.plan(recipe), 0)
     frame_len = mixer.synth.mixture_s / mixer.frames.n_frames
     centres = (np.arange(mixer.frames.n_frames) + 0.5) * frame_len
@@ -98,21 +96,7 @@ def test_event_level_is_gain_db_above_the_background(mixer, smoke_library):
     manifest = load_manifest(library)
     event = manifest[(manifest["kind"] == "event") & (manifest["duration_s"] > 1.0)].iloc[0]
     background = manifest[manifest["kind"] == "background"].iloc[0]
-    recipe = pd.DataFrame(
-        {
-            "mixture_id": [0, 0],
-            "kind": ["background", "event"],
-            "event_index": [-1, 0],
-            "clip_id": [background.clip_id, event.clip_id],
-            "label": [background.label, event.label],
-            "caption_id": [-1, 0],
-            "clip_offset_s": [0.0, 0.0],
-            "onset_s": [0.0, 2.0],
-            "duration_s": [10.0, event.duration_s],
-            "gain_db": [0.0, 12.0],
-            "fade_s": [0.0, 0.0],
-        }
-    )
+    recipe = one_event_recipe(background, event, onset_s=2.0, gain_db=12.0)
     plan = mixer.plan(recipe)
 
     def active_rms_db(audio: np.ndarray, spans, shift: float) -> float:

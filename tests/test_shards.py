@@ -7,21 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import read_recipes
 from flam_core.data.shards import iter_shards, shard_paths, write_shards
-from flam_core.data.sources import load_manifest
 from flam_core.errors import DataError
 from tests.conftest import smoke_params
 
 SPLITS = ("val", "test_unseen")
-
-
-@pytest.fixture(scope="module")
-def mixer(smoke_library):
-    library, _ = smoke_library
-    params = smoke_params()
-    return Mixer(load_manifest(library), library, params.synth, params.frames, params.audio.sample_rate)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,11 @@ export UV_CACHE_DIR ?= $(HOME)/.cache/uv
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 PYTEST_ARGS ?=
+IMAGE_REPO ?= ghcr.io/flam-project
+IMAGE_TAG ?= $(shell git rev-parse --short HEAD)
 
 .PHONY: help install deps yamnet pipeline test test-fast lint format lock clean
+.PHONY: images push-images
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -62,3 +65,11 @@ lock: $(VENV)/.installed  ## Re-resolve requirements.lock from pyproject.toml
 
 clean:  ## Remove pipeline outputs (keeps the environment and caches)
 	rm -rf data reports models
+
+images:  ## Build the CPU and CUDA project images (docker; IMAGE_REPO, IMAGE_TAG)
+	docker build --platform linux/amd64 -f infra/docker/Dockerfile.cpu -t $(IMAGE_REPO)/flam:$(IMAGE_TAG)-cpu .
+	docker build --platform linux/amd64 -f infra/docker/Dockerfile.cuda -t $(IMAGE_REPO)/flam:$(IMAGE_TAG)-cuda .
+
+push-images:  ## Push both project images to IMAGE_REPO
+	docker push $(IMAGE_REPO)/flam:$(IMAGE_TAG)-cpu
+	docker push $(IMAGE_REPO)/flam:$(IMAGE_TAG)-cuda

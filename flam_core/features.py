@@ -26,9 +26,8 @@ from flam_core.config import Params
 from flam_core.data.loader import CachedMixture
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import RECIPE_SPLITS, read_recipes
-from flam_core.data.sources import load_manifest
 from flam_core.errors import DataError
-from flam_core.model.audio_encoder import build_audio_encoder
+from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.utils import atomic_dir, atomic_write_text, interactive
 
 SCHEMA_VERSION = 1
@@ -45,18 +44,9 @@ def build_feature_cache(
     """Encode every mixture of `splits` with the frozen encoder named in `model.audio_encoder`."""
     if not params.model.frozen_audio:
         raise DataError("the feature cache needs a frozen audio encoder (model.frozen_audio=true)")
-    encoder = build_audio_encoder(
-        params.model.audio_encoder,
-        params.features,
-        params.audio.sample_rate,
-        params.frames.n_frames,
-        params.synth.mixture_s,
-        frozen=True,
-    ).eval()
+    encoder = audio_encoder_from_params(params, frozen=True).eval()
     library_dir, recipes_dir = Path(library_dir), Path(recipes_dir)
-    mixer = Mixer(
-        load_manifest(library_dir), library_dir, params.synth, params.frames, params.audio.sample_rate
-    )
+    mixer = Mixer.for_library(params, library_dir)
     recipes_summary = json.loads((recipes_dir / "summary.json").read_text())
     shapes: dict[str, list[int]] = {}
     with atomic_dir(Path(out_dir)) as staging, Progress(disable=not interactive()) as progress:

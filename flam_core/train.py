@@ -38,8 +38,8 @@ from flam_core.config import Params
 from flam_core.data.loader import Collate, IndexedDataset, make_loader
 from flam_core.errors import DataError, FlamError
 from flam_core.features import FeatureCache
-from flam_core.losses import FlamLoss
-from flam_core.model.audio_encoder import AudioEncoder, build_audio_encoder
+from flam_core.losses import FlamLoss, all_gather_with_grad, gather_texts, remote_labels
+from flam_core.model.audio_encoder import AudioEncoder, audio_encoder_from_params
 from flam_core.model.flam import FlamConfig, FlamHead
 from flam_core.model.text_encoder import TextEncoder
 from flam_core.utils import atomic_dir, atomic_write_text, interactive
@@ -86,8 +86,10 @@ class FlamModel(torch.nn.Module):
         return self.audio_encoder(batch["audio"])
 
     def forward(self, batch: dict[str, Any], texts: list[str]) -> Outputs:
-        context = self.head.contextualise(self.frames(batch))
-        text_features = self.text_encoder(texts)
+        # Cached features and cached text embeddings are float32; a bf16 head gets bf16 inputs.
+        dtype = self.head.logit_scale.dtype
+        context = self.head.contextualise(self.frames(batch).to(dtype))
+        text_features = self.text_encoder(texts).to(dtype)
         alpha, beta = self.head.text_scale_bias(text_features)
         return Outputs(
             frame_emb=self.head.frame_embeddings(context),
@@ -104,25 +106,19 @@ def build_model(params: Params, audio_dim: int | None = None) -> FlamModel:
     text_encoder = TextEncoder(model.text_encoder, model.text_max_length, model.train_text_encoder)
     audio_encoder = None
     if audio_dim is None:
-        audio_encoder = build_audio_encoder(
-            model.audio_encoder,
-            params.features,
-            params.audio.sample_rate,
-            params.frames.n_frames,
-            params.synth.mixture_s,
-            frozen=model.frozen_audio,
-        )
+        audio_encoder = audio_encoder_from_params(params)
         audio_dim = audio_encoder.out_dim
     config = FlamConfig(
         audio_dim=audio_dim,
         text_dim=text_encoder.dim,
         embed_dim=model.embed_dim,
+        context_dim=model.context_dim,
         context=model.context,
         context_layers=model.context_layers,
         context_heads=model.context_heads,
         dropout=model.dropout,
-        text_scale=train.mode != "no_text_scale",
-        text_bias=train.mode != "no_text_bias",
+        text_scale=train.mode not in ("no_text_scale", "no_text_scale_bias"),
+        text_bias=train.mode not in ("no_text_bias", "no_text_scale_bias"),
     )
     return FlamModel(FlamHead(config), text_encoder, audio_encoder)
 
@@ -138,20 +134,46 @@ def build_loss(params: Params) -> FlamLoss:
     )
 
 
-def compute_loss(model: FlamModel, loss_fn: FlamLoss, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    n_texts = int(batch["text_mask"].sum())
-    if n_texts == 0:
-        raise DataError(f"batch of mixtures {batch['mixture_id'].tolist()} has no text: no event labels")
-    out = model(batch, batch["texts"][:n_texts])
+def compute_loss(
+    model: FlamModel, loss_fn: FlamLoss, batch: dict[str, Any], distributed: bool = False
+) -> dict[str, torch.Tensor]:
+    """The objective on one batch. `distributed`: score local audios against every rank's texts.
+
+    Data-parallel ranks exchange text embeddings with alpha and beta (never logits), label the
+    gathered texts against the local mixtures by label identity, and gather the global audio
+    embeddings for the CLIP term (see `flam_core.losses`).
+    """
+    logit_scale = model.head.logit_scale[0].exp().clamp(max=MAX_LOGIT_SCALE)
+    if not distributed:
+        n_texts = int(batch["text_mask"].sum())
+        if n_texts == 0:
+            raise DataError(f"batch of mixtures {batch['mixture_id'].tolist()} has no text: no event labels")
+        out = model(batch, batch["texts"][:n_texts])
+        return loss_fn(
+            audio_emb=out.global_emb,
+            text_emb=out.text_emb,
+            labels=batch["labels"][:, :n_texts],
+            text_mask=torch.ones(n_texts, dtype=torch.bool, device=out.text_emb.device),
+            logit_scale=logit_scale,
+            frame_emb=out.frame_emb,
+            alpha=out.alpha,
+            beta=out.beta,
+        )
+    out = model(batch, batch["texts"])  # the padded buffer: every rank has the same K
+    texts = gather_texts(out.text_emb, out.alpha, out.beta, batch["text_labels"], batch["text_mask"])
+    device = out.frame_emb.device
+    labels = remote_labels(batch["frame_labels"], texts.text_labels).to(device)
+    positives = all_gather_with_grad(labels.any(-1).to(torch.uint8)).bool()
     return loss_fn(
-        audio_emb=out.global_emb,
-        text_emb=out.text_emb,
-        labels=batch["labels"][:, :n_texts],
-        text_mask=torch.ones(n_texts, dtype=torch.bool),
-        logit_scale=model.head.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+        audio_emb=all_gather_with_grad(out.global_emb),
+        positives=positives,
+        text_emb=texts.text_emb,
+        labels=labels,
+        text_mask=texts.text_mask.to(device),
+        logit_scale=logit_scale,
         frame_emb=out.frame_emb,
-        alpha=out.alpha,
-        beta=out.beta,
+        alpha=texts.alpha,
+        beta=texts.beta,
     )
 
 
@@ -163,12 +185,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def _train_loader(
-    params: Params, features_dir: Path | None, library_dir: Path, recipes_dir: Path
+    params: Params, features_dir: Path | None, library_dir: Path, recipes_dir: Path, rank: int, world: int
 ) -> DataLoader:
     loader = params.loader
     if features_dir is not None:
         cache = FeatureCache(features_dir, "train")
-        dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed)
+        dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed, rank=rank, world_size=world)
         collate = Collate(loader.texts_per_audio, loader.batch_size)
         # Its own generator: creating an iterator must not draw from the global RNG, or the
         # batches skipped on resume would shift the dropout masks of a resumed run.
@@ -177,7 +199,7 @@ def _train_loader(
             dataset, batch_size=loader.batch_size, collate_fn=collate, num_workers=0, generator=generator
         )
     on_the_fly = params.model_copy(update={"loader": loader.model_copy(update={"features": False})})
-    return make_loader(on_the_fly, "train", library_dir, recipes_dir)
+    return make_loader(on_the_fly, "train", library_dir, recipes_dir, rank=rank, world_size=world)
 
 
 def _check_trainable(loader: DataLoader) -> None:
@@ -212,37 +234,75 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: Position,
+    runtime: Runtime,
     keep: int = 2,
 ) -> None:
-    target = folder / f"step-{position.step:07d}"
-    with atomic_dir(target) as staging:
-        torch.save(
-            {
+    """`folder/step-NNNNNNN/`, complete or absent: written under a staging name, then renamed."""
+    name = f"step-{position.step:07d}"
+    rng = {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+    if runtime.engine is None:
+        with atomic_dir(folder / name) as staging:
+            state = {
                 "model": _trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "position": vars(position).copy(),
-                "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(),
-            },
-            staging / "state.pt",
+            }
+            torch.save(state | rng, staging / "state.pt")
+    else:
+        # DeepSpeed: every rank writes its shard of the (ZeRO-partitioned) optimizer state.
+        staging = f".staging-{name}"
+        runtime.engine.save_checkpoint(
+            str(folder), tag=staging, client_state={"position": vars(position).copy()}, save_latest=False
         )
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
+        torch.save(rng, folder / staging / f"rng-rank{runtime.rank}.pt")
+        runtime.barrier()
+        if runtime.main:
+            if (folder / name).exists():
+                shutil.rmtree(folder / name)
+            (folder / staging).rename(folder / name)
+        runtime.barrier()
+    if runtime.main:
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+
+
+def _load_checkpoint(
+    checkpoint: Path,
+    model: FlamModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    runtime: Runtime,
+) -> Position:
+    if runtime.engine is None:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        _load_trainable_state(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    else:
+        _, state = runtime.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        state |= torch.load(checkpoint / f"rng-rank{runtime.rank}.pt", weights_only=False)
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return Position(**state["position"])
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(Path(folder).glob("step-*/state.pt"))
+    """The newest complete checkpoint folder (`step-*`) in `folder`, if any."""
+    found = sorted(Path(folder).glob("step-*"))
     return found[-1] if found else None
 
 
 def _trainable_state(model: FlamModel) -> dict[str, torch.Tensor]:
+    """What training changes (head; audio/text encoders when trained), as float32 CPU tensors."""
     state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
     if model.audio_encoder is not None and any(p.requires_grad for p in model.audio_encoder.parameters()):
         state |= {f"audio_encoder.{k}": v for k, v in model.audio_encoder.state_dict().items()}
     if model.text_encoder.trainable:
         state |= {f"text_encoder.{k}": v for k, v in model.text_encoder.model.state_dict().items()}
-    return state
+    return {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
 
 
 def _load_trainable_state(model: FlamModel, state: dict[str, torch.Tensor]) -> None:
@@ -254,6 +314,105 @@ def _load_trainable_state(model: FlamModel, state: dict[str, torch.Tensor]) -> N
         model.audio_encoder.load_state_dict(part("audio_encoder."))
     if model.text_encoder.trainable and part("text_encoder."):
         model.text_encoder.model.load_state_dict(part("text_encoder."))
+
+
+@dataclass
+class Runtime:
+    """Where training runs: the device, the data-parallel rank and world, the DeepSpeed engine."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    engine: Any = None  # deepspeed.DeepSpeedEngine with train.backend=deepspeed
+    zero_stage: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks of a small tensor (the logged loss terms)."""
+        if self.world == 1:
+            return values
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        return values / self.world
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlamError("train.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def deepspeed_config(params: Params, path: Path | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON of `train.deepspeed_config`, completed from params.
+
+    The training loop owns the optimiser (torch Adam) and the schedule, so the JSON must not
+    declare them; the micro batch is `loader.batch_size` and gradient clipping `train.grad_clip`.
+    bf16 is switched off on CPU devices (5x slower than fp32 there, ENVIRONMENT.md).
+    """
+    path = Path(path or params.train.deepspeed_config)
+    if not path.is_file():
+        raise FlamError(f"train.deepspeed_config: no such file {path}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FlamError(f"train.deepspeed_config {path}: not valid JSON ({exc})") from exc
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise FlamError(
+                f"{path}: remove the {owned!r} section; training creates its own (train.lr, warm-up)"
+            )
+    config.pop("train_batch_size", None)
+    config["train_micro_batch_size_per_gpu"] = params.loader.batch_size
+    config["gradient_clipping"] = params.train.grad_clip
+    config["zero_allow_untested_optimizer"] = True  # torch Adam under ZeRO
+    if resolve_device(params.train.device).type == "cpu":
+        config["bf16"] = {"enabled": False}
+        config.pop("fp16", None)
+    return config
+
+
+def _start_runtime(params: Params) -> Runtime:
+    device = resolve_device(params.train.device)
+    if params.train.backend == "torch":
+        return Runtime(device)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    cache = Path(params.cache_dir or os.environ.get("FLAM_CACHE_DIR") or Path.home() / ".cache" / "flam")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return Runtime(device, rank, world)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def train(
@@ -270,7 +429,8 @@ def train(
 
     `features_dir` (default `train.features_dir` when `model.frozen_audio`) holds the cached
     frame features; `max_steps` stops early (the schedule still spans `train.steps`), which is
-    how tests interrupt a run.
+    how tests interrupt a run. With `train.backend=deepspeed` every process of a launcher
+    (`torchrun`, `deepspeed`) calls this; rank 0 writes the model, reports and MLflow run.
     """
     cfg = params.train
     library_dir = Path(library_dir or params.sources.out_dir)
@@ -280,7 +440,8 @@ def train(
         features_dir = Path(features_dir or cfg.features_dir)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    loader = _train_loader(params, features_dir, library_dir, recipes_dir)
+    runtime = _start_runtime(params)
+    loader = _train_loader(params, features_dir, library_dir, recipes_dir, runtime.rank, runtime.world)
     _check_trainable(loader)
     items = loader.dataset.items  # type: ignore[attr-defined]
     audio_dim = items.summary["dim"] if isinstance(items, FeatureCache) else None
@@ -289,73 +450,108 @@ def train(
     if cfg.init_from:
         init = torch.load(Path(cfg.init_from) / "model.pt", map_location="cpu")
         _load_trainable_state(model, init)
+    model.to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
+    forward: Any = model
+    accumulation = 1
+    if cfg.backend == "deepspeed":
+        import deepspeed
+
+        forward, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(params)
+        )
+        runtime.engine, runtime.zero_stage = forward, forward.zero_optimization_stage()
+        runtime.dtype = torch.bfloat16 if forward.bfloat16_enabled() else torch.float32
+        accumulation = forward.gradient_accumulation_steps()
+        model = forward.module
     position = Position()
     checkpoints = out_dir / "checkpoints"
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        _load_trainable_state(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        position = Position(**state["position"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-    elif not resume and checkpoints.exists():
+        position = _load_checkpoint(last, model, optimizer, scheduler, runtime)
+    elif not resume and checkpoints.exists() and runtime.main:
         shutil.rmtree(checkpoints)
+    runtime.barrier()
     history = _read_history(report_dir / "loss.csv") if resume else []
     history = [row for row in history if int(row["step"]) <= position.step]
     model.train()
     stop = min(cfg.steps, max_steps or cfg.steps)
-    tracker = _Tracker(params, resume)
+    tracker = _Tracker(params, resume) if runtime.main else None
     started = time.perf_counter()
     batches = _batches(loader, position)
     from rich.progress import Progress
 
-    with Progress(disable=not interactive()) as progress:
+    with Progress(disable=not (interactive() and runtime.main)) as progress:
         task = progress.add_task("training", total=stop, completed=position.step)
         while position.step < stop:
-            batch = next(batches)
-            losses = compute_loss(model, loss_fn, batch)
-            if not torch.isfinite(losses["loss"]):
-                raise TrainingDiverged(
-                    f"non-finite loss ({losses['loss'].item()}) at step {position.step + 1}, batch of "
-                    f"mixtures {batch['mixture_id'].tolist()}; the last good checkpoint stays in "
-                    f"{checkpoints}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            for _ in range(accumulation):
+                batch = _to_device(next(batches), runtime.device)
+                losses = compute_loss(forward, loss_fn, batch, distributed=runtime.world > 1)
+                terms = runtime.mean(torch.stack([v.detach().float() for v in losses.values()]))
+                if not torch.isfinite(terms).all():
+                    raise TrainingDiverged(
+                        f"non-finite loss ({terms[0].item()}) at step {position.step + 1}, batch of "
+                        f"mixtures {batch['mixture_id'].tolist()}; the last good checkpoint stays in "
+                        f"{checkpoints}"
+                    )
+                if runtime.engine is not None:
+                    runtime.engine.backward(losses["loss"])
+                    runtime.engine.step()  # clips, steps and zeroes at the accumulation boundary
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    losses["loss"].backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
             position.step += 1
             row = {"step": position.step, "lr": scheduler.get_last_lr()[0]}
-            row |= {k: float(v.detach()) for k, v in losses.items()}
+            row |= {k: float(v) for k, v in zip(losses, terms, strict=True)}
             history.append(row)
-            if position.step % cfg.log_every == 0 or position.step == stop:
+            if tracker is not None and (position.step % cfg.log_every == 0 or position.step == stop):
                 tracker.log(row)
             if position.step % cfg.checkpoint_every == 0:
-                _save_checkpoint(checkpoints, model, optimizer, scheduler, position)
+                _save_checkpoint(checkpoints, model, optimizer, scheduler, position, runtime)
             progress.advance(task)
-    _write_history(report_dir / "loss.csv", history)
-    metrics = {
-        "steps": position.step,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
-        "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
-    }
-    if features_dir is not None and position.step >= cfg.steps:
-        metrics |= quick_validation(model, features_dir)
-    if position.step >= cfg.steps:
-        _save_model(out_dir, model, params)
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-        atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
-    tracker.finish(metrics)
+    final = _final_model(params, model, audio_dim, runtime)
+    metrics: dict[str, Any] = {}
+    if runtime.main:
+        _write_history(report_dir / "loss.csv", history)
+        metrics = {
+            "steps": position.step,
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
+            "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
+        }
+        if features_dir is not None and position.step >= cfg.steps:
+            metrics |= quick_validation(final, features_dir)
+        if position.step >= cfg.steps:
+            _save_model(out_dir, final, params)
+            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+            atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
+        assert tracker is not None
+        tracker.finish(metrics, report_dir / "loss.csv")
+    runtime.barrier()
     return metrics
+
+
+def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtime: Runtime) -> FlamModel:
+    """The trained model as float32 on the CPU (a copy when training ran elsewhere or sharded)."""
+    if runtime.engine is None and runtime.device.type == "cpu":
+        return model
+    if runtime.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = _trainable_state(model)
+    else:
+        state = _trainable_state(model)
+    final = build_model(params, audio_dim)
+    _load_trainable_state(final, state)
+    return final
 
 
 def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
@@ -363,18 +559,20 @@ def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
     of each training label tracks its frame prior (Spearman correlation)."""
     from scipy.stats import spearmanr
 
-    from flam_core.evaluation.frames import event_vocabulary, frame_auroc, truth_matrix, vocabulary_scores
+    from flam_core.evaluation.frames import (
+        event_vocabulary,
+        frame_auroc,
+        label_frame_priors,
+        truth_matrix,
+        vocabulary_scores,
+    )
 
     val = FeatureCache(features_dir, "val")
     vocabulary = event_vocabulary(val)
     auroc = frame_auroc(truth_matrix(val, vocabulary), vocabulary_scores(model, val, vocabulary))
     train_cache = FeatureCache(features_dir, "train")
     train_labels = event_vocabulary(train_cache)
-    truth = truth_matrix(train_cache, train_labels)
-    present = truth.any(axis=2)  # [M, K]
-    # The batch prior r_k = positives / (B * L) is, up to the constant B * L, the label's
-    # positive frames per occurrence; a rank correlation needs no constant.
-    prior = truth.sum(axis=(0, 2)) / np.maximum(present.sum(axis=0), 1)
+    prior = label_frame_priors(train_cache, train_labels)
     with torch.no_grad():
         _, beta = model.head.text_scale_bias(model.text_encoder(train_labels))
     correlation = spearmanr(torch.sigmoid(beta).numpy(), prior).statistic
@@ -455,8 +653,10 @@ class _Tracker:
     def log(self, row: dict[str, float]) -> None:
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
-    def finish(self, metrics: dict[str, Any]) -> None:
+    def finish(self, metrics: dict[str, Any], loss_csv: Path) -> None:
         self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        if loss_csv.is_file():
+            self.mlflow.log_artifact(str(loss_csv), artifact_path="train")
         self.mlflow.end_run()
 
 

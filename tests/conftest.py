@@ -47,3 +47,15 @@ def mixer(smoke_library: tuple[Path, dict]):
     library, _ = smoke_library
     params = smoke_params()
     return Mixer(load_manifest(library), library, params.synth, params.frames, params.audio.sample_rate)
+
+
+@pytest.fixture(scope="session")
+def smoke_features(smoke_library, smoke_recipes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Frozen-YAMNet frame features of every smoke split (the `features` stage's output)."""
+    from flam_core.features import build_feature_cache
+
+    library, _ = smoke_library
+    recipes_dir, _ = smoke_recipes
+    out = tmp_path_factory.mktemp("features") / "features"
+    build_feature_cache(smoke_params(), library, recipes_dir, out)
+    return out

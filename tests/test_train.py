@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from flam_core.errors import DataError
-from flam_core.features import build_feature_cache
 from flam_core.model.flam import FlamConfig, FlamHead
 from flam_core.train import TrainingDiverged, train
 from tests.conftest import smoke_params
@@ -18,12 +17,8 @@ STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.c
 
 
 @pytest.fixture(scope="module")
-def feature_cache(smoke_library, smoke_recipes, tmp_path_factory):
-    library, _ = smoke_library
-    recipes_dir, _ = smoke_recipes
-    out = tmp_path_factory.mktemp("features") / "features"
-    build_feature_cache(smoke_params(), library, recipes_dir, out, splits=["train", "val"])
-    return out
+def feature_cache(smoke_features):
+    return smoke_features
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -36,4 +36,6 @@ class LogMel(torch.nn.Module):
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.mel(waveform) + self.offset)
+        # Always float32: a model cast to bf16 (DeepSpeed) casts these buffers too; STFT needs fp32.
+        mel = self.mel.float()
+        return torch.log(mel(waveform.float()) + self.offset)

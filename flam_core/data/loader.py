@@ -13,6 +13,8 @@ text slots, L = `frames.n_frames`, T = samples per mixture, F = log-mel frames):
     "text_mask"   BoolTensor  [S]         True for real texts
     "labels"      BoolTensor  [B, S, L]   labels[i, k, l]: the label of text k sounds in
                                           frame l of mixture i
+    "frame_labels" list[FrameLabels] [B]  every label of each mixture (data-parallel training
+                                          labels the other ranks' texts with them)
 
 The text buffer: each mixture contributes the captions of up to N = `texts_per_audio` of its
 event labels (the first N by onset). Identical captions are kept once. A text is labelled
@@ -41,7 +43,6 @@ from flam_core.audio.features import LogMel
 from flam_core.config import Params
 from flam_core.data.mixer import FrameLabels, Mixer, MixPlan, Mixture
 from flam_core.data.recipes import read_recipes
-from flam_core.data.sources import load_manifest
 from flam_core.utils import stable_seed
 
 
@@ -78,6 +79,8 @@ class IndexedDataset(IterableDataset):
         order = np.arange(len(self.items))
         if self.shuffle:
             order = np.random.default_rng(stable_seed(self.seed, "epoch", self.epoch)).permutation(order)
+        # Every rank gets the same number of items, so that ranks stay in step.
+        order = order[: len(order) - len(order) % self.world_size]
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return order[self.rank :: self.world_size][worker::n_workers]
@@ -169,6 +172,7 @@ class Collate:
             "text_labels": text_labels + [""] * (self.slots - n_texts),
             "text_mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(targets),
+            "frame_labels": [m.labels for m in mixtures],
         }
         if isinstance(mixtures[0], CachedMixture):
             stacked = np.stack([m.features for m in mixtures])  # type: ignore[union-attr]
@@ -206,9 +210,7 @@ def make_loader(
         library_dir = Path(library_dir or params.sources.out_dir)
         recipes_dir = Path(recipes_dir or params.synth.out_dir)
         if mixer is None:
-            mixer = Mixer(
-                load_manifest(library_dir), library_dir, params.synth, params.frames, params.audio.sample_rate
-            )
+            mixer = Mixer.for_library(params, library_dir)
         plan = mixer.plan(read_recipes(recipes_dir / f"{split}.parquet"))
         dataset = MixtureDataset(
             mixer, plan, loader.shuffle and split == "train", loader.seed, rank, world_size

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from flam_core.config import FrameParams, SynthParams
+from flam_core.config import FrameParams, Params, SynthParams
 from flam_core.errors import DataError
 
 LOOP_CROSSFADE_S = 0.05
@@ -78,6 +78,16 @@ class MixPlan:
 
 class Mixer:
     """Renders recipes of one source library. See the module docstring."""
+
+    @classmethod
+    def for_library(cls, params: Params, library_dir: Path) -> Mixer:
+        """A mixer over the library in `library_dir`, with the synth, frames and rate of params."""
+        from flam_core.data.sources import load_manifest
+
+        library_dir = Path(library_dir)
+        return cls(
+            load_manifest(library_dir), library_dir, params.synth, params.frames, params.audio.sample_rate
+        )
 
     def __init__(
         self,
@@ -236,9 +246,9 @@ class Mixer:
     def _ramp(self, n: int) -> np.ndarray:
         return np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
 
-    def frame_labels(self, plan: MixPlan, i: int) -> FrameLabels:
+    def _active_spans(self, plan: MixPlan, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every active span of every piece of mixture i, in mixture time: (rows, start, end, span rows)."""
         rows = np.arange(plan.row_start[i], plan.row_start[i + 1])
-        # every active span of every piece, in mixture time
         counts = self.span_start[plan.clip[rows] + 1] - self.span_start[plan.clip[rows]]
         row_of_span = np.repeat(rows, counts)
         span_index = np.concatenate(
@@ -250,7 +260,27 @@ class Mixer:
         start = np.clip(lo + shift, 0.0, self.synth.mixture_s)
         end = np.clip(hi + shift, 0.0, self.synth.mixture_s)
         real = end > start
-        start, end, span_rows = start[real], end[real], row_of_span[real]
+        return rows, start[real], end[real], row_of_span[real]
+
+    def events(self, plan: MixPlan, i: int) -> list[tuple[float, float, str]]:
+        """Ground-truth events of mixture i: (onset_s, offset_s, label), overlapping or touching
+        spans of one label merged, sorted by onset. Exact times, not the frame grid."""
+        _, start, end, span_rows = self._active_spans(plan, i)
+        out: list[tuple[float, float, str]] = []
+        labels = self.labels[plan.label[span_rows]]
+        for label in dict.fromkeys(labels.tolist()):
+            mine = labels == label
+            order = np.argsort(start[mine], kind="stable")
+            lo, hi = start[mine][order], end[mine][order]
+            # a new event starts where a span begins after every earlier span has ended
+            new = np.r_[True, lo[1:] > np.maximum.accumulate(hi)[:-1]]
+            first = np.flatnonzero(new)
+            ends = np.maximum.reduceat(hi, first)
+            out += [(float(a), float(b), str(label)) for a, b in zip(lo[first], ends, strict=True)]
+        return sorted(out)
+
+    def frame_labels(self, plan: MixPlan, i: int) -> FrameLabels:
+        rows, start, end, span_rows = self._active_spans(plan, i)
         # distinct labels: events by first onset, then the background (rows are in that order)
         event_rows = rows[plan.is_event[rows]]
         ordered = [*event_rows, *rows[~plan.is_event[rows]]]

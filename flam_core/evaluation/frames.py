@@ -9,13 +9,15 @@ that have both positive and negative frames).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from flam_core.errors import DataError
+
+ScoreKind = Literal["unbiased", "approximate", "posterior"]
 
 if TYPE_CHECKING:
     from flam_core.features import FeatureCache
@@ -40,9 +42,13 @@ def vocabulary_scores(
     cache: FeatureCache,
     vocabulary: Sequence[str],
     batch_size: int = 64,
-    unbiased: bool = True,
+    kind: ScoreKind = "unbiased",
 ) -> np.ndarray:
-    """`[M, K, L]` float32 frame probabilities of every vocabulary label in every mixture."""
+    """`[M, K, L]` float32 frame scores of every vocabulary label in every mixture.
+
+    `kind`: "unbiased" `p / (p + sigmoid(beta))` (the detector), "approximate"
+    `sigmoid(alpha * cos)`, or "posterior" `p = sigmoid(alpha * cos + beta)` (the learned prior
+    left in)."""
     model.eval()
     head = model.head
     text_features = model.text_encoder(list(vocabulary))
@@ -52,10 +58,14 @@ def vocabulary_scores(
     for start in range(0, len(cache), batch_size):
         frames = torch.from_numpy(np.asarray(cache.features[start : start + batch_size], dtype=np.float32))
         frame_emb = head.frame_embeddings(head.contextualise(frames))
-        if unbiased:
+        if kind == "unbiased":
             scores.append(head.unbiased_scores(head.frame_logits(frame_emb, text_emb, alpha, beta), beta))
-        else:
+        elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
+        elif kind == "posterior":
+            scores.append(torch.sigmoid(head.frame_logits(frame_emb, text_emb, alpha, beta)))
+        else:
+            raise DataError(f"unknown score kind {kind!r}; allowed: unbiased, approximate, posterior")
     return torch.cat(scores).numpy()
 
 
@@ -87,3 +97,14 @@ def event_vocabulary(cache: FeatureCache) -> list[str]:
             if ev
         }
     )
+
+
+def label_frame_priors(cache: FeatureCache, labels: Sequence[str]) -> np.ndarray:
+    """`[K]` each label's frame prior: positive frames per mixture in which it occurs, over L.
+
+    The prior loss's batch prior r_k = positives / (B * L) is this, times the label's share of
+    mixtures in a batch; within one vocabulary the two rank the labels alike.
+    """
+    truth = truth_matrix(cache, labels)
+    present = truth.any(axis=2)
+    return truth.sum(axis=(0, 2)) / np.maximum(present.sum(axis=0), 1) / truth.shape[2]

@@ -5,6 +5,8 @@
   the paper's 312.5 ms resolution). Frozen in the CPU profile, where its features are cached.
 - `cnn`: a small convolutional encoder trained from scratch on the project's log-mel
   (`features` params), with the same total time stride of 32 log-mel frames.
+- `htsat`: the HTSAT Swin-transformer frame encoder of the paper (`flam_core.model.htsat`),
+  32 frames per 10 s window, for the GPU profile (random init or `model.audio_checkpoint`).
 
 Both give `ceil(n_log_mel_frames / 32)` frames; `frames.n_frames` must equal that for a
 mixture (32 for 10 s at 16 kHz), which `build_audio_encoder` checks.
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from flam_core.audio.features import LogMel
-from flam_core.config import FeatureParams
+from flam_core.config import FeatureParams, Params
 from flam_core.errors import ConfigError
 
 
@@ -61,9 +63,11 @@ class YamnetEncoder(AudioEncoder):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         from flam_core.model.yamnet import yamnet_log_mel
 
+        dtype = next(self.yamnet.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            log_mel = yamnet_log_mel(waveform, compute_dtype=torch.float32)
-            return self.yamnet.frame_features(log_mel)
+            # the front end in float32 whatever the weights' dtype (bf16 on GPUs)
+            log_mel = yamnet_log_mel(waveform.float(), compute_dtype=torch.float32)
+            return self.yamnet.frame_features(log_mel.to(dtype))
 
 
 class CnnEncoder(AudioEncoder):
@@ -96,13 +100,20 @@ class CnnEncoder(AudioEncoder):
         return frames
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        log_mel = self.front_end(waveform)  # [B, M, F]
-        x = self.blocks(log_mel.unsqueeze(1))  # [B, C, M/32, F/32]
+        log_mel = self.front_end(waveform.float())  # [B, M, F], float32 STFT
+        x = self.blocks(log_mel.unsqueeze(1).to(self.proj.weight.dtype))  # [B, C, M/32, F/32]
         return self.proj(x.mean(dim=2).transpose(1, 2))  # [B, L, out_dim]
 
 
 def build_audio_encoder(
-    name: str, features: FeatureParams, sample_rate: int, n_frames: int, mixture_s: float, frozen: bool = True
+    name: str,
+    features: FeatureParams,
+    sample_rate: int,
+    n_frames: int,
+    mixture_s: float,
+    frozen: bool = True,
+    htsat_size: str = "base",
+    checkpoint: str | None = None,
 ) -> AudioEncoder:
     """The encoder named in params, checked against the label frame grid."""
     if name == "yamnet":
@@ -111,8 +122,16 @@ def build_audio_encoder(
         encoder: AudioEncoder = YamnetEncoder(frozen=frozen)
     elif name == "cnn":
         encoder = CnnEncoder(features, sample_rate)
+    elif name == "htsat":
+        from flam_core.model.htsat import HtsatEncoder, htsat_config
+
+        encoder = HtsatEncoder(
+            features, sample_rate, mixture_s, n_frames, checkpoint=checkpoint, **htsat_config(htsat_size)
+        )
+        if frozen:
+            encoder.requires_grad_(False)
     else:
-        raise ConfigError(f"model.audio_encoder: unknown encoder {name!r}; allowed: yamnet, cnn")
+        raise ConfigError(f"model.audio_encoder: unknown encoder {name!r}; allowed: yamnet, cnn, htsat")
     produced = encoder.n_frames(int(round(mixture_s * sample_rate)))
     if produced != n_frames:
         raise ConfigError(
@@ -120,3 +139,18 @@ def build_audio_encoder(
             f"per {mixture_s} s mixture"
         )
     return encoder
+
+
+def audio_encoder_from_params(params: Params, frozen: bool | None = None) -> AudioEncoder:
+    """`build_audio_encoder` with everything from params (`frozen` defaults to model.frozen_audio)."""
+    model = params.model
+    return build_audio_encoder(
+        model.audio_encoder,
+        params.features,
+        params.audio.sample_rate,
+        params.frames.n_frames,
+        params.synth.mixture_s,
+        frozen=model.frozen_audio if frozen is None else frozen,
+        htsat_size=model.htsat_size,
+        checkpoint=model.audio_checkpoint,
+    )

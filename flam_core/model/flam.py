@@ -3,8 +3,10 @@
 Shapes: B audios, L frames, Da audio feature size, K texts, Dt text feature size, D the
 shared embedding size (512 in the paper).
 
-- temporal context: a small trainable block over the (possibly frozen) frame features
-  `[B, L, Da] -> [B, L, Da]` (a pre-norm transformer layer, or a residual 1-D convolution);
+- temporal context: a linear map of the (possibly frozen) frame features to `Dc` =
+  `context_dim` (identity when 0 or equal to Da), then a small trainable block over frames
+  `[B, L, Dc] -> [B, L, Dc]` (pre-norm transformer layers, or residual 1-D convolutions).
+  Narrowing YAMNet's 1024 features to 512 before the block makes it ~4x cheaper to train;
 - `frame_embeddings`: the audio projection (Linear, ReLU, Linear) applied to every frame,
   L2-normalised: `[B, L, D]`;
 - `global_embedding`: the same projection applied to the mean of the frames: `[B, D]`;
@@ -34,6 +36,7 @@ class FlamConfig:
     audio_dim: int
     text_dim: int
     embed_dim: int = 512
+    context_dim: int = 0  # 0: the block runs at audio_dim
     context: Literal["transformer", "conv", "none"] = "transformer"
     context_layers: int = 1
     context_heads: int = 8
@@ -69,11 +72,13 @@ class FlamHead(nn.Module):
     def __init__(self, config: FlamConfig) -> None:
         super().__init__()
         self.config = config
+        width = config.context_dim or config.audio_dim
+        self.input_proj = nn.Linear(config.audio_dim, width) if width != config.audio_dim else nn.Identity()
         if config.context == "transformer":
             layer = nn.TransformerEncoderLayer(
-                config.audio_dim,
+                width,
                 config.context_heads,
-                dim_feedforward=2 * config.audio_dim,
+                dim_feedforward=2 * width,
                 dropout=config.dropout,
                 batch_first=True,
                 norm_first=True,
@@ -83,33 +88,35 @@ class FlamHead(nn.Module):
             )
         elif config.context == "conv":
             self.context = nn.Sequential(
-                *[_ConvContext(config.audio_dim, config.dropout) for _ in range(config.context_layers)]
+                *[_ConvContext(width, config.dropout) for _ in range(config.context_layers)]
             )
         else:
             self.context = nn.Identity()
         d = config.embed_dim
-        self.audio_proj = _mlp(config.audio_dim, d, d, nn.ReLU)
+        self.audio_proj = _mlp(width, d, d, nn.ReLU)
         self.text_proj = _mlp(config.text_dim, d, d, nn.ReLU)
         self.alpha_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
         self.beta_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
         nn.init.constant_(self.alpha_mlp[-1].bias, math.log(10.0))
         nn.init.constant_(self.beta_mlp[-1].bias, -8.0)
         # Shared scale/bias for the ablations (unused parameters otherwise).
-        self.shared_log_alpha = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.shared_beta = nn.Parameter(torch.tensor(-8.0))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP temperature theta
+        # One-element vectors rather than 0-d scalars: DeepSpeed's parameter broadcast and ZeRO
+        # flattening view every parameter as bytes, which 0-d tensors do not allow.
+        self.shared_log_alpha = nn.Parameter(torch.full((1,), math.log(10.0)))
+        self.shared_beta = nn.Parameter(torch.full((1,), -8.0))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # CLIP temperature theta
 
     # --- audio -------------------------------------------------------------------------------
     def contextualise(self, features: torch.Tensor) -> torch.Tensor:
-        """`[B, L, Da]` frame features -> `[B, L, Da]` with temporal context."""
-        return self.context(features)
+        """`[B, L, Da]` frame features -> `[B, L, Dc]` with temporal context."""
+        return self.context(self.input_proj(features))
 
     def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
-        """Contextualised `[B, L, Da]` -> `[B, L, D]`, unit norm."""
+        """Contextualised `[B, L, Dc]` -> `[B, L, D]`, unit norm."""
         return F.normalize(self.audio_proj(frames), dim=-1)
 
     def global_embedding(self, frames: torch.Tensor) -> torch.Tensor:
-        """Contextualised `[B, L, Da]` -> `[B, D]`: the projection of the frames' mean, unit norm."""
+        """Contextualised `[B, L, Dc]` -> `[B, D]`: the projection of the frames' mean, unit norm."""
         return F.normalize(self.audio_proj(frames.mean(dim=1)), dim=-1)
 
     # --- text --------------------------------------------------------------------------------

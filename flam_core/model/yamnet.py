@@ -83,7 +83,10 @@ def default_cache_dir() -> Path:
 
 
 def default_weights_path() -> Path:
-    """Where `scripts/convert_yamnet.py` writes the converted state dict by default."""
+    """$FLAM_YAMNET_WEIGHTS (a registered model sets it to its own copy), else where
+    `scripts/convert_yamnet.py` writes the converted state dict by default."""
+    if weights := os.environ.get("FLAM_YAMNET_WEIGHTS"):
+        return Path(weights)
     return default_cache_dir() / "yamnet" / "yamnet.pt"
 
 

@@ -1,0 +1,431 @@
+"""Event-level SED metrics of frame scores: PSDS (DCASE scenarios 1 and 2) and collar-based F1.
+
+Frame scores `[M, K, L]` (mixture, vocabulary label, frame) become sed_scores_eval score
+DataFrames (frame l spans `[l * hop, (l + 1) * hop)`), and the metrics are sed_scores_eval's:
+PSDS is computed exactly over all thresholds, F1 at a decision threshold. As in
+sed_scores_eval, a frame is detected when its score is strictly above the threshold.
+`segments_from_frames` turns one score track into (onset, offset, score) segments with the
+reference post-processing (3-frame median filter, then thresholding).
+
+Every function checks its inputs and raises `DataError` naming the problem; sed_scores_eval's
+own checks are assertions or bare `ValueError`s that would surface far from the cause.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy.ndimage import median_filter
+from sed_scores_eval import collar_based, intersection_based
+from sed_scores_eval.base_modules.scores import create_score_dataframe
+
+from flam_core.errors import DataError
+
+Event = tuple[float, float, str]
+GroundTruth = Mapping[str, Sequence[Event]]
+
+PSDS_SCENARIOS: dict[int, dict[str, float | None]] = {
+    1: {
+        "dtc_threshold": 0.7,
+        "gtc_threshold": 0.7,
+        "cttc_threshold": None,
+        "alpha_ct": 0.0,
+        "alpha_st": 1.0,
+        "max_efpr": 100.0,
+    },
+    2: {
+        "dtc_threshold": 0.1,
+        "gtc_threshold": 0.1,
+        "cttc_threshold": 0.3,
+        "alpha_ct": 0.5,
+        "alpha_st": 1.0,
+        "max_efpr": 100.0,
+    },
+}
+
+_RESERVED_COLUMNS = {"onset", "offset"}
+_SHOWN = 5
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _check_hop(hop_s: float) -> float:
+    if not _is_number(hop_s) or not math.isfinite(hop_s) or hop_s <= 0:
+        raise DataError(f"hop_s must be a positive number of seconds, got {hop_s!r}")
+    return float(hop_s)
+
+
+def _show(items: Sequence) -> str:
+    items = list(items)
+    more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return f"{items[:_SHOWN]}{more}"
+
+
+def _check_scores(
+    probs: np.ndarray, hop_s: float, vocabulary: Sequence[str], audio_ids: Sequence[str]
+) -> tuple[np.ndarray, list[str], list[str]]:
+    probs = np.asarray(probs)
+    if probs.dtype == np.bool_:
+        probs = probs.astype(np.float64)
+    if probs.ndim != 3:
+        raise DataError(f"frame scores must be [M, K, L] (mixture, label, frame), got shape {probs.shape}")
+    if probs.size == 0:
+        raise DataError(f"frame scores are empty (shape {probs.shape})")
+    if not np.issubdtype(probs.dtype, np.number) or np.issubdtype(probs.dtype, np.complexfloating):
+        raise DataError(f"frame scores must be real numbers, got dtype {probs.dtype}")
+    if isinstance(vocabulary, str) or isinstance(audio_ids, str):
+        raise DataError("vocabulary and audio_ids must be sequences of strings, not a single string")
+    vocabulary = list(vocabulary)
+    audio_ids = list(audio_ids)
+    if probs.shape[0] != len(audio_ids):
+        raise DataError(
+            f"frame scores hold {probs.shape[0]} mixtures but {len(audio_ids)} audio ids were given"
+        )
+    if probs.shape[1] != len(vocabulary):
+        raise DataError(f"frame scores hold {probs.shape[1]} labels but the vocabulary has {len(vocabulary)}")
+    bad = ~np.isfinite(probs)
+    if bad.any():
+        m, k, frame = np.argwhere(bad)[0]
+        raise DataError(
+            f"frame scores hold {int(bad.sum())} NaN/inf value(s), first at audio {audio_ids[m]!r}, "
+            f"label {vocabulary[k]!r}, frame {frame}"
+        )
+    _check_hop(hop_s)
+    for name, values in (("vocabulary", vocabulary), ("audio ids", audio_ids)):
+        if not all(isinstance(v, str) and v for v in values):
+            raise DataError(f"{name} must be non-empty strings, got {_show(values)}")
+        duplicates = sorted(v for v, n in Counter(values).items() if n > 1)
+        if duplicates:
+            raise DataError(f"{name} must be unique; repeated: {_show(duplicates)}")
+    reserved = sorted(_RESERVED_COLUMNS.intersection(vocabulary))
+    if reserved:
+        raise DataError(f"vocabulary labels {reserved} clash with the score table's onset/offset columns")
+    backslash = [v for v in vocabulary if "\\" in v]
+    if backslash:
+        raise DataError(f"vocabulary labels must not contain a backslash: {_show(backslash)}")
+    return probs.astype(np.float64, copy=False), vocabulary, audio_ids
+
+
+def _check_ground_truth(
+    ground_truth: GroundTruth,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    durations: Mapping[str, float] | None = None,
+    tolerance_s: float = 0.0,
+) -> dict[str, list[Event]]:
+    """Validated copy of the ground truth: every audio id present, events well formed."""
+    if not isinstance(ground_truth, Mapping):
+        raise DataError(
+            f"ground truth must be a mapping audio id -> events, got {type(ground_truth).__name__}"
+        )
+    missing = [a for a in audio_ids if a not in ground_truth]
+    extra = sorted(set(ground_truth) - set(audio_ids))
+    if missing:
+        raise DataError(
+            f"ground truth lacks {len(missing)} scored audio id(s): {_show(missing)}; "
+            "list files without events with an empty event list"
+        )
+    if extra:
+        raise DataError(f"ground truth holds {len(extra)} audio id(s) without frame scores: {_show(extra)}")
+    known = set(vocabulary)
+    checked: dict[str, list[Event]] = {}
+    for audio_id in audio_ids:
+        events = []
+        for event in ground_truth[audio_id]:
+            if len(event) != 3:
+                raise DataError(f"{audio_id}: event {event!r} is not (onset, offset, label)")
+            onset, offset, label = event
+            try:
+                onset, offset = float(onset), float(offset)
+            except (TypeError, ValueError):
+                raise DataError(f"{audio_id}: event {event!r} has a non-numeric onset/offset") from None
+            if not (math.isfinite(onset) and math.isfinite(offset)):
+                raise DataError(f"{audio_id}: event {event!r} has a NaN/inf onset/offset")
+            if onset < 0:
+                raise DataError(f"{audio_id}: event {event!r} starts before 0 s")
+            if onset >= offset:
+                raise DataError(f"{audio_id}: event {event!r} has onset >= offset")
+            if label not in known:
+                raise DataError(f"{audio_id}: event label {label!r} is not in the vocabulary")
+            if durations is not None and offset > durations[audio_id] + tolerance_s:
+                raise DataError(
+                    f"{audio_id}: event {event!r} ends after the audio ({durations[audio_id]:.3f} s)"
+                )
+            events.append((onset, offset, label))
+        by_label: dict[str, list[tuple[float, float]]] = {}
+        for onset, offset, label in events:
+            by_label.setdefault(label, []).append((onset, offset))
+        for label, spans in by_label.items():
+            spans.sort()
+            for (_, prev_off), (on, off) in pairwise(spans):
+                if on <= prev_off:
+                    raise DataError(
+                        f"{audio_id}: {label!r} events overlap or touch (one ends at {prev_off:g} s, the "
+                        f"next spans {on:g}-{off:g} s); merge them into one event"
+                    )
+        checked[audio_id] = events
+    present = {label for events in checked.values() for _, _, label in events}
+    absent = [label for label in vocabulary if label not in present]
+    if absent:
+        raise DataError(
+            f"vocabulary label(s) {_show(absent)} have no ground-truth event, so their recall is undefined; "
+            "evaluate with a vocabulary restricted to labels that occur"
+        )
+    return checked
+
+
+def _check_durations(
+    durations: Mapping[str, float], audio_ids: Sequence[str], span_s: float, hop_s: float
+) -> dict[str, float]:
+    if not isinstance(durations, Mapping):
+        raise DataError(f"durations must be a mapping audio id -> seconds, got {type(durations).__name__}")
+    missing = [a for a in audio_ids if a not in durations]
+    if missing:
+        raise DataError(f"durations lack {len(missing)} audio id(s): {_show(missing)}")
+    out = {}
+    for audio_id in audio_ids:
+        value = durations[audio_id]
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise DataError(f"{audio_id}: duration must be a positive number of seconds, got {value!r}")
+        if value > span_s + hop_s:
+            raise DataError(
+                f"{audio_id}: audio lasts {value:.3f} s but the frame scores cover only {span_s:.3f} s"
+            )
+        out[audio_id] = float(value)
+    return out
+
+
+def frame_scores_to_sed_scores(
+    probs: np.ndarray, hop_s: float, vocabulary: Sequence[str], audio_ids: Sequence[str]
+) -> dict[str, pd.DataFrame]:
+    """sed_scores_eval score tables: per audio id, columns onset, offset and one per label."""
+    probs, vocabulary, audio_ids = _check_scores(probs, hop_s, vocabulary, audio_ids)
+    timestamps = np.arange(probs.shape[2] + 1) * float(hop_s)
+    return {
+        audio_id: create_score_dataframe(probs[m].T, timestamps, vocabulary)
+        for m, audio_id in enumerate(audio_ids)
+    }
+
+
+def psds(
+    probs: np.ndarray,
+    hop_s: float,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    ground_truth: GroundTruth,
+    durations: Mapping[str, float],
+    scenario: int = 1,
+) -> dict:
+    """PSDS of DCASE scenario 1 or 2 (`PSDS_SCENARIOS`), exact over all thresholds.
+
+    Returns {"psds", "per_label" (single-class PSDS), "scenario", "params", "etpr", "efpr"}
+    where etpr/efpr are the PSD-ROC (effective TP ratio vs effective FP per hour).
+    """
+    if scenario not in PSDS_SCENARIOS:
+        raise DataError(f"PSDS scenario must be one of {sorted(PSDS_SCENARIOS)}, got {scenario!r}")
+    params = PSDS_SCENARIOS[scenario]
+    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
+    if params["alpha_ct"] and len(vocabulary) < 2:
+        raise DataError(
+            f"PSDS scenario {scenario} weighs cross-triggers between labels and needs at least 2 labels, "
+            f"got {list(vocabulary)}"
+        )
+    span_s = np.shape(probs)[2] * float(hop_s)
+    checked_durations = _check_durations(durations, list(audio_ids), span_s, float(hop_s))
+    truth = _check_ground_truth(
+        ground_truth, list(vocabulary), list(audio_ids), checked_durations, float(hop_s)
+    )
+    value, per_label, (etpr, efpr), _ = intersection_based.psds(
+        scores=scores,
+        ground_truth=truth,
+        audio_durations=checked_durations,
+        unit_of_time="hour",
+        **params,
+    )
+    return {
+        "psds": float(value),
+        "per_label": {label: float(v) for label, v in per_label.items()},
+        "scenario": scenario,
+        "params": dict(params),
+        "etpr": np.asarray(etpr),
+        "efpr": np.asarray(efpr),
+    }
+
+
+def _check_threshold(threshold: float | Mapping[str, float], vocabulary: Sequence[str]) -> float | dict:
+    if isinstance(threshold, Mapping):
+        missing = [label for label in vocabulary if label not in threshold]
+        extra = sorted(set(threshold) - set(vocabulary))
+        if missing or extra:
+            raise DataError(
+                f"per-label thresholds must cover the vocabulary exactly; missing {_show(missing)}, "
+                f"unknown {_show(extra)}"
+            )
+        values = {label: threshold[label] for label in vocabulary}
+    else:
+        values = {"threshold": threshold}
+    for name, value in values.items():
+        if not _is_number(value) or not math.isfinite(value):
+            raise DataError(f"threshold for {name!r} must be a finite number, got {value!r}")
+    if isinstance(threshold, Mapping):
+        return {label: float(v) for label, v in values.items()}
+    return float(threshold)
+
+
+def _collar_args(onset_collar: float, offset_collar: float, offset_collar_rate: float) -> dict[str, float]:
+    args = {
+        "onset_collar": onset_collar,
+        "offset_collar": offset_collar,
+        "offset_collar_rate": offset_collar_rate,
+    }
+    for name, value in args.items():
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise DataError(f"{name} must be a non-negative number, got {value!r}")
+    return {name: float(value) for name, value in args.items()}
+
+
+def event_f1(
+    probs: np.ndarray,
+    hop_s: float,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    ground_truth: GroundTruth,
+    threshold: float | Mapping[str, float],
+    onset_collar: float = 0.2,
+    offset_collar: float = 0.2,
+    offset_collar_rate: float = 0.2,
+) -> dict:
+    """Collar-based event F1 at a threshold (one for all labels, or a dict per label).
+
+    Returns macro (mean over labels) and micro (pooled counts) F1/precision/recall and, per
+    label, {"f1", "precision", "recall", "tp", "fp", "n_ref"}. sed_scores_eval's convention:
+    a label with no detection has precision 1 in the per-label and macro figures, while the
+    micro precision of a system with no detection at all is 0.
+    """
+    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
+    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    thr = _check_threshold(threshold, list(vocabulary))
+    f, p, r, stats = collar_based.fscore(
+        scores, truth, thr, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
+    )
+    per_label = {
+        label: {
+            "f1": float(f[label]),
+            "precision": float(p[label]),
+            "recall": float(r[label]),
+            "tp": int(stats[label]["tps"]),
+            "fp": int(stats[label]["fps"]),
+            "n_ref": int(stats[label]["n_ref"]),
+        }
+        for label in vocabulary
+    }
+    return {
+        "f1_macro": float(f["macro_average"]),
+        "precision_macro": float(p["macro_average"]),
+        "recall_macro": float(r["macro_average"]),
+        "f1_micro": float(f["micro_average"]),
+        "precision_micro": float(p["micro_average"]),
+        "recall_micro": float(r["micro_average"]),
+        "per_label": per_label,
+    }
+
+
+def best_threshold(
+    probs: np.ndarray,
+    hop_s: float,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    ground_truth: GroundTruth,
+    average: Literal["macro", "micro"] = "macro",
+    onset_collar: float = 0.2,
+    offset_collar: float = 0.2,
+    offset_collar_rate: float = 0.2,
+) -> tuple[float, float]:
+    """The single threshold (shared by all labels) that maximises macro or micro collar-based F1.
+
+    sed_scores_eval's `best_fscore` optimises each label's threshold separately, so the shared
+    one is found here from its per-label operating-point curves: F1 only changes where some
+    label's curve changes, so every interval between consecutive change points is tried (at
+    its midpoint), which is exact. Ties go to the highest threshold. Returns (threshold, F1).
+    """
+    if average not in ("macro", "micro"):
+        raise DataError(f"average must be 'macro' or 'micro', got {average!r}")
+    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
+    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    curves, _ = collar_based.accumulated_intermediate_statistics(
+        scores=scores, ground_truth=truth, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
+    )
+    change_points = np.unique(np.concatenate([c[0] for c in curves.values()]))
+    change_points = change_points[np.isfinite(change_points)]
+    candidates = np.concatenate([[change_points[0] - 1.0], (change_points[1:] + change_points[:-1]) / 2])
+    tps, fps, n_refs = [], [], []
+    for label in vocabulary:
+        curve_scores, stats = curves[label]
+        order = np.argsort(curve_scores, kind="stable")
+        # The operating point of threshold t is the first curve score strictly above t.
+        idx = order[np.searchsorted(curve_scores[order], candidates, side="right")]
+        tps.append(stats["tps"][idx])
+        fps.append(stats["fps"][idx])
+        n_refs.append(stats["n_ref"])
+    tp, fp, n_ref = np.stack(tps), np.stack(fps), np.asarray(n_refs, dtype=np.float64)[:, None]
+    if average == "macro":
+        f1 = (2 * tp / (tp + fp + n_ref)).mean(axis=0)
+    else:
+        f1 = 2 * tp.sum(0) / (tp.sum(0) + fp.sum(0) + n_ref.sum())
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))
+    return float(candidates[best]), float(f1[best])
+
+
+def median_filter_frames(probs: np.ndarray, median_frames: int = 3) -> np.ndarray:
+    """Median filter over the last (frame) axis of any score array; 1 returns the input."""
+    if (
+        not isinstance(median_frames, int | np.integer)
+        or isinstance(median_frames, bool)
+        or median_frames < 1
+    ):
+        raise DataError(f"median_frames must be a positive integer, got {median_frames!r}")
+    probs = np.asarray(probs)
+    if median_frames == 1:
+        return probs
+    size = (1,) * (probs.ndim - 1) + (int(median_frames),)
+    return median_filter(probs, size=size, mode="nearest")
+
+
+def segments_from_frames(
+    probs_k: np.ndarray, hop_s: float, threshold: float, median_frames: int = 3
+) -> list[tuple[float, float, float]]:
+    """(onset s, offset s, max score) of each run of frames whose median-filtered score is above threshold.
+
+    The score of a segment is the highest unfiltered score inside it.
+    """
+    probs_k = np.asarray(probs_k, dtype=np.float64)
+    if probs_k.ndim != 1 or probs_k.size == 0:
+        raise DataError(
+            f"frame scores of one label must be a non-empty [L] vector, got shape {probs_k.shape}"
+        )
+    if not np.isfinite(probs_k).all():
+        raise DataError(f"frame scores hold {int((~np.isfinite(probs_k)).sum())} NaN/inf value(s)")
+    hop_s = _check_hop(hop_s)
+    if not _is_number(threshold) or not math.isfinite(threshold):
+        raise DataError(f"threshold must be a finite number, got {threshold!r}")
+    active = median_filter_frames(probs_k, median_frames) > threshold
+    edges = np.diff(np.concatenate([[False], active, [False]]).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    if starts.size == 0:
+        return []
+    bounds = np.stack([starts, ends], axis=1).ravel()
+    peaks = np.maximum.reduceat(np.append(probs_k, -np.inf), bounds)[::2]
+    return [
+        (float(s * hop_s), float(e * hop_s), float(p)) for s, e, p in zip(starts, ends, peaks, strict=True)
+    ]

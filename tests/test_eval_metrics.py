@@ -1,0 +1,419 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from psds_eval import PSDSEval
+from sed_scores_eval import collar_based
+
+from flam_core.errors import DataError
+from flam_core.evaluation.retrieval import retrieval_metrics, zero_shot_accuracy
+from flam_core.evaluation.sed import (
+    PSDS_SCENARIOS,
+    best_threshold,
+    event_f1,
+    frame_scores_to_sed_scores,
+    median_filter_frames,
+    psds,
+    segments_from_frames,
+)
+
+HOP = 0.3125
+L = 32
+VOCAB = ["dog", "rain", "siren"]
+
+
+def planted_case(seed: int, signal: float):
+    """Random events on the 32-frame grid and frame scores that rise `signal` inside them."""
+    rng = np.random.default_rng(seed)
+    ids = [f"clip{m}.wav" for m in range(6)]
+    truth = np.zeros((len(ids), len(VOCAB), L), dtype=bool)
+    ground_truth = {audio_id: [] for audio_id in ids}
+    for m, audio_id in enumerate(ids):
+        for k, label in enumerate(VOCAB):
+            if m < 2 or rng.random() < 0.7:
+                start = int(rng.integers(0, L - 4))
+                end = min(L, start + int(rng.integers(2, 12)))
+                truth[m, k, start:end] = True
+                ground_truth[audio_id].append((start * HOP, end * HOP, label))
+    probs = np.clip(truth * signal + rng.random(truth.shape) * (1 - signal), 0, 1).round(1)
+    return probs, ids, ground_truth, truth
+
+
+def reference_psds(probs, ids, ground_truth, scenario: int) -> float:
+    """PSDS from psds_eval (the DCASE reference) with one operating point per distinct score.
+
+    psds_eval 0.5.3's `PSDSEval.psds` crashes under numpy >= 2.3 when max_efpr is not one of
+    the curve's x values (`int()` of a 2-D `np.argwhere`), so its final AUC step is done here
+    the way `_auc` does it, after inserting max_efpr into the curve.
+    """
+    params = PSDS_SCENARIOS[scenario]
+    columns = ["filename", "onset", "offset", "event_label"]
+    gt = pd.DataFrame(
+        [(a, on, off, lab) for a, evs in ground_truth.items() for on, off, lab in evs], columns=columns
+    )
+    meta = pd.DataFrame([(a, L * HOP) for a in ids], columns=["filename", "duration"])
+    evaluator = PSDSEval(
+        dtc_threshold=params["dtc_threshold"],
+        gtc_threshold=params["gtc_threshold"],
+        cttc_threshold=params["cttc_threshold"] or 0.3,
+        ground_truth=gt,
+        metadata=meta,
+        class_names=VOCAB,
+    )
+    levels = np.unique(probs)
+    for threshold in np.concatenate([[levels[0] - 1], (levels[1:] + levels[:-1]) / 2]):
+        rows = [
+            (audio_id, on, off, label)
+            for m, audio_id in enumerate(ids)
+            for k, label in enumerate(VOCAB)
+            for on, off, _ in segments_from_frames(probs[m, k], HOP, threshold, median_frames=1)
+        ]
+        evaluator.add_operating_point(pd.DataFrame(rows, columns=columns), info={"threshold": threshold})
+    _, _, tpr_efpr = evaluator.psd_roc_curves(params["alpha_ct"])
+    roc = evaluator._effective_tp_ratio(tpr_efpr, params["alpha_st"])
+    x, y, max_efpr = roc.xp, roc.yp, params["max_efpr"]
+    if max_efpr not in x:
+        i = int(np.searchsorted(x, max_efpr))
+        x, y = np.insert(x, i, max_efpr), np.insert(y, i, y[i - 1])
+    return evaluator._auc(x, y, max_efpr, params["alpha_st"] > 0) / max_efpr
+
+
+# ---------------------------------------------------------------- score tables
+
+
+def test_score_tables_follow_the_frame_grid():
+    probs = np.random.default_rng(0).random((2, 3, L))
+    tables = frame_scores_to_sed_scores(probs, HOP, VOCAB, ["a", "b"])
+    assert list(tables) == ["a", "b"]
+    table = tables["b"]
+    assert list(table.columns) == ["onset", "offset", *VOCAB]
+    assert table["onset"].iloc[5] == 5 * HOP and table["offset"].iloc[5] == 6 * HOP
+    assert table["offset"].iloc[-1] == pytest.approx(10.0)
+    np.testing.assert_array_equal(table[VOCAB].to_numpy(), probs[1].T)
+
+
+# ---------------------------------------------------------------- PSDS
+
+
+@pytest.mark.parametrize("scenario", [1, 2])
+def test_perfect_and_silent_scores_give_psds_one_and_zero(scenario):
+    _, ids, ground_truth, truth = planted_case(1, 0.5)
+    durations = dict.fromkeys(ids, 10.0)
+    perfect = psds(truth, HOP, VOCAB, ids, ground_truth, durations, scenario)
+    assert perfect["psds"] == pytest.approx(1.0)
+    assert perfect["per_label"] == pytest.approx(dict.fromkeys(VOCAB, 1.0))
+    silent = psds(np.zeros(truth.shape), HOP, VOCAB, ids, ground_truth, durations, scenario)
+    assert silent["psds"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize(("scenario", "signal"), [(1, 0.45), (2, 0.3)])
+def test_psds_agrees_with_the_dcase_reference(scenario, signal):
+    # With one psds_eval operating point per distinct score the two computations coincide.
+    probs, ids, ground_truth, _ = planted_case(0, signal)
+    ours = psds(probs, HOP, VOCAB, ids, ground_truth, dict.fromkeys(ids, 10.0), scenario)
+    reference = reference_psds(probs, ids, ground_truth, scenario)
+    assert 0.1 < reference < 0.9  # a case where thresholds, tolerances and alpha_st all matter
+    assert ours["psds"] == pytest.approx(reference, abs=1e-6)
+    assert ours["scenario"] == scenario and ours["params"] == PSDS_SCENARIOS[scenario]
+
+
+def test_psds_scenario2_tolerates_loose_boundaries_that_scenario1_rejects():
+    # The dog detection is half as long again as its event: intersection 1/1.5 < 0.7 fails the
+    # scenario-1 detection tolerance but passes scenario 2's 0.1. The cat is found exactly.
+    ids = ["a"]
+    ground_truth = {"a": [(1.25, 3.75, "dog"), (20 * HOP, 24 * HOP, "cat")]}
+    probs = np.zeros((1, 2, L))
+    probs[0, 0, 4:16] = 1.0  # 1.25 .. 5.0 s
+    probs[0, 1, 20:24] = 1.0
+    durations = {"a": 10.0}
+    strict = psds(probs, HOP, ["dog", "cat"], ids, ground_truth, durations, 1)
+    assert strict["per_label"] == {"dog": 0.0, "cat": 1.0}
+    assert strict["psds"] == 0.0  # mean 0.5 minus alpha_st * std 0.5
+    assert psds(probs, HOP, ["dog", "cat"], ids, ground_truth, durations, 2)["psds"] == pytest.approx(1.0)
+    with pytest.raises(DataError, match="at least 2 labels"):
+        psds(probs[:, :1], HOP, ["dog"], ids, {"a": ground_truth["a"][:1]}, durations, 2)
+
+
+def test_psds_accepts_files_without_events():
+    ids = ["a", "empty"]
+    probs = np.zeros((2, 1, L))
+    probs[0, 0, 4:8] = 0.9
+    ground_truth = {"a": [(4 * HOP, 8 * HOP, "dog")], "empty": []}
+    result = psds(probs, HOP, ["dog"], ids, ground_truth, {"a": 10.0, "empty": 10.0}, 1)
+    assert result["psds"] == pytest.approx(1.0)
+    # A false alarm in the empty file now costs: the PSD-ROC starts at a non-zero FP rate.
+    probs[1, 0, 10:12] = 0.95
+    worse = psds(probs, HOP, ["dog"], ids, ground_truth, {"a": 10.0, "empty": 10.0}, 1)
+    assert worse["psds"] < 1.0
+
+
+# ---------------------------------------------------------------- event F1
+
+
+def small_f1_case():
+    """2 files, 2 labels: dog found in a (TP), dog false alarm in b (FP), rain missed in b (FN)."""
+    ids = ["a", "b"]
+    ground_truth = {"a": [(1.25, 3.125, "dog")], "b": [(5.0, 7.5, "rain")]}
+    probs = np.zeros((2, 2, L))
+    probs[0, 0, 4:10] = 0.9  # a/dog 1.25 .. 3.125 s, exact
+    probs[1, 0, 20:26] = 0.8  # b/dog: no dog there
+    probs[1, 1, 16:24] = 0.3  # b/rain: right place, below the threshold
+    return probs, ids, ground_truth
+
+
+def test_event_f1_hand_computed():
+    probs, ids, ground_truth = small_f1_case()
+    result = event_f1(probs, HOP, ["dog", "rain"], ids, ground_truth, threshold=0.5)
+    dog, rain = result["per_label"]["dog"], result["per_label"]["rain"]
+    assert (dog["tp"], dog["fp"], dog["n_ref"]) == (1, 1, 1)
+    assert (rain["tp"], rain["fp"], rain["n_ref"]) == (0, 0, 1)
+    assert dog["precision"] == 0.5 and dog["recall"] == 1.0 and dog["f1"] == pytest.approx(2 / 3)
+    assert rain["recall"] == 0.0 and rain["f1"] == 0.0
+    assert rain["precision"] == 1.0  # sed_scores_eval: no detection -> precision 1
+    assert result["f1_macro"] == pytest.approx(1 / 3)
+    assert result["precision_macro"] == pytest.approx(0.75)
+    assert result["recall_macro"] == pytest.approx(0.5)
+    assert result["precision_micro"] == 0.5 and result["recall_micro"] == 0.5
+    assert result["f1_micro"] == pytest.approx(0.5)
+
+
+def test_event_f1_threshold_is_strict_and_per_label():
+    probs, ids, ground_truth = small_f1_case()
+    # At exactly 0.8 the b/dog false alarm (score 0.8) is no longer detected.
+    at = event_f1(probs, HOP, ["dog", "rain"], ids, ground_truth, threshold=0.8)
+    assert at["per_label"]["dog"]["fp"] == 0
+    per_label = event_f1(probs, HOP, ["dog", "rain"], ids, ground_truth, threshold={"dog": 0.85, "rain": 0.2})
+    assert per_label["f1_macro"] == 1.0 and per_label["f1_micro"] == 1.0
+
+
+def test_event_f1_collars():
+    ids = ["a"]
+    ground_truth = {"a": [(1.25, 3.125, "dog")]}
+    probs = np.zeros((1, 1, L))
+    probs[0, 0, 5:10] = 0.9  # onset 1.5625 s: 0.3125 s late
+    assert event_f1(probs, HOP, ["dog"], ids, ground_truth, 0.5)["f1_macro"] == 0.0
+    loose = event_f1(probs, HOP, ["dog"], ids, ground_truth, 0.5, onset_collar=0.4)
+    assert loose["f1_macro"] == 1.0
+
+
+def test_best_threshold_is_exact_and_consistent_with_event_f1():
+    probs, ids, ground_truth, _ = planted_case(3, 0.35)
+    for average in ("macro", "micro"):
+        threshold, f1 = best_threshold(probs, HOP, VOCAB, ids, ground_truth, average=average)
+        assert event_f1(probs, HOP, VOCAB, ids, ground_truth, threshold)[f"f1_{average}"] == pytest.approx(f1)
+        grid = [
+            event_f1(probs, HOP, VOCAB, ids, ground_truth, t)[f"f1_{average}"]
+            for t in np.arange(-0.05, 1.0, 0.05)
+        ]
+        assert f1 == pytest.approx(max(grid))
+        assert 0 < f1 < 1
+
+
+def test_best_threshold_matches_sed_scores_eval_for_one_label():
+    probs, ids, ground_truth, _ = planted_case(4, 0.35)
+    gt_dog = {a: [e for e in evs if e[2] == "dog"] for a, evs in ground_truth.items()}
+    threshold, f1 = best_threshold(probs[:, :1], HOP, ["dog"], ids, gt_dog)
+    assert event_f1(probs[:, :1], HOP, ["dog"], ids, gt_dog, threshold)["f1_macro"] == pytest.approx(f1)
+    scores = frame_scores_to_sed_scores(probs[:, :1], HOP, ["dog"], ids)
+    f, *_ = collar_based.best_fscore(
+        scores, gt_dog, onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2
+    )
+    assert f1 == pytest.approx(f["dog"])
+
+
+# ---------------------------------------------------------------- segments
+
+
+def test_segments_recover_planted_spans_exactly():
+    track = np.full(L, 0.1)
+    track[3:8] = 0.7
+    track[5] = 0.95
+    track[20:32] = 0.6
+    segments = segments_from_frames(track, HOP, threshold=0.5)
+    assert segments == [(3 * HOP, 8 * HOP, 0.95), (20 * HOP, 10.0, 0.6)]
+    assert segments_from_frames(track, HOP, threshold=0.99) == []
+
+
+def test_median_filter_removes_a_one_frame_spike_and_fills_a_one_frame_gap():
+    track = np.zeros(L)
+    track[10] = 0.9  # spike
+    track[20:24] = 0.8
+    track[25:28] = 0.8  # one-frame gap at 24
+    assert segments_from_frames(track, HOP, 0.5, median_frames=1)[0] == (10 * HOP, 11 * HOP, 0.9)
+    assert segments_from_frames(track, HOP, 0.5) == [(20 * HOP, 28 * HOP, 0.8)]
+
+
+def test_segments_threshold_is_strict_like_sed_scores_eval():
+    track = np.zeros(L)
+    track[4:8] = 0.5
+    assert segments_from_frames(track, HOP, 0.5, median_frames=1) == []
+    assert segments_from_frames(track, HOP, 0.49, median_frames=1) == [(4 * HOP, 8 * HOP, 0.5)]
+
+
+def test_median_filter_frames_acts_on_the_frame_axis_only():
+    probs = np.zeros((2, 3, L))
+    probs[1, 2, 7] = 1.0
+    probs[1, :, 12] = 1.0  # all labels at one frame: a filter across labels would keep it
+    assert not median_filter_frames(probs).any()
+    assert median_filter_frames(probs, 1) is probs
+
+
+# ---------------------------------------------------------------- retrieval and zero-shot
+
+
+def test_identity_embeddings_are_retrieved_perfectly():
+    emb = np.eye(6)
+    result = retrieval_metrics(emb, emb, np.arange(6))
+    assert set(result) == {f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10")}
+    assert all(value == 1.0 for value in result.values())
+
+
+def test_retrieval_hand_built_ranks():
+    audio = np.eye(3)
+    # Text t describes audio t; t1 ranks its audio second, t2 third.
+    text = np.array([[1.0, 0.0, 0.0], [0.9, 0.4, 0.1], [0.9, 0.5, 0.1]])
+    result = retrieval_metrics(audio, text, np.array([0, 1, 2]))
+    assert result["t2a_R@1"] == pytest.approx(1 / 3)
+    assert result["t2a_R@5"] == 1.0
+    assert result["t2a_mAP@10"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # audio 0 ranks t0 first; audio 1: t2 before t1; audio 2: t1 before t2.
+    assert result["a2t_R@1"] == pytest.approx(1 / 3)
+    assert result["a2t_mAP@10"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+
+
+def test_audio_to_text_average_precision_with_several_relevant_texts():
+    audio = np.array([[1.0, 0.0], [0.0, 1.0]])
+    angles = np.deg2rad([0, 10, 20, 80])
+    text = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    text_to_audio = np.array([0, 1, 0, 1])
+    result = retrieval_metrics(audio, text, text_to_audio)
+    # Each audio's two texts come at ranks 1 and 3: AP = (1/1 + 2/3) / 2.
+    assert result["a2t_mAP@10"] == pytest.approx(5 / 6)
+    assert result["a2t_R@1"] == 1.0
+    # Text at 10 degrees belongs to audio 1 but is closer to audio 0.
+    assert result["t2a_R@1"] == pytest.approx(3 / 4)
+    assert result["t2a_mAP@10"] == pytest.approx((1 + 1 / 2 + 1 + 1) / 4)
+
+
+def test_average_precision_is_normalised_by_at_most_ten_relevant():
+    audio = np.eye(2)
+    text = np.vstack([np.tile([1.0, 0.0], (12, 1)) + np.linspace(0, 0.1, 12)[:, None] * [0, 1], [[0.0, 1.0]]])
+    result = retrieval_metrics(audio, text, np.array([0] * 12 + [1]))
+    assert result["a2t_mAP@10"] == 1.0
+
+
+def test_zero_shot_accuracy_small_case():
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # target 0: top-1
+            [0.1, 0.8, 0.0, 0.0, 0.0, 0.0],  # target 1: top-1
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # target 4: rank 5
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # target 5: rank 6
+        ]
+    )
+    result = zero_shot_accuracy(scores, np.array([0, 1, 4, 5]))
+    assert result["top1"] == 0.5 and result["top5"] == 0.75 and result["n"] == 4
+    assert result["mean_class_accuracy"] == pytest.approx(0.5)  # classes 0, 1 right; 4, 5 wrong
+    imbalanced = zero_shot_accuracy(np.array([[1.0, 0.0]] * 4), np.array([0, 0, 0, 1]))
+    assert imbalanced["top1"] == 0.75 and imbalanced["mean_class_accuracy"] == 0.5
+    assert "top5" not in imbalanced
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def good():
+    probs, ids, ground_truth = small_f1_case()
+    return {"probs": probs, "ids": ids, "gt": ground_truth, "vocab": ["dog", "rain"]}
+
+
+def call_f1(case, **change):
+    args = {**case, **change}
+    return event_f1(args["probs"], HOP, args["vocab"], args["ids"], args["gt"], threshold=0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"probs": np.zeros((2, 2))}, r"\[M, K, L\]"),
+        ({"probs": np.zeros((3, 2, L))}, "3 mixtures but 2 audio ids"),
+        ({"probs": np.zeros((2, 3, L))}, "3 labels but the vocabulary has 2"),
+        ({"probs": np.zeros((0, 2, L)), "ids": []}, "empty"),
+        ({"vocab": ["dog", "dog"]}, "repeated"),
+        ({"vocab": ["onset", "rain"]}, "clash"),
+        ({"gt": {"a": [(1.0, 2.0, "cat")], "b": [(5.0, 7.5, "rain")]}}, "'cat' is not in the vocabulary"),
+        ({"gt": {"a": [(2.0, 2.0, "dog")], "b": [(5.0, 7.5, "rain")]}}, "onset >= offset"),
+        ({"gt": {"a": [(-1.0, 2.0, "dog")], "b": [(5.0, 7.5, "rain")]}}, "before 0"),
+        ({"gt": {"a": [(math.nan, 2.0, "dog")], "b": [(5.0, 7.5, "rain")]}}, "NaN"),
+        (
+            {"gt": {"a": [(1.0, 2.0, "dog"), (2.0, 3.0, "dog")], "b": [(5.0, 7.5, "rain")]}},
+            "overlap or touch",
+        ),
+        ({"gt": {"a": [(1.25, 3.125, "dog")]}}, r"lacks 1 scored audio id.*'b'"),
+        ({"gt": {"a": [(1.25, 3.125, "dog")], "b": [], "c": []}}, r"without frame scores.*'c'"),
+        ({"gt": {"a": [(1.25, 3.125, "dog")], "b": []}}, r"\['rain'\] have no ground-truth event"),
+    ],
+)
+def test_bad_sed_inputs_raise_data_error(good, change, message):
+    with pytest.raises(DataError, match=message):
+        call_f1(good, **change)
+
+
+def test_nan_scores_are_located(good):
+    good["probs"][1, 1, 7] = np.nan
+    with pytest.raises(DataError, match=r"NaN/inf.*audio 'b', label 'rain', frame 7"):
+        call_f1(good)
+
+
+def test_bad_thresholds_scenarios_and_durations(good):
+    probs, ids, gt, vocab = good["probs"], good["ids"], good["gt"], good["vocab"]
+    with pytest.raises(DataError, match="missing \\['rain'\\]"):
+        event_f1(probs, HOP, vocab, ids, gt, threshold={"dog": 0.5})
+    with pytest.raises(DataError, match="finite number"):
+        event_f1(probs, HOP, vocab, ids, gt, threshold=math.nan)
+    with pytest.raises(DataError, match="scenario"):
+        psds(probs, HOP, vocab, ids, gt, {"a": 10.0, "b": 10.0}, scenario=3)
+    with pytest.raises(DataError, match=r"durations lack 1 audio id.*'b'"):
+        psds(probs, HOP, vocab, ids, gt, {"a": 10.0}, scenario=1)
+    with pytest.raises(DataError, match=r"cover only 10\.000 s"):
+        psds(probs, HOP, vocab, ids, gt, {"a": 10.0, "b": 30.0}, scenario=1)
+    with pytest.raises(DataError, match="ends after the audio"):
+        psds(probs, HOP, vocab, ids, gt, {"a": 10.0, "b": 6.0}, scenario=1)
+    with pytest.raises(DataError, match="hop_s"):
+        event_f1(probs, 0.0, vocab, ids, gt, threshold=0.5)
+    with pytest.raises(DataError, match="average"):
+        best_threshold(probs, HOP, vocab, ids, gt, average="weighted")
+    with pytest.raises(DataError, match="median_frames"):
+        segments_from_frames(probs[0, 0], HOP, 0.5, median_frames=0)
+    with pytest.raises(DataError, match=r"\[L\] vector"):
+        segments_from_frames(probs[0], HOP, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((np.eye(3), np.eye(4)[:, :3], np.array([0, 1, 2])), r"\[4\] vector"),
+        ((np.eye(3), np.eye(3)[:, :2], np.array([0, 1, 2])), "dimension 3 but text embeddings 2"),
+        ((np.eye(3), np.eye(3), np.array([0, 1, 3])), r"outside \[0, 3\)"),
+        ((np.eye(3), np.eye(3), np.array([0, 1, 1])), "have no text"),
+        ((np.eye(3), np.eye(3), np.array([0.0, 1.0, 2.0])), "integer"),
+        ((np.full((3, 3), np.nan), np.eye(3), np.array([0, 1, 2])), "audio embeddings holds 9 NaN"),
+        ((np.zeros((3, 3)), np.eye(3), np.array([0, 1, 2])), "all-zero"),
+        ((np.zeros((0, 3)), np.eye(3), np.array([0, 1, 2])), "empty"),
+    ],
+)
+def test_bad_retrieval_inputs_raise_data_error(args, message):
+    with pytest.raises(DataError, match=message):
+        retrieval_metrics(*args)
+
+
+def test_bad_zero_shot_inputs_raise_data_error():
+    with pytest.raises(DataError, match=r"\[3\] vector"):
+        zero_shot_accuracy(np.eye(3), np.array([0, 1]))
+    with pytest.raises(DataError, match=r"outside \[0, 3\)"):
+        zero_shot_accuracy(np.eye(3), np.array([0, 1, 5]))
+    with pytest.raises(DataError, match="NaN"):
+        zero_shot_accuracy(np.array([[np.nan, 1.0]]), np.array([0]))

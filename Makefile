@@ -16,13 +16,13 @@ PYTEST_ARGS ?=
 IMAGE_REPO ?= ghcr.io/flam-project
 IMAGE_TAG ?= $(shell git rev-parse --short HEAD)
 
-.PHONY: help install deps yamnet pipeline test test-fast lint format lock clean
+.PHONY: help install deps yamnet ds-ops pipeline test test-fast lint format lock clean
 .PHONY: images push-images
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed deps yamnet  ## Python environment (.venv) + Debian tools + cached packages + weights
+install: $(VENV)/.installed deps yamnet ds-ops  ## Python environment (.venv) + Debian tools + cached packages + weights
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@touch $@
 
 yamnet: $(FLAM_CACHE_DIR)/yamnet/yamnet.pt  ## YAMNet weights converted to PyTorch (no TensorFlow)
+
+# DeepSpeed compiles a shared-memory comm op at its first start on a CPU machine (~2.5 min);
+# build it once here, cached like the rest, so training and tests start at once.
+export TORCH_EXTENSIONS_DIR ?= $(FLAM_CACHE_DIR)/torch_extensions
+ds-ops: $(TORCH_EXTENSIONS_DIR)/.shm-comm-built  ## DeepSpeed's CPU comm op, compiled once
+
+$(TORCH_EXTENSIONS_DIR)/.shm-comm-built: | $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+	@touch $@
 
 $(FLAM_CACHE_DIR)/yamnet/yamnet.pt: scripts/convert_yamnet.py | $(VENV)/.installed
 	$(BIN)/python scripts/convert_yamnet.py

@@ -29,7 +29,6 @@ import torch
 
 from flam_core.config import Params
 from flam_core.data.mixer import Mixer
-from flam_core.data.recipes import read_recipes
 from flam_core.errors import DataError
 from flam_core.evaluation.frames import (
     event_vocabulary,
@@ -37,6 +36,7 @@ from flam_core.evaluation.frames import (
     truth_matrix,
     vocabulary_scores,
 )
+from flam_core.evaluation.report import split_events
 from flam_core.features import FeatureCache
 from flam_core.utils import atomic_write_text
 
@@ -75,18 +75,6 @@ def reliability(scores: np.ndarray, truth: np.ndarray, balanced: bool, bins: int
     }
 
 
-def ground_truth_events(
-    params: Params, library_dir: Path, recipes_dir: Path, split: str, vocabulary: list[str]
-) -> tuple[list[str], dict[str, list[tuple[float, float, str]]]]:
-    """(audio ids, exact events per mixture restricted to `vocabulary`) of a recipe split."""
-    mixer = Mixer.for_library(params, library_dir)
-    plan = mixer.plan(read_recipes(Path(recipes_dir) / f"{split}.parquet"))
-    keep = set(vocabulary)
-    ids = [str(int(m)) for m in plan.mixture_ids]
-    events = {ids[i]: [e for e in mixer.events(plan, i) if e[2] in keep] for i in range(len(plan))}
-    return ids, events
-
-
 def calibrate(
     params: Params,
     model_dir: Path | None = None,
@@ -107,17 +95,7 @@ def calibrate(
     recipes_dir = Path(recipes_dir or params.synth.out_dir)
     model, _, _ = load_model(model_dir)
     val = FeatureCache(features_dir, "val")
-    cache_ids = [str(m) for m, _ in val.labels]
-    ids, events = ground_truth_events(params, library_dir, recipes_dir, "val", [])
-    if ids != cache_ids:
-        raise DataError(
-            f"{features_dir} does not hold the val mixtures of {recipes_dir}: rebuild the features"
-        )
-    # Labels with at least one event in val: F1 and thresholds need references.
-    vocabulary = event_vocabulary(val)
-    if not vocabulary:
-        raise DataError("the val split has no event label to calibrate on")
-    ids, events = ground_truth_events(params, library_dir, recipes_dir, "val", vocabulary)
+    ids, events, vocabulary = split_events(Mixer.for_library(params, library_dir), recipes_dir, "val", val)
     truth = truth_matrix(val, vocabulary)
     unbiased = vocabulary_scores(model, val, vocabulary, kind="unbiased")
     posterior = vocabulary_scores(model, val, vocabulary, kind="posterior")

@@ -230,6 +230,169 @@ def train_command(
         console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
+    reports: Annotated[Path, typer.Option(help="Plots and metrics folder.")] = Path("reports/calibration"),
+) -> None:
+    """Calibrate the unbiased detector on the val split: threshold, ECE, beta vs prior."""
+    from flam_core.calibrate import calibrate
+
+    result = calibrate(state.params(), model_dir=model, report_dir=reports)
+    console.print(
+        f"threshold {result['threshold']} (macro event F1 {result['threshold_f1_macro']}); balanced ECE "
+        f"posterior {result['ece_balanced']['posterior']} -> unbiased {result['ece_balanced']['unbiased']}; "
+        f"sigmoid(beta) vs frame prior: Spearman {result['beta_prior_spearman']}"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    models: Annotated[
+        Path | None, typer.Option(help="Folder of models/<mode>/ (evaluation.models_dir).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: evaluation.out_dir).")] = None,
+    tsv: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate on a real SED set: DCASE TSV (filename onset offset event_label)."),
+    ] = None,
+    audio_dir: Annotated[Path | None, typer.Option(help="Audio folder of --tsv.")] = None,
+    model: Annotated[str | None, typer.Option(help="With --tsv: model folder or MLflow URI.")] = None,
+) -> None:
+    """FLAM vs its baselines on the test splits (or one model on a DCASE-format dataset)."""
+    params = state.params()
+    if tsv is not None:
+        from flam_core.evaluation.report import evaluate_sed_dataset
+        from flam_core.evaluation.tsv import SedDataset
+        from flam_core.inference import FlamDetector
+
+        if audio_dir is None:
+            raise FlamError("--tsv needs --audio-dir")
+        detector = FlamDetector.from_uri(model or params.train.out_dir)
+        result = evaluate_sed_dataset(detector, SedDataset(audio_dir, tsv))
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from flam_core.evaluation.report import evaluate
+
+    metrics = evaluate(params, models_dir=models, out_dir=out)
+    claims = metrics["claims"]
+    console.print(
+        f"unseen macro AUROC gain over FLAM-Global {claims.get('unseen_auroc_gain')}, PSDS1 gain "
+        f"{claims.get('unseen_psds1_gain')}, retrieval R@5 ratio {claims.get('retrieval_r5_relative')}"
+    )
+
+
+@app.command("register")
+def register_command(
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Evaluation metrics.json.")] = None,
+) -> None:
+    """Register the model in MLflow (alias challenger) and run the champion gate."""
+    from flam_core.registry import register
+
+    decision = register(state.params(), model_dir=model, eval_metrics=metrics)
+    verdict = "promoted to champion" if decision.promoted else "stays challenger"
+    console.print(f"{decision.model} v{decision.version} {verdict}: {decision.reason}")
+
+
+@app.command("promote")
+def promote_command(
+    version: Annotated[int, typer.Option(help="Model version to promote.")],
+    force: Annotated[bool, typer.Option("--force", help="Promote without the comparison.")] = False,
+    name: Annotated[
+        str | None, typer.Option("--model", help="Registered model (registry.model_name).")
+    ] = None,
+) -> None:
+    """Move the champion alias to a version, through the gate unless --force."""
+    from flam_core.registry import gate_version
+
+    params = state.params()
+    if name:
+        params = params.model_copy(
+            update={"registry": params.registry.model_copy(update={"model_name": name})}
+        )
+    decision = gate_version(params, version, force=force)
+    verdict = "promoted to champion" if decision.promoted else "refused"
+    console.print(f"{decision.model} v{decision.version} {verdict}: {decision.reason}")
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+DEFAULT_MODEL_URI = "models:/flam-sed@champion"
+
+
+def _detector(model: str | None) -> object:
+    """The detector of `--model`; by default the registry's champion, else the local model."""
+    from flam_core.errors import ConfigError
+    from flam_core.inference import FlamDetector
+
+    if model:
+        return FlamDetector.from_uri(model)
+    try:
+        return FlamDetector.from_uri(DEFAULT_MODEL_URI)
+    except ConfigError as exc:
+        local = Path(state.params().train.out_dir)
+        console.print(f"[yellow]{DEFAULT_MODEL_URI} is not available ({exc}); using {local}[/]")
+        return FlamDetector.from_dir(local)
+
+
+@app.command("detect")
+def detect_command(
+    audio: Annotated[Path, typer.Argument(help="An audio file (any length, rate, channels).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="What to detect (repeat the option).")],
+    model: Annotated[
+        str | None, typer.Option(help=f"Model folder or MLflow URI (default {DEFAULT_MODEL_URI}).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the detection JSON.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw the score heatmap and segments to a PNG.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Override the calibrated threshold.")] = None,
+) -> None:
+    """When does each prompt sound in a recording: frame probabilities and segments."""
+    from flam_core.inference import plot_detection
+
+    detector = _detector(model)
+    detection = detector.detect(audio, list(prompt), threshold=threshold)  # type: ignore[attr-defined]
+    if plot is not None:
+        plot_detection(detection, plot)
+    if as_json:
+        typer.echo(json.dumps(detection.to_json()))
+        return
+    table = Table(title=f"{audio} ({detection.duration_s:.1f} s, model {detection.model})")
+    for column in ("prompt", "onset (s)", "offset (s)", "score"):
+        table.add_column(column)
+    for seg in detection.segments:
+        table.add_row(seg["prompt"], f"{seg['onset']:.2f}", f"{seg['offset']:.2f}", f"{seg['score']:.3f}")
+    Console(soft_wrap=True).print(table if detection.segments else "no segment above the threshold")
+
+
+@app.command("monitor")
+def monitor_command(
+    current: Annotated[
+        Path | None, typer.Option(help="Production audio folder (monitor.current_dir).")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: monitor.out_dir).")] = None,
+    fail_on_drift: Annotated[
+        bool | None,
+        typer.Option("--fail-on-drift/--no-fail-on-drift", help="Exit 1 when drift exceeds the share."),
+    ] = None,
+) -> None:
+    """Drift report (evidently) of production audio and scores against the training mixtures."""
+    from flam_core.monitor import DriftExceeded, check, run_monitor
+
+    params = state.params()
+    result = run_monitor(params, model_dir=model, current_dir=current, out_dir=out)
+    console.print(
+        f"drift share {result.drift_share:.2f} (max {result.max_drift_share}); drifted: "
+        f"{', '.join(result.drifted_columns) or 'none'}; report {result.html_path}"
+    )
+    try:
+        check(result, params.monitor.fail_on_drift if fail_on_drift is None else fail_on_drift)
+    except DriftExceeded as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
 def run() -> None:
     """Console entry point: project errors print one clear line and exit 2."""
     try:

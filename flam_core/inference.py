@@ -245,3 +245,36 @@ class FlamDetector:
                     {"prompt": prompt, "onset": onset, "offset": min(offset, duration), "score": float(score)}
                 )
         return Detection(self.source, self.frame_hop_s, duration, list(prompts), probs, segments)
+
+
+def plot_detection(detection: Detection, path: Path | str) -> Path:
+    """The prompt x time score heatmap with the detected segments drawn over it (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    k, t = detection.probs.shape
+    fig, ax = plt.subplots(figsize=(min(18, 3 + t * detection.frame_hop_s / 4), 1 + 0.5 * k))
+    image = ax.imshow(
+        detection.probs,
+        aspect="auto",
+        vmin=0,
+        vmax=1,
+        cmap="magma",
+        extent=(0, t * detection.frame_hop_s, k, 0),
+        interpolation="nearest",
+    )
+    row = {p: i for i, p in enumerate(detection.prompts)}
+    for seg in detection.segments:
+        y = row[seg["prompt"]]
+        ax.plot([seg["onset"], seg["offset"]], [y + 0.85, y + 0.85], color="cyan", linewidth=3)
+    ax.set_yticks(np.arange(k) + 0.5, detection.prompts)
+    ax.set_xlabel("time (s); cyan: detected segments")
+    fig.colorbar(image, ax=ax, label="unbiased frame score")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

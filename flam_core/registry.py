@@ -110,7 +110,7 @@ def register(
         "data.sources_manifest_hash": str(recipes_summary.get("sources_manifest_hash")),
         "train.mode": params.train.mode,
         "profile": params.profile,
-    } | {f"metric.{k}": str(v) for k, v in gate.items()}
+    } | {f"metric.{_key(k)}": str(v) for k, v in gate.items()}
     artifacts = {MODEL_ARTIFACT: str(model_dir)}
     yamnet = default_weights_path()
     if params.model.audio_encoder == "yamnet" and yamnet.is_file():
@@ -120,7 +120,7 @@ def register(
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name="register") as run:
         mlflow.log_params({f"train.{k}": v for k, v in params.train.model_dump(mode="json").items()})
-        mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in gate.items()})
+        mlflow.log_metrics({_key(k): float(v) for k, v in gate.items()})
         mlflow.set_tags(tags)
         for extra in (eval_metrics.parent / "results.md", model_dir / "calibration.json"):
             if extra.is_file():
@@ -147,15 +147,29 @@ def register(
 
 
 def _input_example() -> Any:
-    import pandas as pd
+    """One request with a real (1 s of pink-ish noise) WAV, so MLflow can check the example."""
+    import base64
+    import io
 
-    return pd.DataFrame(
-        [{"path": "recording.wav", "audio_base64": "", "prompts": ["dog barking", "glass breaking"]}]
-    )
+    import numpy as np
+    import pandas as pd
+    import soundfile as sf
+
+    noise = np.cumsum(np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    noise = 0.1 * (noise - noise.mean()) / np.abs(noise - noise.mean()).max()
+    buffer = io.BytesIO()
+    sf.write(buffer, noise, 16000, format="WAV", subtype="PCM_16")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return pd.DataFrame([{"path": "", "audio_base64": encoded, "prompts": ["dog barking", "glass breaking"]}])
+
+
+def _key(name: str) -> str:
+    """A metric name as MLflow accepts it in keys (`R@5` -> `R_at_5`)."""
+    return name.replace("@", "_at_")
 
 
 def _metric(version: Any, name: str) -> float | None:
-    value = version.tags.get(f"metric.{name}")
+    value = version.tags.get(f"metric.{_key(name)}")
     return None if value is None else float(value)
 
 

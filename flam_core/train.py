@@ -202,6 +202,18 @@ def _train_loader(
     return make_loader(on_the_fly, "train", library_dir, recipes_dir, rank=rank, world_size=world)
 
 
+def _captions(cache: FeatureCache) -> list[str]:
+    """Every caption the loader can put in a text buffer of this split."""
+    return sorted(
+        {
+            c
+            for _, labels in cache.labels
+            for c, event in zip(labels.captions, labels.is_event, strict=True)
+            if event
+        }
+    )
+
+
 def _check_trainable(loader: DataLoader) -> None:
     """Fail before any step when the train split is empty or names no event label."""
     items = loader.dataset.items  # type: ignore[attr-defined]
@@ -386,8 +398,7 @@ def _start_runtime(params: Params) -> Runtime:
     if params.train.backend == "torch":
         return Runtime(device)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    cache = Path(params.cache_dir or os.environ.get("FLAM_CACHE_DIR") or Path.home() / ".cache" / "flam")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(params.cache_path / "torch_extensions"))
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -446,6 +457,8 @@ def train(
     items = loader.dataset.items  # type: ignore[attr-defined]
     audio_dim = items.summary["dim"] if isinstance(items, FeatureCache) else None
     model = build_model(params, audio_dim)
+    if isinstance(items, FeatureCache):
+        model.text_encoder.precompute(_captions(items))
     loss_fn = build_loss(params)
     if cfg.init_from:
         init = torch.load(Path(cfg.init_from) / "model.pt", map_location="cpu")

@@ -59,3 +59,21 @@ def smoke_features(smoke_library, smoke_recipes, tmp_path_factory: pytest.TempPa
     out = tmp_path_factory.mktemp("features") / "features"
     build_feature_cache(smoke_params(), library, recipes_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_models(smoke_features, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FLAM and FLAM-Global trained briefly on the smoke features: `<folder>/<mode>/`."""
+    from flam_core.train import train
+
+    folder = tmp_path_factory.mktemp("models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'train-runs.db'}")
+        for mode in ("flam", "global"):
+            train(
+                smoke_params(f"train.mode={mode}", "train.steps=40"),
+                features_dir=smoke_features,
+                out_dir=folder / mode,
+                report_dir=folder / f"{mode}-reports",
+            )
+    return folder

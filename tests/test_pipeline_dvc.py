@@ -1,5 +1,6 @@
 """End to end: `dvc repro` on the smoke profile runs every stage, and a second run does nothing."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,10 +39,23 @@ def test_dvc_repro_smoke_then_nothing_to_do(tmp_path):
     first = run([dvc, "repro"], project)
     assert first.returncode == 0, first.stdout + first.stderr
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    for stage in stages:
-        assert f"Running stage '{stage}'" in first.stdout
+    baselines = params["evaluation"]["baselines"]
+    for stage, body in stages.items():
+        names = [f"{stage}@{mode}" for mode in baselines] if "foreach" in body else [stage]
+        for name in names:
+            assert f"Running stage '{name}'" in first.stdout
     assert (project / "data/sources/manifest.parquet").is_file()
     assert (project / "data/recipes/train.parquet").is_file()
+    for mode in baselines:
+        assert (project / "models" / mode / "model.pt").is_file()
+    assert json.loads((project / "models/flam/calibration.json").read_text())["threshold"] > 0
+    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert set(metrics["models"]) == set(baselines)
+    assert "Sound event detection" in (project / "reports/eval/results.md").read_text()
+    decision = json.loads((project / "reports/register/decision.json").read_text())
+    assert decision["model"] == "flam-sed" and decision["promoted"]  # the first model becomes champion
+    assert (project / "mlruns.db").is_file()
+    assert json.loads((project / "reports/drift/drift.json").read_text())["summary"]["n_columns"] > 6
     second = run([dvc, "repro"], project)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Running stage" not in second.stdout

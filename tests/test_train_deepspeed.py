@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 
 
-def launch(tmp_path, features, name, *extra, overrides=()):
+def launch(tmp_path, features, name, *extra: str, overrides=()):
     """`torchrun --nproc_per_node 2 -m flam_core.cli ... train` in `tmp_path` (outputs there)."""
     env = os.environ | {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
@@ -47,7 +47,8 @@ def launch(tmp_path, features, name, *extra, overrides=()):
     command += ["-m", "flam_core.cli", "--params", str(ROOT / "params.yaml"), "--profile", "smoke"]
     for setting in settings:
         command += ["-S", setting]
-    command += ["train", "--out", str(tmp_path / name), "--reports", str(tmp_path / f"{name}-reports"), *extra]
+    command += ["train", "--out", str(tmp_path / name), "--reports", str(tmp_path / f"{name}-reports")]
+    command += extra
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done

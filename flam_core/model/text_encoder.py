@@ -74,6 +74,21 @@ class TextEncoder(nn.Module):
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def precompute(self, texts: Sequence[str], batch_size: int = 64) -> None:
+        """Fill the cache of a frozen encoder with `texts`, in fixed batches of the sorted set.
+
+        The batches depend only on the set of texts, so a resumed run, which precomputes the
+        same set, gets bit-identical embeddings; batching is ~10x faster than one text per call.
+        """
+        if self.trainable:
+            return
+        todo = sorted(set(texts) - self._cache.keys())
+        with torch.no_grad():
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for text, emb in zip(chunk, self.encode(chunk).float(), strict=True):
+                    self._cache[text] = emb
+
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.trainable:
             return self.encode(texts)

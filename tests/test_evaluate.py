@@ -1,0 +1,140 @@
+"""Calibration and the evaluation report on the smoke profile (real features, briefly trained models)."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from flam_core.calibrate import calibrate, reliability
+from flam_core.data.recipes import read_recipes
+from flam_core.errors import DataError
+from flam_core.evaluation.report import evaluate, frame_truth
+from tests.conftest import smoke_params
+
+PARAMS = ("evaluation.baselines=[flam, global]",)
+
+
+@pytest.fixture(scope="module")
+def calibrated(smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path_factory):
+    library, _ = smoke_library
+    recipes, _ = smoke_recipes
+    report = tmp_path_factory.mktemp("calibration")
+    result = calibrate(
+        smoke_params(*PARAMS),
+        model_dir=smoke_models / "flam",
+        features_dir=smoke_features,
+        library_dir=library,
+        recipes_dir=recipes,
+        report_dir=report,
+    )
+    return result, report
+
+
+def test_reliability_of_calibrated_and_overconfident_scores():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=(200, 3, 32))
+    truth = rng.uniform(size=scores.shape) < scores  # calibrated by construction
+    assert reliability(scores, truth, balanced=False)["ece"] < 0.02
+    overconfident = np.where(scores > 0.5, 1.0, 0.0)
+    assert reliability(overconfident, truth, balanced=False)["ece"] > 0.2
+    # Balanced: a rare label's positives weigh as much as its negatives.
+    rare = np.zeros((100, 1, 10), dtype=bool)
+    rare[:5, 0, 0] = True
+    perfect = rare.astype(float)
+    assert reliability(perfect, rare, balanced=True)["ece"] == pytest.approx(0.0)
+    # "Even odds" everywhere is calibrated under the even prior, far off under the label's own prior.
+    even = np.full(rare.shape, 0.5)
+    assert reliability(even, rare, balanced=True)["ece"] == pytest.approx(0.0, abs=1e-9)
+    assert reliability(even, rare, balanced=False)["ece"] == pytest.approx(0.5 - 5 / 1000)
+    with pytest.raises(DataError, match="NaN"):
+        reliability(np.full(rare.shape, np.nan), rare, balanced=True)
+
+
+def test_calibration_writes_threshold_ece_and_plots(calibrated, smoke_models):
+    result, report = calibrated
+    saved = json.loads((smoke_models / "flam" / "calibration.json").read_text())
+    assert saved == result
+    assert 0.0 < result["threshold"] < 1.0
+    assert set(result["ece_balanced"]) == {"posterior", "unbiased"}
+    assert all(0.0 <= v <= 1.0 for v in result["ece_balanced"].values())
+    assert -1.0 <= result["beta_prior_spearman"] <= 1.0
+    assert result["per_prompt"] and all(0.0 < t < 1.0 for t in result["per_prompt"].values())
+    for name in ("reliability.png", "beta_prior.png", "metrics.json"):
+        assert (report / name).stat().st_size > 0
+
+
+def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):
+    recipes, _ = smoke_recipes
+    params = smoke_params()
+    plan = mixer.plan(read_recipes(recipes / "test_seen.parquet"))
+    hop = params.synth.mixture_s / params.frames.n_frames
+    edges = np.arange(params.frames.n_frames + 1) * hop
+    for i in range(len(plan)):
+        labels = mixer.frame_labels(plan, i)
+        events = mixer.events(plan, i)
+        assert events == sorted(events) and all(0.0 <= on < off <= 10.0 for on, off, _ in events)
+        for label in {e[2] for e in events}:
+            mine = [(on, off) for on, off, lab in events if lab == label]
+            assert all(a[1] < b[0] for a, b in pairwise(mine))  # merged, disjoint
+        # every positive frame of the mixer's labels overlaps an exact event of that label
+        for row, label in enumerate(labels.labels):
+            spans = np.array([(on, off) for on, off, lab in events if lab == label]).reshape(-1, 2)
+            for frame in np.flatnonzero(labels.frames[row]):
+                assert ((spans[:, 0] < edges[frame + 1]) & (spans[:, 1] > edges[frame])).any()
+        truth = frame_truth(events, sorted({e[2] for e in events}), params.frames.n_frames, hop)
+        assert truth.any(axis=1).all()
+
+
+def test_evaluation_report_compares_flam_with_its_baseline(
+    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+):
+    library, _ = smoke_library
+    recipes, _ = smoke_recipes
+    out = tmp_path / "eval"
+    metrics = evaluate(
+        smoke_params(*PARAMS),
+        models_dir=smoke_models,
+        features_dir=smoke_features,
+        library_dir=library,
+        recipes_dir=recipes,
+        out_dir=out,
+    )
+    assert set(metrics["models"]) == {"flam", "global"}
+    flam = metrics["models"]["flam"]
+    for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
+        for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2", "event_f1_macro"):
+            assert 0.0 <= flam[split][key] <= 1.0
+    # FLAM uses its calibrated threshold, the uncalibrated baseline 0.5.
+    assert flam["test_unseen"]["threshold"] == calibrated[0]["threshold"]
+    assert metrics["models"]["global"]["test_unseen"]["threshold"] == 0.5
+    assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
+    assert {"seen", "unseen"} <= set(flam["zero_shot"])
+    assert metrics["gate"]["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test_set_hash"] == metrics["test_set_hash"]
+    results = (out / "results.md").read_text()
+    headings = ("Sound event detection", "Retrieval", "Zero-shot", "unbiased vs approximate", "FLAM-Global")
+    for heading in headings:
+        assert heading in results
+    assert (out / "roc_test_unseen.png").stat().st_size > 0
+    assert len(list((out / "heatmaps").glob("*.png"))) == smoke_params().evaluation.heatmaps
+
+
+def test_evaluation_needs_every_baseline(
+    smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+):
+    library, _ = smoke_library
+    recipes, _ = smoke_recipes
+    with pytest.raises(DataError, match=r"no trained model for \['no_text_bias'\]"):
+        evaluate(
+            smoke_params("evaluation.baselines=[flam, no_text_bias]"),
+            models_dir=smoke_models,
+            features_dir=smoke_features,
+            library_dir=library,
+            recipes_dir=recipes,
+            out_dir=tmp_path / "eval",
+        )
+    assert not (tmp_path / "eval").exists()

@@ -365,6 +365,50 @@ def detect_command(
     Console(soft_wrap=True).print(table if detection.segments else "no segment above the threshold")
 
 
+@app.command("index")
+def index_command(
+    audio_dir: Annotated[Path, typer.Argument(help="Folder of audio files (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Index folder (created, or updated incrementally).")],
+    model: Annotated[
+        str | None, typer.Option(help=f"Model folder or MLflow URI (default {DEFAULT_MODEL_URI}).")
+    ] = None,
+) -> None:
+    """Embed a corpus once (frame embeddings, float16); a second run adds only new or changed files."""
+    from flam_core.search import build_index
+
+    summary = build_index(audio_dir, out, _detector(model))
+    console.print(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list | dict)))
+    for item in summary.get("skipped", []):
+        console.print(f"[yellow]skipped[/] {item}")
+
+
+@app.command("search")
+def search_command(
+    index: Annotated[Path, typer.Argument(help="Index folder built by `flam index`.")],
+    query: Annotated[str, typer.Option("--query", "-q", help="What to look for.")],
+    top: Annotated[int, typer.Option(help="Segments to return.")] = 10,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model folder or MLflow URI (default: the index's model, else champion)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Ranked segments (file, onset, offset, score) of an indexed corpus for a text query."""
+    from flam_core.search import SearchIndex, search
+
+    opened = SearchIndex.open(index)
+    hits = search(opened, _detector(model or opened.model.get("source")), query, top=top)
+    if as_json:
+        typer.echo(json.dumps(hits))
+        return
+    table = Table(title=f"{query!r} in {index}")
+    for column in ("file", "onset (s)", "offset (s)", "score"):
+        table.add_column(column)
+    for hit in hits:
+        table.add_row(hit["file"], f"{hit['onset']:.2f}", f"{hit['offset']:.2f}", f"{hit['score']:.3f}")
+    Console(soft_wrap=True).print(table)
+
+
 @app.command("monitor")
 def monitor_command(
     current: Annotated[

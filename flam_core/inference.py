@@ -17,8 +17,11 @@ registered pyfunc, whose artifacts hold that folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ from flam_core.audio.io import read_audio, resample, to_mono
 from flam_core.config import Params
 from flam_core.errors import AudioError, ConfigError, DataError
 
-MODEL_ARTIFACT = "flam_model"  # the model folder's name inside a registered pyfunc's artifacts
+MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
+YAMNET_ARTIFACT = "yamnet"  # the YAMNet weights it carries
 SILENCE_PEAK = 1e-6  # digital silence: nothing to detect, most likely a broken recording
 
 
@@ -64,6 +68,23 @@ class Detection:
         }
 
 
+@contextlib.contextmanager
+def yamnet_weights(path: Path | str | None) -> Iterator[None]:
+    """Build models with these YAMNet weights (a registered model carries its own copy)."""
+    if path is None or not Path(path).is_file():
+        yield
+        return
+    previous = os.environ.get("FLAM_YAMNET_WEIGHTS")
+    os.environ["FLAM_YAMNET_WEIGHTS"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FLAM_YAMNET_WEIGHTS"]
+        else:
+            os.environ["FLAM_YAMNET_WEIGHTS"] = previous
+
+
 def load_model(model_dir: Path) -> tuple[Any, Params, dict[str, Any]]:
     """A trained model folder -> (FlamModel with its audio encoder, params, calibration)."""
     from flam_core.train import _load_trainable_state, build_model
@@ -80,6 +101,17 @@ def load_model(model_dir: Path) -> tuple[Any, Params, dict[str, Any]]:
     calibration_path = model_dir / "calibration.json"
     calibration = json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}
     return model.eval(), params, calibration
+
+
+def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
+    """Artifact name -> local path, from a downloaded pyfunc's MLmodel file."""
+    import yaml
+
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return {}
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    return {name: model_dir / entry["path"] for name, entry in (flavor.get("artifacts") or {}).items()}
 
 
 class FlamDetector:
@@ -136,10 +168,11 @@ class FlamDetector:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except Exception as exc:  # MLflow raises its own exception types for missing models
             raise ConfigError(f"model {uri!r}: cannot fetch it from MLflow ({exc})") from exc
-        folder = local / "artifacts" / MODEL_ARTIFACT
-        if not folder.is_dir():
-            raise ConfigError(f"model {uri!r} is not a FLAM pyfunc: no artifacts/{MODEL_ARTIFACT} in it")
-        model, params, calibration = load_model(folder)
+        artifacts = _pyfunc_artifacts(local)
+        if MODEL_ARTIFACT not in artifacts:
+            raise ConfigError(f"model {uri!r} is not a FLAM pyfunc: it has no {MODEL_ARTIFACT!r} artifact")
+        with yamnet_weights(artifacts.get(YAMNET_ARTIFACT)):
+            model, params, calibration = load_model(artifacts[MODEL_ARTIFACT])
         return cls(model, params, calibration, source=uri, **kwargs)
 
     # --- audio -------------------------------------------------------------------------------

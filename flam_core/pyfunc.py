@@ -30,20 +30,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from flam_core.errors import FlamError
-
-MODEL_ARTIFACT = "flam_model"
-YAMNET_ARTIFACT = "yamnet"
+from flam_core.inference import MODEL_ARTIFACT, YAMNET_ARTIFACT
 
 
 class FlamPyfunc(mlflow.pyfunc.PythonModel):
     """`flam_core.inference.FlamDetector` behind MLflow's pyfunc interface."""
 
     def load_context(self, context: Any) -> None:
-        from flam_core.inference import FlamDetector, load_model
+        from flam_core.inference import FlamDetector, load_model, yamnet_weights
 
-        if YAMNET_ARTIFACT in context.artifacts:
-            os.environ["FLAM_YAMNET_WEIGHTS"] = context.artifacts[YAMNET_ARTIFACT]
-        model, params, calibration = load_model(context.artifacts[MODEL_ARTIFACT])
+        with yamnet_weights(context.artifacts.get(YAMNET_ARTIFACT)):
+            model, params, calibration = load_model(context.artifacts[MODEL_ARTIFACT])
         source = os.environ.get("FLAM_MODEL_URI", "flam-sed (pyfunc)")
         self.detector = FlamDetector(model, params, calibration, source=source)
 

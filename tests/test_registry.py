@@ -65,8 +65,8 @@ def test_gate_promotes_better_and_refuses_worse_challengers(store, smoke_models,
 
     client = MlflowClient(mlflow.get_tracking_uri())
     name = params.registry.model_name
-    assert client.get_model_version_by_alias(name, "champion").version == str(better.version)
-    assert client.get_model_version_by_alias(name, "challenger").version == str(better.version)
+    assert int(client.get_model_version_by_alias(name, "champion").version) == better.version
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == better.version
     refused = client.get_model_version(name, str(worse.version))
     assert refused.tags["gate.decision"] == "refused" and refused.tags["gate.compared_to"] == "1"
     assert refused.tags[f"metric.{GATE[0]}"] == "0.69"

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +47,10 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server(smoke_models, smoke_recipes, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlruns.db'}"}
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlruns.db'}",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # uvicorn, from the venv
+    }
     recipes, _ = smoke_recipes
     metrics = folder / "metrics.json"
     gate = {"test_unseen.frame_auroc_macro": 0.7, "test_unseen.psds1": 0.1}

@@ -19,6 +19,7 @@ split; a `split_prob` share of events is cut into 2-3 consecutive pieces with ga
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from rich.progress import Progress
 
 from flam_core.config import Params, SynthParams
 from flam_core.data.sources import load_manifest
-from flam_core.errors import DataError
+from flam_core.errors import ConfigError, DataError
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256, interactive, stable_seed
 
 SCHEMA_VERSION = 1
@@ -294,27 +295,18 @@ def _to_table(
     return pa.table(columns, schema=RECIPE_SCHEMA)
 
 
-def write_split(
-    pool: ClipPool,
-    synth: SynthParams,
-    split: str,
-    n_mixtures: int,
-    path: Path,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Sample and stream one split to Parquet, chunk by chunk; returns its summary."""
-    chunk = synth.chunk_mixtures
+def _write_tables(path: Path, tables: Iterable[pa.Table]) -> tuple[int, int]:
+    """Stream chunk tables into one Parquet file, one row group each; returns (rows, event rows)."""
     n_rows = n_events = 0
-    task = progress.add_task(f"recipes {split}", total=n_mixtures) if progress else None
     with pq.ParquetWriter(path, RECIPE_SCHEMA, compression="zstd") as writer:
-        for index, first in enumerate(range(0, n_mixtures, chunk)):
-            count = min(chunk, n_mixtures - first)
-            table = sample_chunk(pool, synth, count, first, stable_seed(synth.seed, split, index))
+        for table in tables:
             writer.write_table(table, row_group_size=len(table))
             n_rows += len(table)
             n_events += int(np.count_nonzero(table.column("event_index").to_numpy() >= 0))
-            if progress is not None and task is not None:
-                progress.advance(task, count)
+    return n_rows, n_events
+
+
+def _split_summary(pool: ClipPool, n_mixtures: int, n_rows: int, n_events: int, path: Path) -> dict[str, Any]:
     return {
         "n_mixtures": n_mixtures,
         "n_rows": n_rows,
@@ -326,6 +318,54 @@ def write_split(
     }
 
 
+def write_split(
+    pool: ClipPool,
+    synth: SynthParams,
+    split: str,
+    n_mixtures: int,
+    path: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Sample and stream one split to Parquet, chunk by chunk; returns its summary."""
+    chunk = synth.chunk_mixtures
+    task = progress.add_task(f"recipes {split}", total=n_mixtures) if progress else None
+
+    def tables() -> Iterator[pa.Table]:
+        for index, first in enumerate(range(0, n_mixtures, chunk)):
+            count = min(chunk, n_mixtures - first)
+            yield sample_chunk(pool, synth, count, first, stable_seed(synth.seed, split, index))
+            if progress is not None and task is not None:
+                progress.advance(task, count)
+
+    n_rows, n_events = _write_tables(path, tables())
+    return _split_summary(pool, n_mixtures, n_rows, n_events, path)
+
+
+def _load_library(params: Params, library_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The library's manifest and summary, checked against `synth` (clips must fit a mixture)."""
+    manifest = load_manifest(library_dir)
+    too_long = manifest.loc[manifest["kind"] == "event", "duration_s"].max()
+    if too_long > params.synth.mixture_s:
+        raise DataError(f"event clips up to {too_long:.2f} s do not fit {params.synth.mixture_s} s mixtures")
+    summary_path = library_dir / "summary.json"
+    if not summary_path.is_file():
+        raise DataError(f"source library summary not found: {summary_path}; run `flam sources build`")
+    return manifest, json.loads(summary_path.read_text())
+
+
+def _recipes_summary(
+    params: Params, sources_summary: dict[str, Any], splits: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "profile": params.profile,
+        "params_hash": params.section_hash("synth"),
+        "sources_manifest_hash": sources_summary["manifest_hash"],
+        "mixture_s": params.synth.mixture_s,
+        "splits": splits,
+    }
+
+
 def build_recipes(
     params: Params, library_dir: Path | None = None, out_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -333,14 +373,7 @@ def build_recipes(
     synth = params.synth
     library_dir = Path(library_dir or params.sources.out_dir)
     out_dir = Path(out_dir or synth.out_dir)
-    manifest = load_manifest(library_dir)
-    too_long = manifest.loc[manifest["kind"] == "event", "duration_s"].max()
-    if too_long > synth.mixture_s:
-        raise DataError(f"event clips up to {too_long:.2f} s do not fit {synth.mixture_s} s mixtures")
-    summary_path = library_dir / "summary.json"
-    if not summary_path.is_file():
-        raise DataError(f"source library summary not found: {summary_path}; run `flam sources build`")
-    sources_summary = json.loads(summary_path.read_text())
+    manifest, sources_summary = _load_library(params, library_dir)
     splits: dict[str, Any] = {}
     with atomic_dir(out_dir) as staging, Progress(disable=not interactive()) as progress:
         for split in RECIPE_SPLITS:
@@ -348,14 +381,149 @@ def build_recipes(
             n = getattr(synth.n_mixtures, split)
             splits[split] = write_split(pool, synth, split, n, staging / f"{split}.parquet", progress)
             splits[split]["sha256"] = file_sha256(staging / f"{split}.parquet")
-        summary = {
-            "schema_version": SCHEMA_VERSION,
-            "profile": params.profile,
+        summary = _recipes_summary(params, sources_summary, splits)
+        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# --- sharded sampling ------------------------------------------------------------------------
+# The unit of work is one chunk of one split: `(split, chunk index)`, sampled with the same seed
+# as `build_recipes` gives it. `plan_recipe_shards` deals the units round-robin to shards;
+# `build_recipe_shard` samples one shard's units into Arrow IPC files (exact tables, dictionaries
+# included); `merge_recipe_shards` streams them, in split and chunk order, through the same
+# Parquet writer, so its folder is byte-identical to `build_recipes`' output.
+
+SHARD_SCHEMA_VERSION = 1
+
+
+def recipe_units(params: Params) -> list[tuple[str, int]]:
+    """Every `(split, chunk index)` of the recipes, in the order `build_recipes` writes them."""
+    chunk = params.synth.chunk_mixtures
+    return [
+        (split, index)
+        for split in RECIPE_SPLITS
+        for index in range(-(-getattr(params.synth.n_mixtures, split) // chunk))
+    ]
+
+
+def plan_recipe_shards(params: Params, n_shards: int) -> list[list[tuple[str, int]]]:
+    """The units of each shard: round-robin over `recipe_units`, no empty shard.
+
+    At most `n_shards` shards, and no more than there are units (`synth.chunk_mixtures` sets
+    how many chunks a split has).
+    """
+    if n_shards < 1:
+        raise ConfigError(f"n_shards must be at least 1 (got {n_shards})")
+    units = recipe_units(params)
+    count = min(n_shards, len(units))
+    return [units[i::count] for i in range(count)]
+
+
+def _unit_table(pool: ClipPool, synth: SynthParams, split: str, index: int) -> pa.Table:
+    first = index * synth.chunk_mixtures
+    count = min(synth.chunk_mixtures, getattr(synth.n_mixtures, split) - first)
+    return sample_chunk(pool, synth, count, first, stable_seed(synth.seed, split, index))
+
+
+def _unit_file(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.arrow"
+
+
+def build_recipe_shard(
+    params: Params,
+    shard: int,
+    n_shards: int,
+    library_dir: Path | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Sample shard `shard` of `plan_recipe_shards(params, n_shards)` into `out_dir`.
+
+    Writes one Arrow IPC file per unit and `shard.json` (the units, the synth hash and the
+    library's manifest hash); returns that manifest.
+    """
+    library_dir = Path(library_dir or params.sources.out_dir)
+    if out_dir is None:
+        raise ConfigError("build_recipe_shard needs an out_dir")
+    plan = plan_recipe_shards(params, n_shards)
+    if not 0 <= shard < len(plan):
+        raise ConfigError(f"recipe shard {shard} does not exist: the plan has {len(plan)} shard(s)")
+    manifest, sources_summary = _load_library(params, library_dir)
+    pools: dict[str, ClipPool] = {}
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with atomic_dir(Path(out_dir)) as staging:
+        for split, index in plan[shard]:
+            if split not in pools:
+                pools[split] = ClipPool.for_split(manifest, split)
+            table = _unit_table(pools[split], params.synth, split, index)
+            path = staging / _unit_file(split, index)
+            with pa.ipc.new_file(path, RECIPE_SCHEMA, options=options) as writer:
+                writer.write_table(table)
+        info = {
+            "schema_version": SHARD_SCHEMA_VERSION,
+            "shard": shard,
+            "n_shards": len(plan),
+            "units": [[split, index] for split, index in plan[shard]],
             "params_hash": params.section_hash("synth"),
             "sources_manifest_hash": sources_summary["manifest_hash"],
-            "mixture_s": synth.mixture_s,
-            "splits": splits,
         }
+        atomic_write_text(staging / "shard.json", json.dumps(info, indent=2))
+    return info
+
+
+def _read_unit(path: Path) -> pa.Table:
+    with pa.ipc.open_file(path) as reader:
+        return reader.read_all()
+
+
+def merge_recipe_shards(
+    params: Params,
+    shard_dirs: Sequence[Path],
+    library_dir: Path | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Merge `build_recipe_shard` folders into the recipe folder `build_recipes` would write.
+
+    Raises `DataError` when a shard was sampled with other synth parameters or from another
+    library, or when a unit is missing or present twice.
+    """
+    library_dir = Path(library_dir or params.sources.out_dir)
+    out_dir = Path(out_dir or params.synth.out_dir)
+    manifest, sources_summary = _load_library(params, library_dir)
+    expected_hash = params.section_hash("synth")
+    files: dict[tuple[str, int], Path] = {}
+    for folder in map(Path, shard_dirs):
+        info_path = folder / "shard.json"
+        if not info_path.is_file():
+            raise DataError(f"recipe shard manifest not found: {info_path}")
+        info = json.loads(info_path.read_text())
+        if info.get("params_hash") != expected_hash:
+            raise DataError(f"{info_path}: sampled with other synth parameters than these")
+        if info.get("sources_manifest_hash") != sources_summary["manifest_hash"]:
+            raise DataError(f"{info_path}: sampled from another source library than {library_dir}")
+        for split, index in info["units"]:
+            unit = (str(split), int(index))
+            if unit in files:
+                raise DataError(f"recipe unit {unit} is in two shards: {files[unit].parent} and {folder}")
+            path = folder / _unit_file(*unit)
+            if not path.is_file():
+                raise DataError(f"recipe shard file not found: {path}")
+            files[unit] = path
+    expected = recipe_units(params)
+    missing = [unit for unit in expected if unit not in files]
+    extra = sorted(set(files) - set(expected))
+    if missing or extra:
+        raise DataError(f"recipe shards do not cover the plan: missing {missing}, unexpected {extra}")
+    splits: dict[str, Any] = {}
+    with atomic_dir(out_dir) as staging:
+        for split in RECIPE_SPLITS:
+            pool = ClipPool.for_split(manifest, split)
+            path = staging / f"{split}.parquet"
+            units = [unit for unit in expected if unit[0] == split]
+            n_rows, n_events = _write_tables(path, (_read_unit(files[unit]) for unit in units))
+            n = getattr(params.synth.n_mixtures, split)
+            splits[split] = _split_summary(pool, n, n_rows, n_events, path)
+            splits[split]["sha256"] = file_sha256(path)
+        summary = _recipes_summary(params, sources_summary, splits)
         atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
     return summary
 

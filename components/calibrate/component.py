@@ -1,0 +1,45 @@
+"""Stage `calibrate`: decision threshold and calibration of FLAM on the val split."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import FLAM_IMAGE
+
+
+@dsl.component(base_image=FLAM_IMAGE, install_kfp_package=False)
+def calibrate_model(
+    params: Input[Artifact],
+    model: Input[Model],
+    library: Input[Dataset],
+    recipes: Input[Dataset],
+    features: Input[Dataset],
+    calibrated: Output[Model],
+    calibration_report: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """`flam_core.calibrate.calibrate(params, model_dir, features, library, recipes, report_dir)`.
+
+    Input artifacts are read-only: the model folder is copied to `calibrated`, which receives
+    `calibration.json` next to the weights.
+    """
+    import shutil
+    from pathlib import Path
+
+    from flam_core.calibrate import calibrate
+    from flam_core.config import Params
+
+    resolved = Params.model_validate_json(Path(params.path).read_text())
+    shutil.copytree(model.path, calibrated.path, ignore=shutil.ignore_patterns("checkpoints"))
+    result = calibrate(
+        resolved,
+        model_dir=Path(calibrated.path),
+        features_dir=Path(features.path),
+        library_dir=Path(library.path),
+        recipes_dir=Path(recipes.path),
+        report_dir=Path(calibration_report.path),
+    )
+    for key in ("threshold", "threshold_f1_macro", "f1_macro_at_0.5", "beta_prior_spearman"):
+        metrics.log_metric(key, float(result[key]))
+    for kind, value in result["ece_balanced"].items():
+        metrics.log_metric(f"ece_balanced.{kind}", float(value))
+    calibrated.metadata.update(dict(model.metadata) | {"threshold": result["threshold"]})

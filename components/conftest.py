@@ -1,0 +1,3 @@
+"""Component tests reuse the project's session fixtures (a smoke source library, recipes, features)."""
+
+from tests.conftest import mixer, smoke_features, smoke_library, smoke_recipes  # noqa: F401

@@ -1,0 +1,1 @@
+"""Kubeflow pipelines of FLAM (see README.md)."""

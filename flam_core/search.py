@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import importlib
 import json
 import math
@@ -61,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from flam_core.errors import AudioError, ConfigError, DataError
 from flam_core.utils import atomic_write_text, interactive
@@ -73,7 +75,8 @@ PQ_TRAIN_ROWS = 65_536  # frames sampled to train the product quantizer
 PQ_BITS = 4
 RERANK = 1000  # candidates of the PQ scan re-scored exactly
 CHUNK_MAX_ROWS = 262_144  # a chunk is written after this many frames even before batch_files files
-REGION_FRAMES = 32  # half-width of the window of exact scores around a hit, grown as needed
+REGION_FRAMES = 128  # half-width of the window of exact scores around a hit, grown as needed
+WHOLE_FILE_FRAMES = 2048  # files up to this long (640 s at 312.5 ms) are scored whole, in one call
 FILE_COLUMNS = {
     "path": "string",
     "size": "int64",
@@ -154,6 +157,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _to_float32(array: np.ndarray) -> np.ndarray:
+    """float16 rows -> float32 (torch converts with F16C, several times faster than numpy)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).float().numpy()
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -551,7 +559,7 @@ class SearchIndex:
             path = index_dir / "chunks" / f"{chunk['name']}.npy"
             if not path.is_file():
                 raise DataError(f"{index_dir}: chunk file {path.name} is missing")
-            array = np.load(path, mmap_mode="r")
+            array = np.load(path, mmap_mode="c")  # copy-on-write: torch can view it; never written
             if array.shape != (chunk["rows"], self.dim) or array.dtype != np.float16:
                 raise DataError(
                     f"{path} holds {array.dtype} {array.shape}, "
@@ -640,21 +648,21 @@ class SearchIndex:
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """float32 embeddings of global `rows` (any order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), np.float32)
+        out = np.empty((len(rows), self.dim), np.float16)
         which = np.searchsorted(self.chunk_start, rows, side="right") - 1
         for c in np.unique(which):
             mine = np.flatnonzero(which == c)
             local = rows[mine] - self.chunk_start[c]
             order = np.argsort(local, kind="stable")
             out[mine[order]] = self.chunks[c][local[order]]
-        return out
+        return _to_float32(out)
 
     def file_rows(self, file: int, start: int, stop: int) -> np.ndarray:
         """float32 embeddings of frames `start:stop` of table row `file` (one chunk holds a file)."""
         first = int(self.first_row[file])
         c = int(np.searchsorted(self.chunk_start, first, side="right") - 1)
         local = first - int(self.chunk_start[c])
-        return np.asarray(self.chunks[c][local + start : local + stop], dtype=np.float32)
+        return _to_float32(self.chunks[c][local + start : local + stop])
 
     def file_of(self, rows: np.ndarray) -> np.ndarray:
         """Files-table row of each global row."""
@@ -674,7 +682,7 @@ class SearchIndex:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         if self._pq is None:
             assert self._exact is not None
-            cos = self._exact @ q
+            cos = (torch.from_numpy(self._exact) @ torch.from_numpy(q)).numpy()
             cos[~self.live] = -np.inf
             rows = np.argpartition(-cos, n - 1)[:n] if n < len(cos) else np.arange(len(cos))
             rows = rows[np.argsort(-cos[rows], kind="stable")]
@@ -689,7 +697,7 @@ class SearchIndex:
                 break
             wanted *= 4
         emb = self.gather(rows)
-        order = np.argsort(-(emb @ q), kind="stable")[:n]
+        order = np.argsort(-(torch.from_numpy(emb) @ torch.from_numpy(q)).numpy(), kind="stable")[:n]
         return rows[order], emb[order]
 
 
@@ -701,13 +709,14 @@ def _window_segments(
     hits: np.ndarray,
     cut: float,
 ) -> list[tuple[float, float, float]]:
-    """(onset, offset, score) segments of one file around its hit frames.
+    """(onset, offset, score) segments of one file around its hit frames (all of a short file).
 
     Each window's scores are median-filtered with `median_frames // 2` frames of context on
-    both sides, so the filtered values inside it are those of the whole file; a window grows
-    while an active frame touches one of its inner edges. The segments are therefore exactly
-    those `segments_from_frames` finds in the whole file's scores (the runs of frames whose
-    median-filtered score is above the threshold, scored by their highest unfiltered score).
+    both sides, so the filtered values inside it are those of the whole file; a window grows (by
+    doubling steps) while an active frame touches one of its inner edges. The segments are
+    therefore exactly those `segments_from_frames` finds in the whole file's scores (the runs of
+    frames whose median-filtered score is above the threshold, scored by their highest
+    unfiltered score).
     """
     from flam_core.evaluation.sed import median_filter_frames
 
@@ -719,7 +728,11 @@ def _window_segments(
     for t in np.sort(hits):
         if t < covered:
             continue
-        lo, hi = max(covered, int(t) - REGION_FRAMES), min(n, int(t) + REGION_FRAMES + 1)
+        if n <= WHOLE_FILE_FRAMES:
+            lo, hi = 0, n
+        else:
+            lo, hi = max(covered, int(t) - REGION_FRAMES), min(n, int(t) + REGION_FRAMES + 1)
+        step = REGION_FRAMES
         while True:
             ext_lo, ext_hi = max(0, lo - half), min(n, hi + half)
             probs = detector.score(index.file_rows(file, ext_lo, ext_hi), [query])[0]
@@ -729,14 +742,21 @@ def _window_segments(
             if not (grow_lo or grow_hi):
                 break
             if grow_lo:
-                lo = max(covered, lo - REGION_FRAMES)
+                lo = max(covered, lo - step)
             if grow_hi:
-                hi = min(n, hi + REGION_FRAMES)
+                hi = min(n, hi + step)
+            step *= 2
         inside = active[lo - ext_lo : hi - ext_lo].astype(np.int8)
         raw = probs[lo - ext_lo : hi - ext_lo]
         edges = np.diff(np.concatenate([[0], inside, [0]]))
-        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
-            out.append(((lo + start) * hop, min((lo + stop) * hop, duration), float(raw[start:stop].max())))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if len(starts):
+            peaks = np.maximum.reduceat(np.append(raw, -np.inf), np.stack([starts, stops], axis=1).ravel())[
+                ::2
+            ]
+            onsets = (lo + starts) * hop
+            offsets = np.minimum((lo + stops) * hop, duration)
+            out += zip(onsets.tolist(), offsets.tolist(), peaks.astype(float).tolist(), strict=True)
         covered = hi
     return out
 
@@ -765,6 +785,27 @@ def search(
     index.check_model(detector)
     if index.n_live == 0:
         return []
+    with _torch_threads(1):
+        return _search(index, detector, query, top, threshold)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch with `n` intra-op threads. A query scores many small windows; on a busy machine waking
+    torch's thread pool for each costs milliseconds, far more than the work itself."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
+def _search(
+    index: SearchIndex, detector: Any, query: str, top: int, threshold: float | None
+) -> list[dict[str, Any]]:
     cut = float(threshold) if threshold is not None else float(detector.threshold_for(query))
     text_emb, _, _ = detector.prompt_embeddings([query])
     rows, emb = index.top_frames(text_emb[0].numpy(), max(top, RERANK))
@@ -774,12 +815,13 @@ def search(
     files = index.file_of(rows)
     hop = index.frame_hop_s
     segments: list[tuple[float, int, float, float]] = []  # (score, file, onset, offset)
+    best: list[float] = []  # the `top` highest segment scores so far, a min-heap
     visited: set[int] = set()
     for j in range(len(rows)):
         if scores[j] <= cut:
             break
-        if len(segments) >= top and segments[top - 1][0] >= scores[j]:
-            break
+        if len(best) >= top and best[0] >= scores[j]:
+            break  # no unvisited file holds a frame scoring above the `top`-th segment
         file = int(files[j])
         if file in visited:
             continue
@@ -788,7 +830,10 @@ def search(
         hits = rows[mine] - index.first_row[file]
         for onset, offset, score in _window_segments(index, detector, query, file, hits, cut):
             segments.append((score, file, onset, offset))
-        segments.sort(key=lambda s: (-s[0], s[1], s[2]))
+            if len(best) < top:
+                heapq.heappush(best, score)
+            elif score > best[0]:
+                heapq.heapreplace(best, score)
     if not segments:
         for j in range(min(top, len(rows))):
             file = int(files[j])
@@ -796,12 +841,8 @@ def search(
             segments.append(
                 (float(scores[j]), file, t * hop, min((t + 1) * hop, float(index.duration_s[file])))
             )
+    ranked = heapq.nsmallest(top, segments, key=lambda s: (-s[0], s[1], s[2]))
     return [
-        {
-            "file": str(index.paths[file]),
-            "onset": float(onset),
-            "offset": float(offset),
-            "score": float(score),
-        }
-        for score, file, onset, offset in segments[:top]
+        {"file": str(index.paths[f]), "onset": float(onset), "offset": float(offset), "score": float(score)}
+        for score, f, onset, offset in ranked
     ]

@@ -288,3 +288,33 @@ def test_synthetic_index_finds_the_planted_frames_exactly_and_with_pq(tmp_path, 
         fallback = search(index, detector, "something else entirely", top=3, threshold=1.0)
         assert len(fallback) == 3 and all(r["offset"] - r["onset"] == pytest.approx(hop) for r in fallback)
     assert RERANK >= 50
+
+
+def test_windows_of_long_files_give_the_segments_of_whole_file_scoring(tmp_path, detector):
+    """Random frames sit around cos 0, i.e. score 0.5, the threshold: runs everywhere, the hardest case
+    for growing windows. Search must return exactly the best segments of each whole file's scores."""
+    from flam_core.evaluation.sed import segments_from_frames
+    from flam_core.search import WHOLE_FILE_FRAMES
+
+    rng = np.random.default_rng(1)
+    dim, hop = model_reference(detector)["embed_dim"], detector.frame_hop_s
+    files = [
+        ("long.wav", synthetic_frames(rng, 3 * WHOLE_FILE_FRAMES + 7, dim)),
+        ("short.wav", synthetic_frames(rng, 90, dim)),
+    ]
+    write_embeddings(tmp_path / "index", model_reference(detector), files)
+    index = SearchIndex.open(tmp_path / "index")
+    for query in ("a bell", "rain on a roof"):
+        expected = []
+        for name, frames in files:
+            probs = detector.score(frames.astype(np.float16).astype(np.float32), [query])[0]
+            expected += [
+                (score, name, on, min(off, len(frames) * hop))
+                for on, off, score in segments_from_frames(probs, hop, 0.5)
+            ]
+        expected.sort(key=lambda s: (-s[0], s[1], s[2]))
+        got = search(index, detector, query, top=25, threshold=0.5)
+        assert [(g["file"], g["onset"], g["offset"]) for g in got] == [
+            (e[1], e[2], e[3]) for e in expected[:25]
+        ]
+        np.testing.assert_allclose([g["score"] for g in got], [e[0] for e in expected[:25]], rtol=1e-6)

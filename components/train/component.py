@@ -60,7 +60,7 @@ def train_model(
     resolved = Params.model_validate(raw)
     out, reports = Path(model.path), Path(train_report.path)
     n_gpus = torch.cuda.device_count()
-    print(f"train {mode}: {n_gpus} visible GPU(s), {gpus} requested")
+    print(f"train {mode}: {n_gpus} visible GPU(s), {gpus} requested", flush=True)
     if n_gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             # The parameters are already resolved: the profile overlay is empty.
@@ -93,7 +93,7 @@ def train_model(
                 "--reports",
                 str(reports),
             ]
-            print(" ".join(command))
+            print(" ".join(command), flush=True)
             subprocess.run(command, check=True)
         result = json.loads((reports / "metrics.json").read_text())
     else:

@@ -233,7 +233,7 @@ def evaluate(
         results[mode] = entry
     flam = results["flam"]
     gate = {f"{s}.{k}": v for s in TEST_SPLITS for k, v in flam[s].items() if isinstance(v, float)}
-    gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items()}
+    gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items() if isinstance(v, float)}
     metrics = {
         "models": results,
         "gate": gate,

@@ -115,6 +115,7 @@ def _global_embeddings(model: Any, features: np.ndarray, n_valid: list[int] | No
 
 @torch.no_grad()
 def _text_embeddings(model: Any, texts: list[str]) -> np.ndarray:
+    model.text_encoder.precompute(texts)  # batched: hundreds of captions
     return model.head.text_embeddings(model.text_encoder(texts)).numpy()
 
 

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from flam_core.config import Params
 from flam_core.data.mixer import Mixer
 from flam_core.errors import DataError
 from flam_core.evaluation.frames import (
-    event_vocabulary,
-    label_frame_priors,
+    learned_priors,
+    rank_correlation,
     truth_matrix,
     vocabulary_scores,
 )
@@ -84,7 +83,7 @@ def calibrate(
     report_dir: Path = Path("reports/calibration"),
 ) -> dict[str, Any]:
     """Calibrate the model in `model_dir` on the val split; writes `calibration.json` there."""
-    from scipy.stats import pearsonr, spearmanr
+    from scipy.stats import pearsonr
 
     from flam_core.evaluation.sed import best_threshold, event_f1
     from flam_core.inference import load_model
@@ -112,12 +111,9 @@ def calibrate(
         "posterior": reliability(posterior, truth, balanced=False)["ece"],
         "unbiased": reliability(unbiased, truth, balanced=False)["ece"],
     }
-    train_cache = FeatureCache(features_dir, "train")
-    train_labels = event_vocabulary(train_cache)
-    prior = label_frame_priors(train_cache, train_labels)
-    with torch.no_grad():
-        _, beta = model.head.text_scale_bias(model.text_encoder(train_labels))
-    learned = torch.sigmoid(beta).numpy()
+    _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
+    spearman = rank_correlation(learned, prior)
+    pearson = None if spearman is None else round(float(pearsonr(learned, prior).statistic), 4)
     calibration = {
         "split": "val",
         "threshold": round(float(threshold), 4),
@@ -126,8 +122,8 @@ def calibrate(
         "per_prompt": per_label,
         "ece_balanced": {k: round(v["ece"], 4) for k, v in curves.items()},
         "ece_plain": {k: round(v, 4) for k, v in plain.items()},
-        "beta_prior_spearman": round(float(spearmanr(learned, prior).statistic), 4),
-        "beta_prior_pearson": round(float(pearsonr(learned, prior).statistic), 4),
+        "beta_prior_spearman": spearman,
+        "beta_prior_pearson": pearson,
         "n_labels": len(vocabulary),
         "n_mixtures": len(ids),
     }
@@ -180,7 +176,7 @@ def _plot_reliability(curves: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_beta_prior(prior: np.ndarray, learned: np.ndarray, spearman: float, path: Path) -> None:
+def _plot_beta_prior(prior: np.ndarray, learned: np.ndarray, spearman: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +188,8 @@ def _plot_beta_prior(prior: np.ndarray, learned: np.ndarray, spearman: float, pa
     ax.set_yscale("log")
     ax.set_xlabel("empirical frame prior of the label (train)")
     ax.set_ylabel("learned sigmoid(beta)")
-    ax.set_title(f"Per-text bias vs frame prior (Spearman {spearman:.2f})")
+    shown = "n/a, one shared bias" if spearman is None else f"{spearman:.2f}"
+    ax.set_title(f"Per-text bias vs frame prior (Spearman {shown})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

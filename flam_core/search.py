@@ -26,19 +26,15 @@ Search. For one query the frame score is a monotone function of the cosine betwe
 text embeddings (`alpha > 0`), so the best frames by inner product are the best frames by score.
 Small indexes (fewer than `PQ_MIN_ROWS` live frames) are scanned exactly in float32. Larger ones
 are scanned with faiss' 4-bit product-quantizer fast scan (`IndexPQFastScan`, one 4-bit code per
-pair of dimensions: 128 bytes per 512-d frame, 128 MB per million frames, held in memory), whose
-`RERANK` best candidates are re-scored exactly from the float16 embeddings. The memory-bound
-alternatives measured on the reference machine (2 cores, ~6 GB/s) take 125-350 ms per query at
-one million frames (float32 BLAS over 2 GB, faiss float16/int8 scalar quantizers over 1 GB/512 MB);
-the fast scan plus exact re-ranking takes ~25 ms with recall@10 = 1.0 against exact search, even
-on random unit vectors, the hardest case for quantization (BENCHMARKS.md, `bench/bench_search.py`).
+pair of dimensions: 128 bytes per 512-d frame, 128 MB per million frames, held in memory); its
+`rerank` best candidates are re-scored exactly from the float16 embeddings.
 
-Segments: the files of the best frames are visited in order of their best frame; around each of a
-file's candidate frames above the threshold the exact scores of a window of frames are computed
-(grown until no active frame touches a window edge), median-filtered and thresholded exactly as
-`flam detect` does (`segments_from_frames`), and segments are ranked by their highest frame score.
-When no frame passes the threshold, the best frames are returned as one-frame segments, so a
-query always answers.
+Segments: a segment's best frame is active (its median-filtered score passes the threshold), so
+only candidates active in their own neighbourhood start a file visit, in order of score. Around a
+file's active candidates the exact scores of a window of frames are computed (grown until no
+active frame touches a window edge), median-filtered and thresholded exactly as `flam detect`
+does, and segments are ranked by their highest frame score. When no segment passes the threshold,
+the best frames are returned as one-frame segments, so a query always answers.
 """
 
 from __future__ import annotations
@@ -73,10 +69,11 @@ AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 PQ_MIN_ROWS = 65_536  # from this many live frames on, searches scan PQ codes instead of float32
 PQ_TRAIN_ROWS = 65_536  # frames sampled to train the product quantizer
 PQ_BITS = 4
-RERANK = 1000  # candidates of the PQ scan re-scored exactly
+RERANK = 2000  # candidates of the PQ scan re-scored exactly
 CHUNK_MAX_ROWS = 262_144  # a chunk is written after this many frames even before batch_files files
 REGION_FRAMES = 128  # half-width of the window of exact scores around a hit, grown as needed
 WHOLE_FILE_FRAMES = 2048  # files up to this long (640 s at 312.5 ms) are scored whole, in one call
+ACTIVITY_BLOCK = 256  # candidates whose median-filtered activity is checked at once
 FILE_COLUMNS = {
     "path": "string",
     "size": "int64",
@@ -548,8 +545,12 @@ def build_index(
 class SearchIndex:
     """An opened index: memory-mapped embeddings, the live-row mask and the scan structure."""
 
-    def __init__(self, index_dir: Path, meta: dict[str, Any], files: pd.DataFrame) -> None:
-        self.dir, self.meta = index_dir, meta
+    def __init__(
+        self, index_dir: Path, meta: dict[str, Any], files: pd.DataFrame, rerank: int = RERANK
+    ) -> None:
+        if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 1:
+            raise ConfigError(f"rerank must be a positive integer, got {rerank!r}")
+        self.dir, self.meta, self.rerank = index_dir, meta, rerank
         self.model: dict[str, Any] = meta["model"]
         self.dim = int(self.model["embed_dim"])
         self.frame_hop_s = float(self.model["frame_hop_s"])
@@ -594,8 +595,8 @@ class SearchIndex:
             )
 
     @classmethod
-    def open(cls, index_dir: Path | str) -> SearchIndex:
-        """Open an index for searching (the post-processing module is imported here, not per query)."""
+    def open(cls, index_dir: Path | str, rerank: int = RERANK) -> SearchIndex:
+        """Open an index for searching. `rerank`: PQ-scan candidates re-scored exactly per query."""
         importlib.import_module("flam_core.evaluation.sed")
         index_dir = Path(index_dir)
         meta = _read_meta(index_dir)
@@ -603,7 +604,7 @@ class SearchIndex:
             raise DataError(
                 f"{index_dir} is not a search index (no index.json): run `flam index AUDIO_DIR` first"
             )
-        return cls(index_dir, meta, _read_files(index_dir, meta))
+        return cls(index_dir, meta, _read_files(index_dir, meta), rerank)
 
     def _load_pq(self) -> Any:
         faiss = _faiss()
@@ -671,7 +672,7 @@ class SearchIndex:
     def top_frames(self, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The `n` live frames with the highest inner product with `vector`: (rows, float32 embeddings).
 
-        Exact on a small index; with PQ codes, the best `max(n, RERANK)` candidates by the
+        Exact on a small index; with PQ codes, the best `max(n, self.rerank)` candidates by the
         quantized scan are re-scored exactly, widening the scan while deleted rows crowd it.
         """
         q = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
@@ -687,13 +688,13 @@ class SearchIndex:
             rows = np.argpartition(-cos, n - 1)[:n] if n < len(cos) else np.arange(len(cos))
             rows = rows[np.argsort(-cos[rows], kind="stable")]
             return rows, self._exact[rows]
-        wanted = max(n, RERANK)
+        wanted = max(n, self.rerank)
         while True:
             with _faiss_threads(1):
                 _, found = self._pq.search(q[None], min(wanted, self.n_rows))
             rows = found[0][found[0] >= 0]
             rows = rows[self.live[rows]]
-            if len(rows) >= min(max(n, RERANK // 2), self.n_live) or wanted >= self.n_rows:
+            if len(rows) >= min(max(n, self.rerank // 2), self.n_live) or wanted >= self.n_rows:
                 break
             wanted *= 4
         emb = self.gather(rows)
@@ -806,28 +807,48 @@ def _torch_threads(n: int) -> Iterator[None]:
 def _search(
     index: SearchIndex, detector: Any, query: str, top: int, threshold: float | None
 ) -> list[dict[str, Any]]:
+    from flam_core.evaluation.sed import median_filter_frames
+
     cut = float(threshold) if threshold is not None else float(detector.threshold_for(query))
     text_emb, _, _ = detector.prompt_embeddings([query])
-    rows, emb = index.top_frames(text_emb[0].numpy(), max(top, RERANK))
+    rows, emb = index.top_frames(text_emb[0].numpy(), max(top, index.rerank))
     scores = detector.score(emb, [query])[0]
     order = np.argsort(-scores, kind="stable")
     rows, scores = rows[order], scores[order]
     files = index.file_of(rows)
     hop = index.frame_hop_s
+    # A segment's best frame is active (its median-filtered score passes the threshold): only
+    # active candidates start a file visit. Activity is checked in blocks, as the visits need it.
+    above = np.flatnonzero(scores > cut)
+    active = np.full(len(rows), -1, dtype=np.int8)  # -1: not checked yet
+    half = detector.median_frames // 2
+
+    def check(which: np.ndarray) -> None:
+        which = which[active[which] < 0]
+        if len(which):
+            first, length = index.first_row[files[which]], index.n_frames[files[which]]
+            local = (rows[which] - first)[:, None] + np.arange(-half, half + 1)
+            around = first[:, None] + np.clip(local, 0, length[:, None] - 1)  # the filter's "nearest" edge
+            probs = detector.score(index.gather(around.ravel()), [query])[0].reshape(len(which), -1)
+            active[which] = median_filter_frames(probs, detector.median_frames)[:, half] > cut
+
     segments: list[tuple[float, int, float, float]] = []  # (score, file, onset, offset)
     best: list[float] = []  # the `top` highest segment scores so far, a min-heap
     visited: set[int] = set()
-    for j in range(len(rows)):
-        if scores[j] <= cut:
-            break
+    for position, j in enumerate(above):
+        if position % ACTIVITY_BLOCK == 0:
+            check(above[position : position + ACTIVITY_BLOCK])
+        if not active[j]:
+            continue
         if len(best) >= top and best[0] >= scores[j]:
-            break  # no unvisited file holds a frame scoring above the `top`-th segment
+            break  # no unvisited file holds an active frame scoring above the `top`-th segment
         file = int(files[j])
         if file in visited:
             continue
         visited.add(file)
-        mine = (files == file) & (scores > cut)
-        hits = rows[mine] - index.first_row[file]
+        mine = above[files[above] == file]
+        check(mine)
+        hits = rows[mine[active[mine] == 1]] - index.first_row[file]
         for onset, offset, score in _window_segments(index, detector, query, file, hits, cut):
             segments.append((score, file, onset, offset))
             if len(best) < top:

@@ -26,6 +26,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -492,61 +493,61 @@ def train(
     history = [row for row in history if int(row["step"]) <= position.step]
     model.train()
     stop = min(cfg.steps, max_steps or cfg.steps)
-    tracker = _Tracker(params, resume) if runtime.main else None
-    started = time.perf_counter()
-    batches = _batches(loader, position)
-    from rich.progress import Progress
+    with _tracking(params, resume, enabled=runtime.main) as tracker:
+        started = time.perf_counter()
+        batches = _batches(loader, position)
+        from rich.progress import Progress
 
-    with Progress(disable=not (interactive() and runtime.main)) as progress:
-        task = progress.add_task("training", total=stop, completed=position.step)
-        while position.step < stop:
-            for _ in range(accumulation):
-                batch = _to_device(next(batches), runtime.device)
-                losses = compute_loss(forward, loss_fn, batch, distributed=runtime.world > 1)
-                terms = runtime.mean(torch.stack([v.detach().float() for v in losses.values()]))
-                if not torch.isfinite(terms).all():
-                    raise TrainingDiverged(
-                        f"non-finite loss ({terms[0].item()}) at step {position.step + 1}, batch of "
-                        f"mixtures {batch['mixture_id'].tolist()}; the last good checkpoint stays in "
-                        f"{checkpoints}"
-                    )
-                if runtime.engine is not None:
-                    runtime.engine.backward(losses["loss"])
-                    runtime.engine.step()  # clips, steps and zeroes at the accumulation boundary
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    losses["loss"].backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-            position.step += 1
-            row = {"step": position.step, "lr": scheduler.get_last_lr()[0]}
-            row |= {k: float(v) for k, v in zip(losses, terms, strict=True)}
-            history.append(row)
-            if tracker is not None and (position.step % cfg.log_every == 0 or position.step == stop):
-                tracker.log(row)
-            if position.step % cfg.checkpoint_every == 0:
-                _save_checkpoint(checkpoints, model, optimizer, scheduler, position, runtime)
-            progress.advance(task)
-    final = _final_model(params, model, audio_dim, runtime)
-    metrics: dict[str, Any] = {}
-    if runtime.main:
-        _write_history(report_dir / "loss.csv", history)
-        metrics = {
-            "steps": position.step,
-            "train_seconds": round(time.perf_counter() - started, 1),
-            "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
-            "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
-        }
-        if features_dir is not None and position.step >= cfg.steps:
-            metrics |= quick_validation(final, features_dir)
-        if position.step >= cfg.steps:
-            _save_model(out_dir, final, params)
-            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-            atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
-        assert tracker is not None
-        tracker.finish(metrics, report_dir / "loss.csv")
+        with Progress(disable=not (interactive() and runtime.main)) as progress:
+            task = progress.add_task("training", total=stop, completed=position.step)
+            while position.step < stop:
+                for _ in range(accumulation):
+                    batch = _to_device(next(batches), runtime.device)
+                    losses = compute_loss(forward, loss_fn, batch, distributed=runtime.world > 1)
+                    terms = runtime.mean(torch.stack([v.detach().float() for v in losses.values()]))
+                    if not torch.isfinite(terms).all():
+                        raise TrainingDiverged(
+                            f"non-finite loss ({terms[0].item()}) at step {position.step + 1}, batch of "
+                            f"mixtures {batch['mixture_id'].tolist()}; the last good checkpoint stays in "
+                            f"{checkpoints}"
+                        )
+                    if runtime.engine is not None:
+                        runtime.engine.backward(losses["loss"])
+                        runtime.engine.step()  # clips, steps and zeroes at the accumulation boundary
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        losses["loss"].backward()
+                        if cfg.grad_clip:
+                            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                        optimizer.step()
+                        scheduler.step()
+                position.step += 1
+                row = {"step": position.step, "lr": scheduler.get_last_lr()[0]}
+                row |= {k: float(v) for k, v in zip(losses, terms, strict=True)}
+                history.append(row)
+                if tracker is not None and (position.step % cfg.log_every == 0 or position.step == stop):
+                    tracker.log(row)
+                if position.step % cfg.checkpoint_every == 0:
+                    _save_checkpoint(checkpoints, model, optimizer, scheduler, position, runtime)
+                progress.advance(task)
+        final = _final_model(params, model, audio_dim, runtime)
+        metrics: dict[str, Any] = {}
+        if runtime.main:
+            _write_history(report_dir / "loss.csv", history)
+            metrics = {
+                "steps": position.step,
+                "train_seconds": round(time.perf_counter() - started, 1),
+                "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
+                "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
+            }
+            if features_dir is not None and position.step >= cfg.steps:
+                metrics |= quick_validation(final, features_dir)
+            if position.step >= cfg.steps:
+                _save_model(out_dir, final, params)
+                atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+                atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
+            assert tracker is not None
+            tracker.finish(metrics, report_dir / "loss.csv")
     runtime.barrier()
     return metrics
 
@@ -570,12 +571,11 @@ def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtim
 def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
     """Frame AUROC on the val split (seen labels, label as prompt), and how well sigmoid(beta)
     of each training label tracks its frame prior (Spearman correlation)."""
-    from scipy.stats import spearmanr
-
     from flam_core.evaluation.frames import (
         event_vocabulary,
         frame_auroc,
-        label_frame_priors,
+        learned_priors,
+        rank_correlation,
         truth_matrix,
         vocabulary_scores,
     )
@@ -583,17 +583,12 @@ def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
     val = FeatureCache(features_dir, "val")
     vocabulary = event_vocabulary(val)
     auroc = frame_auroc(truth_matrix(val, vocabulary), vocabulary_scores(model, val, vocabulary))
-    train_cache = FeatureCache(features_dir, "train")
-    train_labels = event_vocabulary(train_cache)
-    prior = label_frame_priors(train_cache, train_labels)
-    with torch.no_grad():
-        _, beta = model.head.text_scale_bias(model.text_encoder(train_labels))
-    correlation = spearmanr(torch.sigmoid(beta).numpy(), prior).statistic
+    _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     return {
         "val_frame_auroc_micro": round(auroc["micro"], 4),
         "val_frame_auroc_macro": round(auroc["macro"], 4),
         "val_labels": auroc["n_labels"],
-        "beta_prior_spearman": round(float(correlation), 4),
+        "beta_prior_spearman": rank_correlation(learned, prior),
     }
 
 
@@ -637,6 +632,21 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+@contextmanager
+def _tracking(params: Params, resume: bool, enabled: bool) -> Iterator[_Tracker | None]:
+    """The MLflow run of a training on the main process (None elsewhere); a run that raises is
+    ended FAILED (KILLED on Ctrl-C), so no run is left open in the process."""
+    if not enabled:
+        yield None
+        return
+    tracker = _Tracker(params, resume)
+    try:
+        yield tracker
+    except BaseException as error:
+        tracker.mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 class _Tracker:
     """MLflow run of this training (SQLite store by default); imported lazily."""
 
@@ -667,7 +677,7 @@ class _Tracker:
         self.mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
     def finish(self, metrics: dict[str, Any], loss_csv: Path) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         if loss_csv.is_file():
             self.mlflow.log_artifact(str(loss_csv), artifact_path="train")
         self.mlflow.end_run()

@@ -81,6 +81,23 @@ def test_non_finite_loss_stops_naming_step_and_batch(feature_cache, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 1, batch of mixtures \[\d+"):
         run(broken, tmp_path, "nan")
     assert not (tmp_path / "nan" / "model.pt").exists()
+    import mlflow
+
+    assert mlflow.active_run() is None  # the failed run is closed, not left open in the process
+    last = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"], max_results=1)
+    assert last["status"].tolist() == ["FAILED"]
+
+
+@pytest.mark.parametrize("mode", ["no_text_scale", "no_text_bias", "no_text_scale_bias"])
+def test_every_ablation_trains_to_a_model(feature_cache, tmp_path, mode):
+    metrics = run(feature_cache, tmp_path, mode, f"train.mode={mode}", "train.steps=8")
+    assert (tmp_path / mode / "model.pt").is_file()
+    saved = json.loads((tmp_path / mode / "metrics.json").read_text())
+    if mode == "no_text_scale":
+        assert -1.0 <= saved["beta_prior_spearman"] <= 1.0
+    else:  # one shared bias: no per-label ranking to correlate
+        assert saved["beta_prior_spearman"] is None
+    assert metrics["steps"] == 8
 
 
 def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):

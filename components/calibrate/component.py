@@ -39,7 +39,8 @@ def calibrate_model(
         report_dir=Path(calibration_report.path),
     )
     for key in ("threshold", "threshold_f1_macro", "f1_macro_at_0.5", "beta_prior_spearman"):
-        metrics.log_metric(key, float(result[key]))
+        if result[key] is not None:
+            metrics.log_metric(key, float(result[key]))
     for kind, value in result["ece_balanced"].items():
         metrics.log_metric(f"ece_balanced.{kind}", float(value))
     calibrated.metadata.update(dict(model.metadata) | {"threshold": result["threshold"]})

@@ -108,3 +108,24 @@ def label_frame_priors(cache: FeatureCache, labels: Sequence[str]) -> np.ndarray
     truth = truth_matrix(cache, labels)
     present = truth.any(axis=2)
     return truth.sum(axis=(0, 2)) / np.maximum(present.sum(axis=0), 1) / truth.shape[2]
+
+
+@torch.no_grad()
+def learned_priors(model: FlamModel, train_cache: FeatureCache) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(training labels, their empirical frame priors, the model's `sigmoid(beta)` for each).
+
+    The logit adjustment should make `sigmoid(beta)` track the frame prior of each label."""
+    labels = event_vocabulary(train_cache)
+    prior = label_frame_priors(train_cache, labels)
+    _, beta = model.head.text_scale_bias(model.text_encoder(labels))
+    return labels, prior, torch.sigmoid(beta).detach().numpy()
+
+
+def rank_correlation(learned: np.ndarray, prior: np.ndarray) -> float | None:
+    """Spearman correlation of learned and empirical priors; None where the model has one shared
+    bias (ablation `no_text_bias`): a constant has no ranking to compare."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(learned) == 0.0 or np.ptp(prior) == 0.0:
+        return None
+    return round(float(spearmanr(learned, prior).statistic), 4)

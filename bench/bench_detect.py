@@ -5,7 +5,11 @@
 1. Hit rate: every event clip of the source library's test split (real recordings, never
    trained on; seen labels and held-out labels separately) goes through `FlamDetector.detect`
    with its label as the prompt, as a file on disk. A hit is a detected segment that overlaps
-   one of the clip's known active spans (from the library manifest).
+   one of the clip's known active spans (from the library manifest). A false alarm: the same
+   clip prompted with another clip's label (of the same group) gives any segment. Also
+   reported, had one threshold been used for every prompt: the hit rate (the best frame score
+   inside an active span passes it) and the false-alarm rate (the other prompt's best frame
+   score anywhere passes it).
 2. Real-time factor: one hour of audio (real mixtures rendered back to back) with 10 prompts,
    the whole `detect` call (decoding excluded), on this machine's CPU threads.
 """
@@ -42,18 +46,41 @@ PROMPTS = [
 ]
 
 
-def hit_rate(detector: FlamDetector, library: Path) -> dict[str, dict[str, float]]:
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def hit_rate(detector: FlamDetector, library: Path) -> dict[str, dict]:
     manifest = load_manifest(library)
     clips = manifest[(manifest["split"] == "test") & (manifest["kind"] == "event")]
-    results: dict[str, list[bool]] = {"seen": [], "unseen": []}
-    for row in clips.itertuples():
-        detection = detector.detect(library / row.path, [row.label])
-        spans = np.asarray([list(s) for s in row.active_spans], dtype=float).reshape(-1, 2)
-        hit = any(
-            ((spans[:, 0] < seg["offset"]) & (spans[:, 1] > seg["onset"])).any() for seg in detection.segments
-        )
-        results["unseen" if row.heldout else "seen"].append(hit)
-    return {k: {"hit_rate": float(np.mean(v)), "clips": len(v)} for k, v in results.items() if v}
+    out = {}
+    for group, rows in (("seen", clips[~clips["heldout"]]), ("unseen", clips[clips["heldout"]])):
+        if rows.empty:
+            continue
+        labels = rows["label"].to_numpy()
+        # Another clip's label of the same group, never the clip's own: the false-alarm prompt.
+        shift = np.roll(np.arange(len(rows)), len(rows) // 2)
+        hits, best, alarms, other_best = [], [], [], []
+        for row, other in zip(rows.itertuples(), labels[shift], strict=True):
+            prompts = [row.label] if other == row.label else [row.label, other]
+            detection = detector.detect(library / row.path, prompts)
+            spans = np.asarray([list(s) for s in row.active_spans], dtype=float).reshape(-1, 2)
+            mine = [seg for seg in detection.segments if seg["prompt"] == row.label]
+            hits.append(any(((spans[:, 0] < g["offset"]) & (spans[:, 1] > g["onset"])).any() for g in mine))
+            times = (np.arange(detection.probs.shape[1]) + 0.5) * detection.frame_hop_s
+            inside = ((times[:, None] >= spans[:, 0]) & (times[:, None] < spans[:, 1])).any(axis=1)
+            best.append(float(detection.probs[0][inside].max()) if inside.any() else 0.0)
+            if other != row.label:
+                alarms.append(any(seg["prompt"] == other for seg in detection.segments))
+                other_best.append(float(detection.probs[1].max()))
+        best_arr = np.asarray(best)
+        out[group] = {
+            "clips": len(rows),
+            "hit_rate": round(float(np.mean(hits)), 3),
+            "false_alarm_rate": round(float(np.mean(alarms)), 3),
+            "hit_rate_at": {t: round(float((best_arr > t).mean()), 3) for t in SWEEP},
+            "false_alarm_rate_at": {t: round(float((np.asarray(other_best) > t).mean()), 3) for t in SWEEP},
+        }
+    return out
 
 
 def real_time_factor(detector: FlamDetector, params, library: Path, recipes: Path, seconds: float) -> dict:
@@ -87,15 +114,17 @@ def main() -> None:
     parser.add_argument("--recipes", type=Path, default=Path("data/recipes"))
     parser.add_argument("--hour-s", type=float, default=3600.0)
     parser.add_argument("--skip-hits", action="store_true")
+    parser.add_argument("--skip-rtf", action="store_true")
     args = parser.parse_args()
     detector = FlamDetector.from_uri(args.model)
     params = load_params("params.yaml")
     if not args.skip_hits:
         print("hit rate on the library's test clips (label as prompt):", hit_rate(detector, args.library))
-    print(
-        "real-time factor, 10 prompts:",
-        real_time_factor(detector, params, args.library, args.recipes, args.hour_s),
-    )
+    if not args.skip_rtf:
+        print(
+            "real-time factor, 10 prompts:",
+            real_time_factor(detector, params, args.library, args.recipes, args.hour_s),
+        )
 
 
 if __name__ == "__main__":

@@ -138,3 +138,31 @@ def test_evaluation_needs_every_baseline(
             out_dir=tmp_path / "eval",
         )
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_learned_bias_tracks_each_labels_frame_prior(smoke_models, smoke_features, tmp_path, monkeypatch):
+    """The prior loss makes sigmoid(beta_k) follow label k's frame prior in the training data;
+    FLAM-Global never trains beta (its bias MLP keeps its initialisation). 400 smoke steps:
+    the 40-step fixture model is too short for beta to settle (Spearman ~0)."""
+    from flam_core.evaluation.frames import learned_priors, rank_correlation
+    from flam_core.features import FeatureCache
+    from flam_core.inference import load_model
+    from flam_core.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'runs.db'}")
+    train(
+        smoke_params("train.steps=400", "train.warmup_steps=20"),
+        features_dir=smoke_features,
+        out_dir=tmp_path / "flam",
+        report_dir=tmp_path / "reports",
+    )
+    cache = FeatureCache(smoke_features, "train")
+    correlation = {}
+    for mode, folder in (("flam", tmp_path / "flam"), ("global", smoke_models / "global")):
+        model, _, _ = load_model(folder)
+        labels, prior, learned = learned_priors(model, cache)
+        assert len(labels) == len(prior) == len(learned) > 10
+        correlation[mode] = rank_correlation(learned, prior)
+    assert correlation["flam"] > 0.5
+    assert correlation["flam"] > correlation["global"] + 0.3

@@ -722,7 +722,7 @@ def _window_segments(
     frames whose median-filtered score is above the threshold, scored by their highest
     unfiltered score).
     """
-    from flam_core.evaluation.sed import median_filter_frames
+    from flam_core.evaluation.sed import active_runs, median_filter_frames
 
     n = int(index.n_frames[file])
     half = detector.median_frames // 2
@@ -750,17 +750,11 @@ def _window_segments(
             if grow_hi:
                 hi = min(n, hi + step)
             step *= 2
-        inside = active[lo - ext_lo : hi - ext_lo].astype(np.int8)
-        raw = probs[lo - ext_lo : hi - ext_lo]
-        edges = np.diff(np.concatenate([[0], inside, [0]]))
-        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        if len(starts):
-            peaks = np.maximum.reduceat(np.append(raw, -np.inf), np.stack([starts, stops], axis=1).ravel())[
-                ::2
-            ]
-            onsets = (lo + starts) * hop
-            offsets = np.minimum((lo + stops) * hop, duration)
-            out += zip(onsets.tolist(), offsets.tolist(), peaks.astype(float).tolist(), strict=True)
+        window = slice(lo - ext_lo, hi - ext_lo)
+        starts, stops, peaks = active_runs(active[window], probs[window])
+        onsets = (lo + starts) * hop
+        offsets = np.minimum((lo + stops) * hop, duration)
+        out += zip(onsets.tolist(), offsets.tolist(), peaks.astype(float).tolist(), strict=True)
         covered = hi
     return out
 

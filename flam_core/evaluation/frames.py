@@ -118,7 +118,7 @@ def learned_priors(model: FlamModel, train_cache: FeatureCache) -> tuple[list[st
     labels = event_vocabulary(train_cache)
     prior = label_frame_priors(train_cache, labels)
     _, beta = model.head.text_scale_bias(model.text_encoder(labels))
-    return labels, prior, torch.sigmoid(beta).detach().numpy()
+    return labels, prior, torch.sigmoid(beta).numpy()
 
 
 def rank_correlation(learned: np.ndarray, prior: np.ndarray) -> float | None:

@@ -401,6 +401,16 @@ def median_filter_frames(probs: np.ndarray, median_frames: int = 3) -> np.ndarra
     return median_filter(probs, size=size, mode="nearest")
 
 
+def active_runs(active: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start frames, end frames (exclusive), highest `probs` value) of each run of `active` frames."""
+    edges = np.diff(np.concatenate([[False], active, [False]]).astype(np.int8))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if starts.size == 0:
+        return starts, ends, np.zeros(0, dtype=np.asarray(probs).dtype)
+    bounds = np.stack([starts, ends], axis=1).ravel()
+    return starts, ends, np.maximum.reduceat(np.append(probs, -np.inf), bounds)[::2]
+
+
 def segments_from_frames(
     probs_k: np.ndarray, hop_s: float, threshold: float, median_frames: int = 3
 ) -> list[tuple[float, float, float]]:
@@ -418,14 +428,7 @@ def segments_from_frames(
     hop_s = _check_hop(hop_s)
     if not _is_number(threshold) or not math.isfinite(threshold):
         raise DataError(f"threshold must be a finite number, got {threshold!r}")
-    active = median_filter_frames(probs_k, median_frames) > threshold
-    edges = np.diff(np.concatenate([[False], active, [False]]).astype(np.int8))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    if starts.size == 0:
-        return []
-    bounds = np.stack([starts, ends], axis=1).ravel()
-    peaks = np.maximum.reduceat(np.append(probs_k, -np.inf), bounds)[::2]
+    starts, ends, peaks = active_runs(median_filter_frames(probs_k, median_frames) > threshold, probs_k)
     return [
         (float(s * hop_s), float(e * hop_s), float(p)) for s, e, p in zip(starts, ends, peaks, strict=True)
     ]

@@ -1,6 +1,8 @@
-"""Calibration of the unbiased detector on the validation split (stage `calibrate`).
+"""Calibration of the unbiased detector on the validation splits (stage `calibrate`).
 
-What the logit adjustment promises, measured on held-out mixtures of seen labels:
+What the logit adjustment promises, measured on validation mixtures: `val` (labels seen in
+training, other recordings) and `val_unseen` (held-out labels, never trained on, disjoint
+from the labels of `test_unseen`):
 
 - **Reliability.** The model's posterior `p = sigmoid(alpha * cos + beta)` carries each
   label's learned frame prior (rain is long, a door slam is short); the unbiased score
@@ -11,8 +13,12 @@ What the logit adjustment promises, measured on held-out mixtures of seen labels
 - **Prior tracking.** The learned `sigmoid(beta_k)` of each training label against its
   empirical frame prior (Spearman and Pearson correlation, scatter plot).
 - **Threshold.** The single threshold on `s` that maximises macro event F1 (collar-based,
-  sed_scores_eval) over the val vocabulary: near 0.5 when the adjustment works. Per-label
-  thresholds are kept as well, for closed-vocabulary use.
+  sed_scores_eval) over a vocabulary. `threshold`, the one the detector applies to any prompt
+  it has no own threshold for, is chosen on `val_unseen`: a user's prompt is in general not a
+  training label, and scores of never-trained prompts run lower than those of training
+  labels, so a threshold chosen on training labels alone misses novel sounds. The optimum
+  over `val` is kept as `threshold_seen`, and per-label optima of the training labels as
+  `per_prompt` (closed-vocabulary use). Reliability is measured on both splits.
 
 Output: `<model>/calibration.json` (read by the detector), `metrics.json` and plots
 (`reliability.png`, `beta_prior.png`) in the report folder.
@@ -82,7 +88,7 @@ def calibrate(
     recipes_dir: Path | None = None,
     report_dir: Path = Path("reports/calibration"),
 ) -> dict[str, Any]:
-    """Calibrate the model in `model_dir` on the val split; writes `calibration.json` there."""
+    """Calibrate the model in `model_dir` on val and val_unseen; writes `calibration.json` there."""
     from scipy.stats import pearsonr
 
     from flam_core.evaluation.sed import best_threshold, event_f1
@@ -93,39 +99,44 @@ def calibrate(
     library_dir = Path(library_dir or params.sources.out_dir)
     recipes_dir = Path(recipes_dir or params.synth.out_dir)
     model, _, _ = load_model(model_dir)
-    val = FeatureCache(features_dir, "val")
-    ids, events, vocabulary = split_events(Mixer.for_library(params, library_dir), recipes_dir, "val", val)
-    truth = truth_matrix(val, vocabulary)
-    unbiased = vocabulary_scores(model, val, vocabulary, kind="unbiased")
-    posterior = vocabulary_scores(model, val, vocabulary, kind="posterior")
+    mixer = Mixer.for_library(params, library_dir)
     hop = params.synth.mixture_s / params.frames.n_frames
-    args = (hop, vocabulary, ids, events)
-    threshold, f1 = best_threshold(unbiased, *args)
-    at_half = event_f1(unbiased, *args, threshold=0.5)
-    per_label = _per_label_thresholds(unbiased, hop, vocabulary, ids, events)
+    seen, unseen = (_ValSplit(model, mixer, features_dir, recipes_dir, s) for s in ("val", "val_unseen"))
+    threshold_seen, f1_seen = best_threshold(seen.unbiased, hop, *seen.args)
+    threshold, f1 = best_threshold(unseen.unbiased, hop, *unseen.args)
+    per_label = _per_label_thresholds(seen.unbiased, hop, *seen.args)
     curves = {
-        "posterior": reliability(posterior, truth, balanced=True),
-        "unbiased": reliability(unbiased, truth, balanced=True),
+        "posterior": reliability(seen.posterior, seen.truth, balanced=True),
+        "unbiased": reliability(seen.unbiased, seen.truth, balanced=True),
     }
     plain = {
-        "posterior": reliability(posterior, truth, balanced=False)["ece"],
-        "unbiased": reliability(unbiased, truth, balanced=False)["ece"],
+        "posterior": reliability(seen.posterior, seen.truth, balanced=False)["ece"],
+        "unbiased": reliability(seen.unbiased, seen.truth, balanced=False)["ece"],
+    }
+    unseen_ece = {
+        "posterior": reliability(unseen.posterior, unseen.truth, balanced=True)["ece"],
+        "unbiased": reliability(unseen.unbiased, unseen.truth, balanced=True)["ece"],
     }
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     spearman = rank_correlation(learned, prior)
     pearson = None if spearman is None else round(float(pearsonr(learned, prior).statistic), 4)
     calibration = {
-        "split": "val",
+        "split": "val_unseen",
         "threshold": round(float(threshold), 4),
         "threshold_f1_macro": round(float(f1), 4),
-        "f1_macro_at_0.5": round(float(at_half["f1_macro"]), 4),
+        "f1_macro_at_0.5": round(event_f1(unseen.unbiased, hop, *unseen.args, threshold=0.5)["f1_macro"], 4),
+        "threshold_seen": round(float(threshold_seen), 4),
+        "threshold_seen_f1_macro": round(float(f1_seen), 4),
         "per_prompt": per_label,
         "ece_balanced": {k: round(v["ece"], 4) for k, v in curves.items()},
         "ece_plain": {k: round(v, 4) for k, v in plain.items()},
+        "ece_balanced_unseen": {k: round(v, 4) for k, v in unseen_ece.items()},
         "beta_prior_spearman": spearman,
         "beta_prior_pearson": pearson,
-        "n_labels": len(vocabulary),
-        "n_mixtures": len(ids),
+        "n_labels": len(unseen.vocabulary),
+        "n_mixtures": len(unseen.ids),
+        "n_labels_seen": len(seen.vocabulary),
+        "n_mixtures_seen": len(seen.ids),
     }
     atomic_write_text(model_dir / "calibration.json", json.dumps(calibration, indent=2))
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +145,18 @@ def calibrate(
     _plot_reliability(curves, report_dir / "reliability.png")
     _plot_beta_prior(prior, learned, calibration["beta_prior_spearman"], report_dir / "beta_prior.png")
     return calibration
+
+
+class _ValSplit:
+    """One validation split: its events, frame truth, unbiased and posterior frame scores."""
+
+    def __init__(self, model: Any, mixer: Mixer, features_dir: Path, recipes_dir: Path, split: str) -> None:
+        cache = FeatureCache(features_dir, split)
+        self.ids, self.events, self.vocabulary = split_events(mixer, recipes_dir, split, cache)
+        self.args = (self.vocabulary, self.ids, self.events)
+        self.truth = truth_matrix(cache, self.vocabulary)
+        self.unbiased = vocabulary_scores(model, cache, self.vocabulary, kind="unbiased")
+        self.posterior = vocabulary_scores(model, cache, self.vocabulary, kind="posterior")
 
 
 def _per_label_thresholds(

@@ -112,7 +112,10 @@ def sources_stats(
         for key, value in counts.items():
             table.add_row(key, str(value))
         out.print(table)
-    out.print("held-out labels: " + ", ".join(stats["heldout_labels"]))
+    heldout_val = set(stats["heldout_val_labels"])
+    out.print("held-out labels, val_unseen: " + ", ".join(sorted(heldout_val)))
+    heldout_test = [label for label in stats["heldout_labels"] if label not in heldout_val]
+    out.print("held-out labels, test_unseen: " + ", ".join(heldout_test))
 
 
 @synth_app.command("recipes")
@@ -235,12 +238,14 @@ def calibrate_command(
     model: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
     reports: Annotated[Path, typer.Option(help="Plots and metrics folder.")] = Path("reports/calibration"),
 ) -> None:
-    """Calibrate the unbiased detector on the val split: threshold, ECE, beta vs prior."""
+    """Calibrate the unbiased detector on val and val_unseen: thresholds, ECE, beta vs prior."""
     from flam_core.calibrate import calibrate
 
     result = calibrate(state.params(), model_dir=model, report_dir=reports)
     console.print(
-        f"threshold {result['threshold']} (macro event F1 {result['threshold_f1_macro']}); balanced ECE "
+        f"threshold {result['threshold']} for novel prompts (val_unseen macro event F1 "
+        f"{result['threshold_f1_macro']}), {result['threshold_seen']} over training labels (val); "
+        "balanced ECE "
         f"posterior {result['ece_balanced']['posterior']} -> unbiased {result['ece_balanced']['unbiased']}; "
         f"sigmoid(beta) vs frame prior: Spearman {result['beta_prior_spearman']}"
     )

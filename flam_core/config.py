@@ -120,6 +120,9 @@ class SplitParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, le=0.4)
     test_fraction: float = Field(0.15, ge=0.0, le=0.4)
     heldout_label_fraction: float = Field(0.2, ge=0.15, le=0.6)
+    # Share of the held-out labels whose clips go to `val` (recipe split val_unseen: the
+    # threshold for never-trained prompts is chosen there); the others go to `test`.
+    heldout_val_fraction: float = Field(0.4, ge=0.0, le=0.8)
 
 
 class SourcesParams(_Section):
@@ -172,6 +175,7 @@ class MixtureCounts(_Section):
 
     train: int = Field(4000, ge=1, le=100_000_000)
     val: int = Field(400, ge=1, le=10_000_000)
+    val_unseen: int = Field(400, ge=1, le=10_000_000)
     test_seen: int = Field(400, ge=1, le=10_000_000)
     test_unseen: int = Field(400, ge=1, le=10_000_000)
 
@@ -298,8 +302,8 @@ class ShardParams(_Section):
     enabled: bool = False  # the `shards` stage writes only a summary while this is false
     flac_preview: bool = False  # also store a 16-bit FLAC of each mixture for listening
     out_dir: str = "data/shards"
-    splits: list[Literal["train", "val", "test_seen", "test_unseen"]] = Field(
-        default_factory=lambda: ["train", "val", "test_seen", "test_unseen"]
+    splits: list[Literal["train", "val", "val_unseen", "test_seen", "test_unseen"]] = Field(
+        default_factory=lambda: ["train", "val", "val_unseen", "test_seen", "test_unseen"]
     )
     max_shard_mb: float = Field(256.0, gt=0.0, le=4096.0)
 

@@ -569,8 +569,9 @@ def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtim
 
 
 def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
-    """Frame AUROC on the val split (seen labels, label as prompt), and how well sigmoid(beta)
-    of each training label tracks its frame prior (Spearman correlation)."""
+    """Frame AUROC on the val split (seen labels, label as prompt) and on val_unseen (held-out
+    labels, never trained on: the figure for model selection on novel prompts), and how well
+    sigmoid(beta) of each training label tracks its frame prior (Spearman correlation)."""
     from flam_core.evaluation.frames import (
         event_vocabulary,
         frame_auroc,
@@ -580,16 +581,16 @@ def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
         vocabulary_scores,
     )
 
-    val = FeatureCache(features_dir, "val")
-    vocabulary = event_vocabulary(val)
-    auroc = frame_auroc(truth_matrix(val, vocabulary), vocabulary_scores(model, val, vocabulary))
+    metrics: dict[str, float] = {}
+    for split in ("val", "val_unseen"):
+        cache = FeatureCache(features_dir, split)
+        vocabulary = event_vocabulary(cache)
+        auroc = frame_auroc(truth_matrix(cache, vocabulary), vocabulary_scores(model, cache, vocabulary))
+        metrics[f"{split}_frame_auroc_micro"] = round(auroc["micro"], 4)
+        metrics[f"{split}_frame_auroc_macro"] = round(auroc["macro"], 4)
+        metrics[f"{split}_labels"] = auroc["n_labels"]
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
-    return {
-        "val_frame_auroc_micro": round(auroc["micro"], 4),
-        "val_frame_auroc_macro": round(auroc["macro"], 4),
-        "val_labels": auroc["n_labels"],
-        "beta_prior_spearman": rank_correlation(learned, prior),
-    }
+    return metrics | {"beta_prior_spearman": rank_correlation(learned, prior)}
 
 
 def _save_model(out_dir: Path, model: FlamModel, params: Params) -> None:

@@ -53,12 +53,42 @@ def test_reliability_of_calibrated_and_overconfident_scores():
         reliability(np.full(rare.shape, np.nan), rare, balanced=True)
 
 
-def test_calibration_writes_threshold_ece_and_plots(calibrated, smoke_models):
+def test_calibration_writes_threshold_ece_and_plots(
+    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes
+):
+    from flam_core.data.mixer import Mixer
+    from flam_core.evaluation.frames import vocabulary_scores
+    from flam_core.evaluation.report import split_events
+    from flam_core.evaluation.sed import event_f1
+    from flam_core.features import FeatureCache
+    from flam_core.inference import load_model
+
     result, report = calibrated
     saved = json.loads((smoke_models / "flam" / "calibration.json").read_text())
     assert saved == result
-    assert 0.0 < result["threshold"] < 1.0
+    assert 0.0 < result["threshold"] < 1.0 and 0.0 < result["threshold_seen"] < 1.0
+    # The detector's threshold is the event-F1 optimum over the held-out labels of val_unseen,
+    # none of which is a test_unseen label.
+    library, _ = smoke_library
+    recipes, _ = smoke_recipes
+    cache = FeatureCache(smoke_features, "val_unseen")
+    mixer = Mixer.for_library(smoke_params(*PARAMS), library)
+    ids, events, vocabulary = split_events(mixer, recipes, "val_unseen", cache)
+    assert result["n_labels"] == len(vocabulary) and result["split"] == "val_unseen"
+    model, _, _ = load_model(smoke_models / "flam")
+    scores = vocabulary_scores(model, cache, vocabulary)
+    test_recipes = read_recipes(recipes / "test_unseen.parquet")
+    test_labels = set(test_recipes.loc[test_recipes["kind"] == "event", "label"])
+    assert not set(vocabulary) & test_labels
+    f1 = {
+        t: event_f1(scores, 10.0 / 32, vocabulary, ids, events, threshold=t)["f1_macro"]
+        for t in (0.3, 0.5, 0.7)
+    }
+    chosen = event_f1(scores, 10.0 / 32, vocabulary, ids, events, threshold=result["threshold"])["f1_macro"]
+    assert chosen == pytest.approx(result["threshold_f1_macro"], abs=1e-4)
+    assert chosen >= max(f1.values()) - 1e-9
     assert set(result["ece_balanced"]) == {"posterior", "unbiased"}
+    assert set(result["ece_balanced_unseen"]) == {"posterior", "unbiased"}
     assert all(0.0 <= v <= 1.0 for v in result["ece_balanced"].values())
     assert -1.0 <= result["beta_prior_spearman"] <= 1.0
     assert result["per_prompt"] and all(0.0 < t < 1.0 for t in result["per_prompt"].values())
@@ -107,8 +137,10 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
         for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2", "event_f1_macro"):
             assert 0.0 <= flam[split][key] <= 1.0
-    # FLAM uses its calibrated threshold, the uncalibrated baseline 0.5.
+    # FLAM uses its calibrated thresholds (novel prompts / training labels), the uncalibrated
+    # baseline 0.5.
     assert flam["test_unseen"]["threshold"] == calibrated[0]["threshold"]
+    assert flam["test_seen"]["threshold"] == calibrated[0]["threshold_seen"]
     assert metrics["models"]["global"]["test_unseen"]["threshold"] == 0.5
     assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
     assert {"seen", "unseen"} <= set(flam["zero_shot"])

@@ -23,7 +23,12 @@ CHUNKED = ("synth.chunk_mixtures=16",)
 def test_plan_deals_every_unit_once_without_empty_shards():
     params = smoke_params(*CHUNKED)
     units = recipe_units(params)
-    assert units == [("train", i) for i in range(4)] + [("val", 0), ("test_seen", 0), ("test_unseen", 0)]
+    assert units == [("train", i) for i in range(4)] + [
+        ("val", 0),
+        ("val_unseen", 0),
+        ("test_seen", 0),
+        ("test_unseen", 0),
+    ]
     for n_shards in (1, 3, 7, 50):
         plan = plan_recipe_shards(params, n_shards)
         assert len(plan) == min(n_shards, len(units))

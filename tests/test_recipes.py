@@ -117,17 +117,22 @@ def test_smoke_recipes_respect_the_splits(smoke_library, smoke_recipes):
     recipes_dir, summary = smoke_recipes
     manifest = load_manifest(library).set_index("clip_id")
     heldout = set(manifest.loc[manifest["heldout"], "label"])
+    labels_of = {}
     for split in RECIPE_SPLITS:
         table = read_recipes(recipes_dir / f"{split}.parquet")
         assert table["mixture_id"].nunique() == summary["splits"][split]["n_mixtures"]
         clips = manifest.loc[table["clip_id"].astype(str)]
         event_labels = set(clips.loc[clips["kind"] == "event", "label"])
-        expected_source = "test" if split.startswith("test") else split
+        expected_source = "test" if split.startswith("test") else split.removesuffix("_unseen")
         assert set(clips["split"]) == {expected_source}
-        if split == "test_unseen":
+        if split.endswith("_unseen"):
             assert event_labels <= heldout
         else:
             assert not event_labels & heldout
+        labels_of[split] = event_labels
+    # The labels the novel-prompt threshold is chosen on are not the labels it is tested on.
+    assert labels_of["val_unseen"] and labels_of["test_unseen"]
+    assert not labels_of["val_unseen"] & labels_of["test_unseen"]
     assert summary["sources_manifest_hash"]
 
 

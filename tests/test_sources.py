@@ -61,14 +61,20 @@ def test_clips_are_conditioned(smoke_library):
         assert len(samples) / rate <= limit + 1e-3
 
 
-def test_heldout_labels_never_reach_train_or_val(smoke_library):
+def test_heldout_labels_never_reach_train_and_split_by_label(smoke_library):
     folder, summary = smoke_library
     manifest = load_manifest(folder)
     events = manifest[manifest["kind"] == "event"]
     heldout = set(summary["heldout_labels"])
     assert len(heldout) / events["label"].nunique() >= 0.15
     assert set(events.loc[events["heldout"], "label"]) == heldout
-    assert (events.loc[events["heldout"], "split"] == "test").all()
+    # Each held-out label lies whole in val (val_unseen) or whole in test (test_unseen), and
+    # both sides get labels: the threshold for novel prompts is never chosen on test labels.
+    sides = events[events["heldout"]].groupby("label")["split"].unique()
+    assert all(len(s) == 1 and s[0] in ("val", "test") for s in sides)
+    val_side = {label for label, s in sides.items() if s[0] == "val"}
+    assert val_side == set(library_stats(manifest)["heldout_val_labels"])
+    assert 0 < len(val_side) < len(heldout)
     seen = events[~events["heldout"]]
     assert set(seen.loc[seen["split"] == "train", "label"]) == set(seen["label"])
     assert not (manifest.loc[manifest["kind"] == "background", "heldout"]).any()
@@ -100,6 +106,9 @@ def test_split_sizes_follow_the_fractions():
         table, SplitParams(val_fraction=0.1, test_fraction=0.2, heldout_label_fraction=0.2)
     )
     assert len(heldout) == 2
+    # heldout_val_fraction 0.4 of two labels: one goes whole to val, the other whole to test.
+    sides = split[split["heldout"]].groupby("label")["split"].agg(set)
+    assert sorted(map(tuple, sides)) == [("test",), ("val",)]
     seen = split[~split["heldout"]]
     counts = seen.groupby("label")["split"].value_counts().unstack()
     assert (counts["test"] == 4).all() and (counts["val"] == 2).all() and (counts["train"] == 14).all()

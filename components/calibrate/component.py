@@ -1,4 +1,4 @@
-"""Stage `calibrate`: decision threshold and calibration of FLAM on the val split."""
+"""Stage `calibrate`: decision thresholds and calibration of FLAM on the val splits."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -38,7 +38,8 @@ def calibrate_model(
         recipes_dir=Path(recipes.path),
         report_dir=Path(calibration_report.path),
     )
-    for key in ("threshold", "threshold_f1_macro", "f1_macro_at_0.5", "beta_prior_spearman"):
+    keys = ("threshold", "threshold_f1_macro", "f1_macro_at_0.5", "threshold_seen", "beta_prior_spearman")
+    for key in keys:
         if result[key] is not None:
             metrics.log_metric(key, float(result[key]))
     for kind, value in result["ece_balanced"].items():

@@ -36,7 +36,16 @@ from flam_core.errors import ConfigError, DataError
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256, interactive, stable_seed
 
 SCHEMA_VERSION = 1
-RECIPE_SPLITS = ("train", "val", "test_seen", "test_unseen")
+RECIPE_SPLITS = ("train", "val", "val_unseen", "test_seen", "test_unseen")
+# Recipe splits of held-out labels (never trained on), and the source split each draws from.
+UNSEEN_SPLITS = ("val_unseen", "test_unseen")
+SOURCE_SPLIT_OF = {
+    "train": "train",
+    "val": "val",
+    "val_unseen": "val",
+    "test_seen": "test",
+    "test_unseen": "test",
+}
 RECIPE_SCHEMA = pa.schema(
     [
         ("mixture_id", pa.int64()),  # 0..n-1 within the split
@@ -70,18 +79,14 @@ class ClipPool:
 
     @classmethod
     def for_split(cls, manifest: pd.DataFrame, split: str) -> ClipPool:
-        """train/val: clips of that split; test_seen / test_unseen: test clips of seen / held-out labels."""
+        """train/val: clips of that split; val_unseen / test_unseen: val / test clips of held-out
+        labels; test_seen: test clips of the other labels."""
         if split not in RECIPE_SPLITS:
             raise DataError(f"unknown recipe split {split!r}; allowed: {list(RECIPE_SPLITS)}")
-        source_split = "test" if split.startswith("test") else split
+        source_split = SOURCE_SPLIT_OF[split]
         in_split = manifest["split"] == source_split
         events = manifest[in_split & (manifest["kind"] == "event")]
-        if split == "test_seen":
-            events = events[~events["heldout"]]
-        elif split == "test_unseen":
-            events = events[events["heldout"]]
-        else:
-            events = events[~events["heldout"]]
+        events = events[events["heldout"] == (split in UNSEEN_SPLITS)]
         backgrounds = manifest[in_split & (manifest["kind"] == "background")]
         for what, table in (("event", events), ("background", backgrounds)):
             if table.empty:

@@ -225,22 +225,29 @@ def cap_per_label(clips: Sequence[RawClip], max_per_label: int, seed: int) -> li
 def assign_splits(table: pd.DataFrame, splits: SplitParams) -> tuple[pd.DataFrame, list[str]]:
     """Add `split` and `heldout` columns; returns the table and the held-out labels.
 
-    A seeded `heldout_label_fraction` of event labels goes entirely to `test` (heldout=True).
-    Every other event label is split clip by clip: it keeps at least one training clip, gets
-    a test clip from 3 clips up and a validation clip from 4 clips up. Backgrounds are split
-    the same way as one group.
+    A seeded `heldout_label_fraction` of event labels is held out (heldout=True): a seeded
+    `heldout_val_fraction` of those labels goes entirely to `val` (the never-trained prompts
+    the detection threshold is chosen on), the others entirely to `test`; with two held-out
+    labels or more, each side keeps at least one. Every other event label is split clip by
+    clip: it keeps at least one training clip, gets a test clip from 3 clips up and a
+    validation clip from 4 clips up. Backgrounds are split the same way as one group.
     """
     event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
     n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
     rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
     heldout = sorted(rng.choice(event_labels, size=n_heldout, replace=False).tolist()) if event_labels else []
+    n_val_heldout = round(splits.heldout_val_fraction * len(heldout))
+    if len(heldout) >= 2 and splits.heldout_val_fraction > 0:
+        n_val_heldout = min(max(n_val_heldout, 1), len(heldout) - 1)
+    order = np.random.default_rng(stable_seed(splits.seed, "heldout_val")).permutation(len(heldout))
+    heldout_val = {heldout[i] for i in order[:n_val_heldout]}
     split = pd.Series("train", index=table.index, dtype=object)
     # Events are split label by label; backgrounds form one group (few clips per label).
     group_key = table["label"].where(table["kind"] == "event", "<backgrounds>")
     for key, group in table.groupby(group_key, sort=True):
         index = group.sort_values("clip_id").index.to_numpy()
         if key in heldout:
-            split[index] = "test"
+            split[index] = "val" if key in heldout_val else "test"
             continue
         index = np.random.default_rng(stable_seed(splits.seed, "split", key)).permutation(index)
         n = len(index)
@@ -373,6 +380,7 @@ def library_stats(manifest: pd.DataFrame) -> dict[str, Any]:
     events = manifest[manifest["kind"] == "event"]
     event_labels = sorted(events["label"].unique())
     heldout = sorted(events.loc[events["heldout"], "label"].unique())
+    heldout_val = sorted(events.loc[events["heldout"] & (events["split"] == "val"), "label"].unique())
     return {
         "n_clips": len(manifest),
         "n_event_clips": len(events),
@@ -380,6 +388,7 @@ def library_stats(manifest: pd.DataFrame) -> dict[str, Any]:
         "n_event_labels": len(event_labels),
         "n_background_labels": int(manifest.loc[manifest["kind"] == "background", "label"].nunique()),
         "heldout_labels": heldout,
+        "heldout_val_labels": heldout_val,  # val_unseen's labels; the others are test_unseen's
         "heldout_label_fraction": round(len(heldout) / max(len(event_labels), 1), 4),
         "total_duration_s": round(float(manifest["duration_s"].sum()), 2),
         "per_kind_split": {

@@ -37,7 +37,14 @@ import numpy as np
 import pandas as pd
 
 from flam_core.config import Params
-from flam_core.data.recipes import RECIPE_SPLITS, TIME_GRID, max_concurrency, read_recipes
+from flam_core.data.recipes import (
+    RECIPE_SPLITS,
+    SOURCE_SPLIT_OF,
+    TIME_GRID,
+    UNSEEN_SPLITS,
+    max_concurrency,
+    read_recipes,
+)
 from flam_core.data.sources import load_manifest, manifest_hash
 from flam_core.errors import DataError
 from flam_core.utils import atomic_write_text
@@ -50,7 +57,6 @@ REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
 KINDS = ("event", "background")
 SOURCE_SPLITS = ("train", "val", "test")
-SOURCE_SPLIT_OF = {"train": "train", "val": "val", "test_seen": "test", "test_unseen": "test"}
 PIECE_TOLERANCE_S = 2.0 / TIME_GRID  # recipe times are rounded to the 2^-12 s grid
 # webdataset's key rule: the key is the member path up to the first dot of its file name.
 _MEMBER_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -355,10 +361,10 @@ def manifest_expectations(params: Params) -> list[Expectation]:
         ),
         _named(
             gxe.ExpectColumnValuesToBeInSet,
-            "heldout_only_in_test",
-            "clips of held-out labels are all in split test",
+            "heldout_never_in_train",
+            "clips of held-out labels are in split val or test, never train",
             column="split",
-            value_set=["test"],
+            value_set=["val", "test"],
             row_condition=Column("heldout") == True,  # noqa: E712 (a GE condition, not a comparison)
         ),
         _named(
@@ -770,7 +776,7 @@ def cross_table_checks(split: str, frame: pd.DataFrame, heldout_labels: set[str]
         ),
     ]
     heldout = is_event & frame["label"].isin(heldout_labels).to_numpy()
-    if split in ("train", "val", "test_seen"):
+    if split not in UNSEEN_SPLITS:
         checks.append(
             _rows_check(
                 "no_heldout_labels", table, f"no held-out label in {split} events", frame, heldout, "label"
@@ -781,7 +787,7 @@ def cross_table_checks(split: str, frame: pd.DataFrame, heldout_labels: set[str]
             _rows_check(
                 "only_heldout_labels",
                 table,
-                "every test_unseen event label is held out",
+                f"every {split} event label is held out",
                 frame,
                 is_event & ~heldout,
                 "label",

@@ -113,9 +113,9 @@ def calibrate(
         "posterior": reliability(seen.posterior, seen.truth, balanced=False)["ece"],
         "unbiased": reliability(seen.unbiased, seen.truth, balanced=False)["ece"],
     }
-    unseen_ece = {
-        "posterior": reliability(unseen.posterior, unseen.truth, balanced=True)["ece"],
-        "unbiased": reliability(unseen.unbiased, unseen.truth, balanced=True)["ece"],
+    unseen_curves = {
+        "posterior": reliability(unseen.posterior, unseen.truth, balanced=True),
+        "unbiased": reliability(unseen.unbiased, unseen.truth, balanced=True),
     }
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     spearman = rank_correlation(learned, prior)
@@ -130,7 +130,7 @@ def calibrate(
         "per_prompt": per_label,
         "ece_balanced": {k: round(v["ece"], 4) for k, v in curves.items()},
         "ece_plain": {k: round(v, 4) for k, v in plain.items()},
-        "ece_balanced_unseen": {k: round(v, 4) for k, v in unseen_ece.items()},
+        "ece_balanced_unseen": {k: round(v["ece"], 4) for k, v in unseen_curves.items()},
         "beta_prior_spearman": spearman,
         "beta_prior_pearson": pearson,
         "n_labels": len(unseen.vocabulary),
@@ -142,7 +142,7 @@ def calibrate(
     report_dir.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in calibration.items() if k != "per_prompt"}
     atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
-    _plot_reliability(curves, report_dir / "reliability.png")
+    _plot_reliability(curves | {"unbiased_unseen": unseen_curves["unbiased"]}, report_dir / "reliability.png")
     _plot_beta_prior(prior, learned, calibration["beta_prior_spearman"], report_dir / "beta_prior.png")
     return calibration
 
@@ -180,7 +180,11 @@ def _plot_reliability(curves: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
-    names = {"posterior": "posterior p (prior kept)", "unbiased": "unbiased s (prior removed)"}
+    names = {
+        "posterior": "val, posterior p (prior kept)",
+        "unbiased": "val, unbiased s (prior removed)",
+        "unbiased_unseen": "val_unseen (never trained on), unbiased s",
+    }
     for name, curve in curves.items():
         share = np.asarray(curve["share"])
         used = share > 0
@@ -192,7 +196,7 @@ def _plot_reliability(curves: dict[str, dict[str, Any]], path: Path) -> None:
         )
     ax.set_xlabel("score")
     ax.set_ylabel("share of active frames (balanced per label)")
-    ax.set_title("Reliability on val frames")
+    ax.set_title("Reliability on validation frames")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

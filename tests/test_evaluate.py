@@ -137,6 +137,8 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
         for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2", "event_f1_macro"):
             assert 0.0 <= flam[split][key] <= 1.0
+        # PSDS = area under (mean - std) of the class TPRs: never above the mean single-class PSDS.
+        assert flam[split]["psds1"] <= flam[split]["psds1_class_mean"] + 1e-6
     # FLAM uses its calibrated thresholds (novel prompts / training labels), the uncalibrated
     # baseline 0.5.
     assert flam["test_unseen"]["threshold"] == calibrated[0]["threshold"]

@@ -87,11 +87,19 @@ def _sed_metrics(split: _Split, scores: np.ndarray, hop: float, threshold: float
     args = (hop, split.vocabulary, split.ids, split.events)
     auroc = frame_auroc(split.truth, scores)
     f1 = event_f1(scores, *args, threshold=threshold)
-    return {
+    out = {
         "frame_auroc_macro": round(auroc["macro"], 4),
         "frame_auroc_micro": round(auroc["micro"], 4),
-        "psds1": round(psds(scores, *args, durations=split.durations, scenario=1)["psds"], 4),
-        "psds2": round(psds(scores, *args, durations=split.durations, scenario=2)["psds"], 4),
+    }
+    for scenario in (1, 2):
+        result = psds(scores, *args, durations=split.durations, scenario=scenario)
+        # PSDS subtracts the spread of the per-class TPR (alpha_st = 1): the single-class
+        # PSDS values show whether a zero comes from no detection or from uneven classes.
+        per_class = np.fromiter(result["per_label"].values(), dtype=np.float64)
+        out[f"psds{scenario}"] = round(result["psds"], 4)
+        out[f"psds{scenario}_class_mean"] = round(float(per_class.mean()), 4)
+        out[f"psds{scenario}_class_std"] = round(float(per_class.std()), 4)
+    return out | {
         "event_f1_macro": round(f1["f1_macro"], 4),
         "threshold": threshold,
         "n_labels": len(split.vocabulary),
@@ -311,6 +319,22 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
             f"{s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} | {s['psds2']:.3f} | "
             f"{s['event_f1_macro']:.3f} |"
         )
+    lines += [
+        "",
+        "PSDS (DCASE) subtracts the standard deviation of the true-positive rate across classes "
+        "(alpha_st = 1), so a model that detects some classes well and others not at all can score "
+        "0. Single-class PSDS, mean +- std over the labels:",
+        "",
+        "| model | unseen PSDS1 | unseen PSDS2 | seen PSDS1 | seen PSDS2 |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        cells = " | ".join(
+            f"{r[split][f'psds{n}_class_mean']:.3f} +- {r[split][f'psds{n}_class_std']:.3f}"
+            for split in ("test_unseen", "test_seen")
+            for n in (1, 2)
+        )
+        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
     lines += [
         "",
         "## Inference: unbiased vs approximate (FLAM)",

@@ -54,15 +54,18 @@ def test_randomized_invariants_over_every_smoke_mixture(mixer, plans):
             assert labels.frames.shape == (len(labels.labels), n_frames) and labels.frames.dtype == bool
             assert len(set(labels.labels)) == len(labels.labels) == len(labels.captions)
             assert labels.is_event[:-1].all() and not labels.is_event[-1]  # background label last
-            # Frames where an event is labelled active carry more of its energy than the others.
+            # Frames where an event is labelled active carry more of its energy than the frames
+            # away from it. A frame next to a positive one can hold an attack and still be
+            # negative (under `min_coverage` of it is active), so those are left out.
             rows = np.arange(plan.row_start[i], plan.row_start[i + 1])
             for k, label in enumerate(labels.labels):
                 positive = labels.frames[k]
-                if not labels.is_event[k] or positive.all() or not positive.any():
+                near = positive | np.r_[positive[1:], False] | np.r_[False, positive[:-1]]
+                if not labels.is_event[k] or near.all() or not positive.any():
                     continue
                 own = [r for r in rows if plan.is_event[r] and mixer.labels[plan.label[r]] == label]
                 energy = frame_energy(mixer.render_rows(plan, own), n_frames)
-                assert energy[positive].mean() > 2 * energy[~positive].mean(), (i, label)
+                assert energy[positive].mean() > 2 * energy[~near].mean(), (i, label)
                 checked += 1
     assert checked > 100
 

@@ -1,0 +1,49 @@
+"""Model selection figures on the validation splits only (never the test splits).
+
+    python bench/bench_select.py models/flam models/global [more model folders]
+
+For each trained model folder: macro frame AUROC of the unbiased scores on `val` (training
+labels) and `val_unseen` (held-out labels, disjoint from `test_unseen`'s), label as prompt;
+and text<->audio retrieval over the `val` + `val_unseen` mixtures, each captioned by its first
+events' captions, exactly as stage `evaluate` does on the test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flam_core.config import load_params
+from flam_core.data.mixer import Mixer
+from flam_core.evaluation.report import _retrieval, _Split
+from flam_core.inference import load_model
+from flam_core.train import quick_validation
+
+KEYS = ("t2a_R@5", "t2a_mAP@10", "a2t_R@5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    params = load_params(args.params)
+    features, recipes = Path(params.train.features_dir), Path(params.synth.out_dir)
+    mixer = Mixer.for_library(params, Path(params.sources.out_dir))
+    splits = [_Split(params, name, features, mixer, recipes) for name in ("val", "val_unseen")]
+    for folder in args.models:
+        model, _, _ = load_model(folder)
+        auroc = quick_validation(model, features)
+        retrieval = _retrieval(model, splits, params.evaluation.caption_events)
+        figures = {
+            "val_auroc": auroc["val_frame_auroc_macro"],
+            "val_unseen_auroc": auroc["val_unseen_frame_auroc_macro"],
+        } | {key: retrieval[key] for key in KEYS}
+        print(folder, json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
-from flam_core.evaluation.report import _retrieval, _Split
+from flam_core.evaluation.report import MixtureSplit, _retrieval
 from flam_core.inference import load_model
 from flam_core.train import quick_validation
 
@@ -33,7 +33,7 @@ def main() -> None:
     params = load_params(args.params)
     features, recipes = Path(params.train.features_dir), Path(params.synth.out_dir)
     mixer = Mixer.for_library(params, Path(params.sources.out_dir))
-    splits = [_Split(params, name, features, mixer, recipes) for name in ("val", "val_unseen")]
+    splits = [MixtureSplit(params, name, features, mixer, recipes) for name in ("val", "val_unseen")]
     for folder in args.models:
         model, _, _ = load_model(folder)
         auroc = quick_validation(model, features)

@@ -38,14 +38,14 @@ from flam_core.errors import DataError
 from flam_core.evaluation.frames import (
     learned_priors,
     rank_correlation,
-    truth_matrix,
     vocabulary_scores,
 )
-from flam_core.evaluation.report import split_events
+from flam_core.evaluation.report import MixtureSplit
 from flam_core.features import FeatureCache
 from flam_core.utils import atomic_write_text
 
 N_BINS = 15
+KINDS = ("posterior", "unbiased")  # the model's posterior p, and s with the learned prior removed
 
 
 def reliability(scores: np.ndarray, truth: np.ndarray, balanced: bool, bins: int = N_BINS) -> dict[str, Any]:
@@ -101,21 +101,22 @@ def calibrate(
     model, _, _ = load_model(model_dir)
     mixer = Mixer.for_library(params, library_dir)
     hop = params.synth.mixture_s / params.frames.n_frames
-    seen, unseen = (_ValSplit(model, mixer, features_dir, recipes_dir, s) for s in ("val", "val_unseen"))
-    threshold_seen, f1_seen = best_threshold(seen.unbiased, hop, *seen.args)
-    threshold, f1 = best_threshold(unseen.unbiased, hop, *unseen.args)
-    per_label = _per_label_thresholds(seen.unbiased, hop, *seen.args)
-    curves = {
-        "posterior": reliability(seen.posterior, seen.truth, balanced=True),
-        "unbiased": reliability(seen.unbiased, seen.truth, balanced=True),
+    seen, unseen = (MixtureSplit(params, s, features_dir, mixer, recipes_dir) for s in ("val", "val_unseen"))
+    scores = {
+        (split.name, kind): vocabulary_scores(model, split.cache, split.vocabulary, kind=kind)
+        for split in (seen, unseen)
+        for kind in KINDS
     }
-    plain = {
-        "posterior": reliability(seen.posterior, seen.truth, balanced=False)["ece"],
-        "unbiased": reliability(seen.unbiased, seen.truth, balanced=False)["ece"],
-    }
+    seen_args = (hop, seen.vocabulary, seen.ids, seen.events)
+    unseen_args = (hop, unseen.vocabulary, unseen.ids, unseen.events)
+    threshold_seen, f1_seen = best_threshold(scores["val", "unbiased"], *seen_args)
+    threshold, f1 = best_threshold(scores["val_unseen", "unbiased"], *unseen_args)
+    at_half = event_f1(scores["val_unseen", "unbiased"], *unseen_args, threshold=0.5)
+    per_label = _per_label_thresholds(scores["val", "unbiased"], *seen_args)
+    curves = {kind: reliability(scores["val", kind], seen.truth, balanced=True) for kind in KINDS}
+    plain = {kind: reliability(scores["val", kind], seen.truth, balanced=False)["ece"] for kind in KINDS}
     unseen_curves = {
-        "posterior": reliability(unseen.posterior, unseen.truth, balanced=True),
-        "unbiased": reliability(unseen.unbiased, unseen.truth, balanced=True),
+        kind: reliability(scores["val_unseen", kind], unseen.truth, balanced=True) for kind in KINDS
     }
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     spearman = rank_correlation(learned, prior)
@@ -124,7 +125,7 @@ def calibrate(
         "split": "val_unseen",
         "threshold": round(float(threshold), 4),
         "threshold_f1_macro": round(float(f1), 4),
-        "f1_macro_at_0.5": round(event_f1(unseen.unbiased, hop, *unseen.args, threshold=0.5)["f1_macro"], 4),
+        "f1_macro_at_0.5": round(float(at_half["f1_macro"]), 4),
         "threshold_seen": round(float(threshold_seen), 4),
         "threshold_seen_f1_macro": round(float(f1_seen), 4),
         "per_prompt": per_label,
@@ -145,18 +146,6 @@ def calibrate(
     _plot_reliability(curves | {"unbiased_unseen": unseen_curves["unbiased"]}, report_dir / "reliability.png")
     _plot_beta_prior(prior, learned, calibration["beta_prior_spearman"], report_dir / "beta_prior.png")
     return calibration
-
-
-class _ValSplit:
-    """One validation split: its events, frame truth, unbiased and posterior frame scores."""
-
-    def __init__(self, model: Any, mixer: Mixer, features_dir: Path, recipes_dir: Path, split: str) -> None:
-        cache = FeatureCache(features_dir, split)
-        self.ids, self.events, self.vocabulary = split_events(mixer, recipes_dir, split, cache)
-        self.args = (self.vocabulary, self.ids, self.events)
-        self.truth = truth_matrix(cache, self.vocabulary)
-        self.unbiased = vocabulary_scores(model, cache, self.vocabulary, kind="unbiased")
-        self.posterior = vocabulary_scores(model, cache, self.vocabulary, kind="posterior")
 
 
 def _per_label_thresholds(

@@ -45,8 +45,8 @@ NAMES = {
 }
 
 
-class _Split:
-    """One test split: cached features, vocabulary, frame truth and exact events."""
+class MixtureSplit:
+    """One mixture split: cached features, vocabulary, frame truth and exact events."""
 
     def __init__(
         self, params: Params, name: str, features_dir: Path, mixer: Mixer, recipes_dir: Path
@@ -81,7 +81,7 @@ def split_events(
     return ids, events, vocabulary
 
 
-def _sed_metrics(split: _Split, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
+def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
     from flam_core.evaluation.sed import event_f1, psds
 
     args = (hop, split.vocabulary, split.ids, split.events)
@@ -128,7 +128,7 @@ def _text_embeddings(model: Any, texts: list[str]) -> np.ndarray:
     return model.head.text_embeddings(model.text_encoder(texts)).numpy()
 
 
-def _retrieval(model: Any, splits: list[_Split], caption_events: int) -> dict[str, float]:
+def _retrieval(model: Any, splits: list[MixtureSplit], caption_events: int) -> dict[str, float]:
     from flam_core.evaluation.retrieval import retrieval_metrics
 
     features, captions = [], []
@@ -226,7 +226,7 @@ def evaluate(
     if missing:
         raise DataError(f"no trained model for {missing} in {models_dir}: train them (`dvc repro train`)")
     mixer = Mixer.for_library(params, library_dir)
-    splits = [_Split(params, name, features_dir, mixer, recipes_dir) for name in TEST_SPLITS]
+    splits = [MixtureSplit(params, name, features_dir, mixer, recipes_dir) for name in TEST_SPLITS]
     clips = _Clips(params, library_dir)
     hop = params.synth.mixture_s / params.frames.n_frames
     results: dict[str, Any] = {}
@@ -395,7 +395,7 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
     return "\n".join(lines)
 
 
-def _plot_roc(split: _Split, scores: dict[str, np.ndarray], path: Path) -> None:
+def _plot_roc(split: MixtureSplit, scores: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,7 +420,7 @@ def _plot_roc(split: _Split, scores: dict[str, np.ndarray], path: Path) -> None:
 
 
 def _plot_heatmaps(
-    split: _Split, scores_of: dict[str, dict[str, np.ndarray]], count: int, hop: float, folder: Path
+    split: MixtureSplit, scores_of: dict[str, dict[str, np.ndarray]], count: int, hop: float, folder: Path
 ) -> None:
     import matplotlib
 

@@ -58,9 +58,8 @@ def test_calibration_writes_threshold_ece_and_plots(
 ):
     from flam_core.data.mixer import Mixer
     from flam_core.evaluation.frames import vocabulary_scores
-    from flam_core.evaluation.report import split_events
+    from flam_core.evaluation.report import MixtureSplit
     from flam_core.evaluation.sed import event_f1
-    from flam_core.features import FeatureCache
     from flam_core.inference import load_model
 
     result, report = calibrated
@@ -71,9 +70,9 @@ def test_calibration_writes_threshold_ece_and_plots(
     # none of which is a test_unseen label.
     library, _ = smoke_library
     recipes, _ = smoke_recipes
-    cache = FeatureCache(smoke_features, "val_unseen")
     mixer = Mixer.for_library(smoke_params(*PARAMS), library)
-    ids, events, vocabulary = split_events(mixer, recipes, "val_unseen", cache)
+    split = MixtureSplit(smoke_params(*PARAMS), "val_unseen", smoke_features, mixer, recipes)
+    cache, ids, events, vocabulary = split.cache, split.ids, split.events, split.vocabulary
     assert result["n_labels"] == len(vocabulary) and result["split"] == "val_unseen"
     model, _, _ = load_model(smoke_models / "flam")
     scores = vocabulary_scores(model, cache, vocabulary)

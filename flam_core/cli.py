@@ -243,8 +243,8 @@ def calibrate_command(
 
     result = calibrate(state.params(), model_dir=model, report_dir=reports)
     console.print(
-        f"threshold {result['threshold']} for novel prompts (val_unseen macro event F1 "
-        f"{result['threshold_f1_macro']}), {result['threshold_seen']} over training labels (val); "
+        f"threshold {result['threshold']} for novel prompts (val_unseen macro segment F1 "
+        f"{result['threshold_segment_f1_macro']}), {result['threshold_seen']} over training labels (val); "
         "balanced ECE "
         f"posterior {result['ece_balanced']['posterior']} -> unbiased {result['ece_balanced']['unbiased']}; "
         f"sigmoid(beta) vs frame prior: Spearman {result['beta_prior_spearman']}"

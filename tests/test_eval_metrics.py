@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from psds_eval import PSDSEval
-from sed_scores_eval import collar_based
+from sed_scores_eval import collar_based, segment_based
 
 from flam_core.errors import DataError
 from flam_core.evaluation.retrieval import retrieval_metrics, zero_shot_accuracy
@@ -15,6 +15,7 @@ from flam_core.evaluation.sed import (
     frame_scores_to_sed_scores,
     median_filter_frames,
     psds,
+    segment_f1,
     segments_from_frames,
 )
 
@@ -198,6 +199,24 @@ def test_event_f1_collars():
     assert loose["f1_macro"] == 1.0
 
 
+def test_segment_f1_hand_computed():
+    probs, ids, ground_truth = small_f1_case()
+    result = segment_f1(probs, HOP, ["dog", "rain"], ids, ground_truth, threshold=0.5)
+    dog, rain = result["per_label"]["dog"], result["per_label"]["rain"]
+    # 1 s segments: a/dog 1.25-3.125 s covers segments 1-3, found in all three; the b/dog
+    # false alarm 6.25-8.125 s lights segments 6-8; b/rain 5.0-7.5 s (segments 5-7) is missed.
+    assert (dog["tp"], dog["fp"], dog["n_ref"]) == (3, 3, 3)
+    assert (rain["tp"], rain["fp"], rain["n_ref"]) == (0, 0, 3)
+    assert dog["f1"] == pytest.approx(2 / 3) and rain["f1"] == 0.0
+    # A 0.3125 s late onset costs a whole event under 200 ms collars, but no segment here.
+    late = probs[:1, :1].copy()
+    late[0, 0, 4] = 0.0
+    assert event_f1(late, HOP, ["dog"], ids[:1], {"a": ground_truth["a"]}, 0.5)["f1_macro"] == 0.0
+    assert segment_f1(late, HOP, ["dog"], ids[:1], {"a": ground_truth["a"]}, 0.5)["f1_macro"] == 1.0
+    with pytest.raises(DataError, match="segment_length"):
+        segment_f1(probs, HOP, ["dog", "rain"], ids, ground_truth, 0.5, segment_length=0.0)
+
+
 def test_best_threshold_is_exact_and_consistent_with_event_f1():
     probs, ids, ground_truth, _ = planted_case(3, 0.35)
     for average in ("macro", "micro"):
@@ -209,6 +228,24 @@ def test_best_threshold_is_exact_and_consistent_with_event_f1():
         ]
         assert f1 == pytest.approx(max(grid))
         assert 0 < f1 < 1
+
+
+def test_best_threshold_on_segment_f1_is_exact():
+    probs, ids, ground_truth, _ = planted_case(5, 0.3)
+    threshold, f1 = best_threshold(probs, HOP, VOCAB, ids, ground_truth, criterion="segment")
+    assert segment_f1(probs, HOP, VOCAB, ids, ground_truth, threshold)["f1_macro"] == pytest.approx(f1)
+    grid = [
+        segment_f1(probs, HOP, VOCAB, ids, ground_truth, t)["f1_macro"] for t in np.arange(-0.05, 1.0, 0.05)
+    ]
+    assert f1 == pytest.approx(max(grid)) and 0 < f1 < 1
+    # One label: the shared optimum is sed_scores_eval's own per-label optimum.
+    gt_dog = {a: [e for e in evs if e[2] == "dog"] for a, evs in ground_truth.items()}
+    _, f1_dog = best_threshold(probs[:, :1], HOP, ["dog"], ids, gt_dog, criterion="segment")
+    scores = frame_scores_to_sed_scores(probs[:, :1], HOP, ["dog"], ids)
+    f, *_ = segment_based.best_fscore(scores, gt_dog, dict.fromkeys(ids, L * HOP), segment_length=1.0)
+    assert f1_dog == pytest.approx(f["dog"])
+    with pytest.raises(DataError, match="criterion"):
+        best_threshold(probs, HOP, VOCAB, ids, ground_truth, criterion="frame")
 
 
 def test_best_threshold_matches_sed_scores_eval_for_one_label():

@@ -59,15 +59,15 @@ def test_calibration_writes_threshold_ece_and_plots(
     from flam_core.data.mixer import Mixer
     from flam_core.evaluation.frames import vocabulary_scores
     from flam_core.evaluation.report import MixtureSplit
-    from flam_core.evaluation.sed import event_f1
+    from flam_core.evaluation.sed import event_f1, segment_f1
     from flam_core.inference import load_model
 
     result, report = calibrated
     saved = json.loads((smoke_models / "flam" / "calibration.json").read_text())
     assert saved == result
     assert 0.0 < result["threshold"] < 1.0 and 0.0 < result["threshold_seen"] < 1.0
-    # The detector's threshold is the event-F1 optimum over the held-out labels of val_unseen,
-    # none of which is a test_unseen label.
+    # The detector's threshold is the segment-F1 optimum over the held-out labels of
+    # val_unseen, none of which is a test_unseen label.
     library, _ = smoke_library
     recipes, _ = smoke_recipes
     mixer = Mixer.for_library(smoke_params(*PARAMS), library)
@@ -79,13 +79,14 @@ def test_calibration_writes_threshold_ece_and_plots(
     test_recipes = read_recipes(recipes / "test_unseen.parquet")
     test_labels = set(test_recipes.loc[test_recipes["kind"] == "event", "label"])
     assert not set(vocabulary) & test_labels
-    f1 = {
-        t: event_f1(scores, 10.0 / 32, vocabulary, ids, events, threshold=t)["f1_macro"]
-        for t in (0.3, 0.5, 0.7)
-    }
-    chosen = event_f1(scores, 10.0 / 32, vocabulary, ids, events, threshold=result["threshold"])["f1_macro"]
-    assert chosen == pytest.approx(result["threshold_f1_macro"], abs=1e-4)
+    args = (scores, 10.0 / 32, vocabulary, ids, events)
+    f1 = {t: segment_f1(*args, threshold=t)["f1_macro"] for t in (0.3, 0.5, 0.7)}
+    chosen = segment_f1(*args, threshold=result["threshold"])["f1_macro"]
+    assert chosen == pytest.approx(result["threshold_segment_f1_macro"], abs=1e-4)
     assert chosen >= max(f1.values()) - 1e-9
+    assert result["segment_f1_macro_at_0.5"] == pytest.approx(f1[0.5], abs=1e-4)
+    event = event_f1(*args, threshold=result["threshold"])["f1_macro"]
+    assert result["threshold_event_f1_macro"] == pytest.approx(event, abs=1e-4)
     assert set(result["ece_balanced"]) == {"posterior", "unbiased"}
     assert set(result["ece_balanced_unseen"]) == {"posterior", "unbiased"}
     assert all(0.0 <= v <= 1.0 for v in result["ece_balanced"].values())
@@ -134,7 +135,14 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert set(metrics["models"]) == {"flam", "global"}
     flam = metrics["models"]["flam"]
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
-        for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2", "event_f1_macro"):
+        for key in (
+            "frame_auroc_macro",
+            "frame_auroc_micro",
+            "psds1",
+            "psds2",
+            "event_f1_macro",
+            "segment_f1_macro",
+        ):
             assert 0.0 <= flam[split][key] <= 1.0
         # PSDS = area under (mean - std) of the class TPRs: never above the mean single-class PSDS.
         assert flam[split]["psds1"] <= flam[split]["psds1_class_mean"] + 1e-6

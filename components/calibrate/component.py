@@ -38,7 +38,13 @@ def calibrate_model(
         recipes_dir=Path(recipes.path),
         report_dir=Path(calibration_report.path),
     )
-    keys = ("threshold", "threshold_f1_macro", "f1_macro_at_0.5", "threshold_seen", "beta_prior_spearman")
+    keys = (
+        "threshold",
+        "threshold_segment_f1_macro",
+        "threshold_event_f1_macro",
+        "threshold_seen",
+        "beta_prior_spearman",
+    )
     for key in keys:
         if result[key] is not None:
             metrics.log_metric(key, float(result[key]))

@@ -5,8 +5,9 @@ trained on the same data with the same budget, is scored on
 
 - open-vocabulary SED (`test_unseen`: labels never seen in training) and closed-set SED
   (`test_seen`): frame AUROC macro/micro, PSDS1/PSDS2 (sed_scores_eval, exact event times
-  from the mixer), event F1 at the model's calibrated thresholds (chosen on val_unseen for
-  test_unseen, on val for test_seen; 0.5 without calibration);
+  from the mixer), event F1 (200 ms collars) and segment F1 (1 s segments) at the model's
+  calibrated thresholds (chosen on val_unseen for test_unseen, on val for test_seen; 0.5
+  without calibration);
 - retrieval text<->audio on the test mixtures, each captioned by its first events' captions;
 - zero-shot classification of the source library's single test clips, seen and unseen labels;
 - for FLAM also with the approximate detector `sigmoid(alpha * cos)` (the inference ablation).
@@ -82,11 +83,12 @@ def split_events(
 
 
 def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
-    from flam_core.evaluation.sed import event_f1, psds
+    from flam_core.evaluation.sed import event_f1, psds, segment_f1
 
     args = (hop, split.vocabulary, split.ids, split.events)
     auroc = frame_auroc(split.truth, scores)
     f1 = event_f1(scores, *args, threshold=threshold)
+    segment = segment_f1(scores, *args, threshold=threshold)
     out = {
         "frame_auroc_macro": round(auroc["macro"], 4),
         "frame_auroc_micro": round(auroc["micro"], 4),
@@ -101,6 +103,7 @@ def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold:
         out[f"psds{scenario}_class_std"] = round(float(per_class.std()), 4)
     return out | {
         "event_f1_macro": round(f1["f1_macro"], 4),
+        "segment_f1_macro": round(segment["f1_macro"], 4),
         "threshold": threshold,
         "n_labels": len(split.vocabulary),
         "n_mixtures": len(split.ids),
@@ -307,17 +310,18 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "",
         "## Sound event detection (unbiased detector)",
         "",
-        "| model | unseen AUROC macro | unseen AUROC micro | unseen PSDS1 | unseen PSDS2 | unseen F1 "
-        "| seen AUROC macro | seen PSDS1 | seen PSDS2 | seen F1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | unseen AUROC macro | unseen AUROC micro | unseen PSDS1 | unseen PSDS2 "
+        "| unseen event F1 | unseen segment F1 | seen AUROC macro | seen PSDS1 | seen PSDS2 "
+        "| seen event F1 | seen segment F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in results.items():
         u, s = r["test_unseen"], r["test_seen"]
         lines.append(
             f"| {NAMES.get(mode, mode)} | {u['frame_auroc_macro']:.3f} | {u['frame_auroc_micro']:.3f} | "
             f"{u['psds1']:.3f} | {u['psds2']:.3f} | {u['event_f1_macro']:.3f} | "
-            f"{s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} | {s['psds2']:.3f} | "
-            f"{s['event_f1_macro']:.3f} |"
+            f"{u['segment_f1_macro']:.3f} | {s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} | "
+            f"{s['psds2']:.3f} | {s['event_f1_macro']:.3f} | {s['segment_f1_macro']:.3f} |"
         )
     lines += [
         "",
@@ -476,9 +480,9 @@ def frame_truth(
 
 def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
     """One model on a real SED dataset (`flam_core.evaluation.tsv.SedDataset`): every label of
-    the dataset is a prompt for every file. Frame AUROC, PSDS1/2 and event F1 at the detector's
-    threshold."""
-    from flam_core.evaluation.sed import event_f1, psds
+    the dataset is a prompt for every file. Frame AUROC, PSDS1/2, event and segment F1 at the
+    detector's threshold."""
+    from flam_core.evaluation.sed import event_f1, psds, segment_f1
 
     vocabulary = [
         v for v in dataset.vocabulary if any(e[2] == v for evs in dataset.ground_truth.values() for e in evs)
@@ -504,6 +508,7 @@ def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
         "psds1": round(psds(scores, *args, durations=durations, scenario=1)["psds"], 4),
         "psds2": round(psds(scores, *args, durations=durations, scenario=2)["psds"], 4),
         "event_f1_macro": round(event_f1(scores, *args, threshold=detector.threshold)["f1_macro"], 4),
+        "segment_f1_macro": round(segment_f1(scores, *args, threshold=detector.threshold)["f1_macro"], 4),
         "threshold": detector.threshold,
         "n_files": len(ids),
         "n_labels": len(vocabulary),

@@ -1,8 +1,11 @@
-"""Event-level SED metrics of frame scores: PSDS (DCASE scenarios 1 and 2) and collar-based F1.
+"""SED metrics of frame scores: PSDS (DCASE scenarios 1 and 2), collar-based event F1 and
+segment-based F1.
 
 Frame scores `[M, K, L]` (mixture, vocabulary label, frame) become sed_scores_eval score
 DataFrames (frame l spans `[l * hop, (l + 1) * hop)`), and the metrics are sed_scores_eval's:
-PSDS is computed exactly over all thresholds, F1 at a decision threshold. As in
+PSDS is computed exactly over all thresholds, F1 at a decision threshold. Event F1 matches
+detected and reference events with collars (200 ms, DCASE); segment F1 compares activity in
+1 s segments, which does not punish a detection for the frame grid's coarse onsets. As in
 sed_scores_eval, a frame is detected when its score is strictly above the threshold.
 `segments_from_frames` turns one score track into (onset, offset, score) segments with the
 reference post-processing (3-frame median filter, then thresholding).
@@ -22,7 +25,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from scipy.ndimage import median_filter
-from sed_scores_eval import collar_based, intersection_based
+from sed_scores_eval import collar_based, intersection_based, segment_based
 from sed_scores_eval.base_modules.scores import create_score_dataframe
 
 from flam_core.errors import DataError
@@ -294,6 +297,29 @@ def _collar_args(onset_collar: float, offset_collar: float, offset_collar_rate: 
     return {name: float(value) for name, value in args.items()}
 
 
+def _f1_result(f: Mapping, p: Mapping, r: Mapping, stats: Mapping, vocabulary: Sequence[str]) -> dict:
+    per_label = {
+        label: {
+            "f1": float(f[label]),
+            "precision": float(p[label]),
+            "recall": float(r[label]),
+            "tp": int(stats[label]["tps"]),
+            "fp": int(stats[label]["fps"]),
+            "n_ref": int(stats[label]["n_ref"]),
+        }
+        for label in vocabulary
+    }
+    return {
+        "f1_macro": float(f["macro_average"]),
+        "precision_macro": float(p["macro_average"]),
+        "recall_macro": float(r["macro_average"]),
+        "f1_micro": float(f["micro_average"]),
+        "precision_micro": float(p["micro_average"]),
+        "recall_micro": float(r["micro_average"]),
+        "per_label": per_label,
+    }
+
+
 def event_f1(
     probs: np.ndarray,
     hop_s: float,
@@ -318,26 +344,39 @@ def event_f1(
     f, p, r, stats = collar_based.fscore(
         scores, truth, thr, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
     )
-    per_label = {
-        label: {
-            "f1": float(f[label]),
-            "precision": float(p[label]),
-            "recall": float(r[label]),
-            "tp": int(stats[label]["tps"]),
-            "fp": int(stats[label]["fps"]),
-            "n_ref": int(stats[label]["n_ref"]),
-        }
-        for label in vocabulary
-    }
+    return _f1_result(f, p, r, stats, vocabulary)
+
+
+def _segment_args(probs: np.ndarray, hop_s: float, audio_ids: Sequence[str], segment_length: float) -> dict:
+    """Every clip lasts the frames' span (mixtures, or clips padded to one width)."""
+    if not _is_number(segment_length) or not math.isfinite(segment_length) or segment_length <= 0:
+        raise DataError(f"segment_length must be a positive number of seconds, got {segment_length!r}")
+    span_s = float(np.shape(probs)[2] * hop_s)
     return {
-        "f1_macro": float(f["macro_average"]),
-        "precision_macro": float(p["macro_average"]),
-        "recall_macro": float(r["macro_average"]),
-        "f1_micro": float(f["micro_average"]),
-        "precision_micro": float(p["micro_average"]),
-        "recall_micro": float(r["micro_average"]),
-        "per_label": per_label,
+        "audio_durations": dict.fromkeys(audio_ids, span_s),
+        "segment_length": float(segment_length),
     }
+
+
+def segment_f1(
+    probs: np.ndarray,
+    hop_s: float,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    ground_truth: GroundTruth,
+    threshold: float | Mapping[str, float],
+    segment_length: float = 1.0,
+) -> dict:
+    """Segment-based F1 at a threshold: a label counts as active in a `segment_length` segment
+    when any of its frames there scores above the threshold (detection) or any reference event
+    overlaps it (reference). Same return shape as `event_f1`, with segments as the counts."""
+    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
+    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    thr = _check_threshold(threshold, list(vocabulary))
+    f, p, r, stats = segment_based.fscore(
+        scores, truth, threshold=thr, **_segment_args(probs, hop_s, audio_ids, segment_length)
+    )
+    return _f1_result(f, p, r, stats, vocabulary)
 
 
 def best_threshold(
@@ -347,11 +386,14 @@ def best_threshold(
     audio_ids: Sequence[str],
     ground_truth: GroundTruth,
     average: Literal["macro", "micro"] = "macro",
+    criterion: Literal["event", "segment"] = "event",
     onset_collar: float = 0.2,
     offset_collar: float = 0.2,
     offset_collar_rate: float = 0.2,
+    segment_length: float = 1.0,
 ) -> tuple[float, float]:
-    """The single threshold (shared by all labels) that maximises macro or micro collar-based F1.
+    """The single threshold (shared by all labels) that maximises macro or micro F1, collar-based
+    event F1 (`criterion="event"`) or segment-based F1 (`"segment"`).
 
     sed_scores_eval's `best_fscore` optimises each label's threshold separately, so the shared
     one is found here from its per-label operating-point curves: F1 only changes where some
@@ -360,11 +402,18 @@ def best_threshold(
     """
     if average not in ("macro", "micro"):
         raise DataError(f"average must be 'macro' or 'micro', got {average!r}")
+    if criterion not in ("event", "segment"):
+        raise DataError(f"criterion must be 'event' or 'segment', got {criterion!r}")
     scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
     truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
-    curves, _ = collar_based.accumulated_intermediate_statistics(
-        scores=scores, ground_truth=truth, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
-    )
+    if criterion == "event":
+        curves, _ = collar_based.accumulated_intermediate_statistics(
+            scores=scores, ground_truth=truth, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
+        )
+    else:
+        curves, _ = segment_based.accumulated_intermediate_statistics(
+            scores, truth, **_segment_args(probs, hop_s, audio_ids, segment_length)
+        )
     change_points = np.unique(np.concatenate([c[0] for c in curves.values()]))
     change_points = change_points[np.isfinite(change_points)]
     candidates = np.concatenate([[change_points[0] - 1.0], (change_points[1:] + change_points[:-1]) / 2])

@@ -266,7 +266,7 @@ class ModelParams(_Section):
     context: Literal["transformer", "conv", "none"] = "transformer"
     context_layers: int = Field(1, ge=0, le=12)
     context_heads: int = Field(8, ge=1, le=64)
-    dropout: float = Field(0.1, ge=0.0, le=0.9)
+    dropout: float = Field(0.3, ge=0.0, le=0.9)  # context block; chosen on val_unseen (gpu profile: 0.1)
 
 
 TrainMode = Literal["flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss"]
@@ -286,7 +286,7 @@ class TrainParams(_Section):
     warmup_steps: int = Field(100, ge=0, le=1_000_000)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0, le=1000.0)
-    w_clip: float = Field(1.0, ge=0.0, le=1000.0)
+    w_clip: float = Field(5.0, ge=0.0, le=1000.0)  # the spec's 1 in the smoke and gpu profiles
     w_sed: float = Field(200.0, ge=0.0, le=10000.0)
     w_prior: float = Field(1.0, ge=0.0, le=1000.0)
     loss_chunk: int = Field(256, ge=0, le=1_000_000)  # texts per chunk in the frame loss; 0 = naive

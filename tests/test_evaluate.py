@@ -154,11 +154,13 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
     assert {"seen", "unseen"} <= set(flam["zero_shot"])
     assert metrics["gate"]["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
-    # The frame labels, scored as a model, meet PSDS2's loose tolerances almost everywhere (they
-    # are the event times on the frame grid); PSDS1's 0.7 tolerances cost them the short events.
+    # The frame labels, scored as a model, meet PSDS2's loose tolerances nearly everywhere (they
+    # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
+    # tolerances cost them the short events.
     for split in ("test_seen", "test_unseen"):
         targets = metrics["frame_label_psds"][split]
-        assert targets["psds2"] > 0.9 and 0.0 < targets["psds1"] <= targets["psds2"]
+        assert targets["psds2"] > 0.8 and targets["psds2"] > flam[split]["psds2"] + 0.3
+        assert targets["psds1"] <= targets["psds2"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test_set_hash"] == metrics["test_set_hash"]
     results = (out / "results.md").read_text()

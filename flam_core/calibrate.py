@@ -12,17 +12,18 @@ from the labels of `test_unseen`):
   the adjustment) and `s` (after). Plain, frequency-weighted ECE is reported too.
 - **Prior tracking.** The learned `sigmoid(beta_k)` of each training label against its
   empirical frame prior (Spearman and Pearson correlation, scatter plot).
-- **Threshold.** The single threshold on `s` that maximises macro segment F1 (1 s segments,
-  sed_scores_eval) over a vocabulary. Segment F1 asks whether the sound is reported where it
-  sounds; collar-based event F1 also asks that each event come out as one segment with its
-  onset within 200 ms, which the ~0.3 s frame grid rarely meets for never-trained prompts
-  (its optimum on `val_unseen` sits near F1 0.02 and moves with a handful of events). Event
-  F1 at the chosen threshold is reported alongside. `threshold`, the one the detector applies
-  to any prompt it has no own threshold for, is chosen on `val_unseen`: a user's prompt is in
-  general not a training label, and scores of never-trained prompts run lower than those of
-  training labels, so a threshold chosen on training labels alone misses novel sounds. The
-  optimum over `val` is kept as `threshold_seen`, and per-label optima of the training
-  labels as `per_prompt` (closed-vocabulary use). Reliability is measured on both splits.
+- **Threshold.** The single threshold on `s`, after the detector's 3-frame median filter,
+  that maximises macro segment F1 (1 s segments, sed_scores_eval) over a vocabulary. Segment
+  F1 asks whether the sound is reported where it sounds; collar-based event F1 also asks that
+  each event come out as one segment with its onset within 200 ms, which the ~0.3 s frame
+  grid rarely meets for never-trained prompts (its optimum on `val_unseen` sits near F1 0.02
+  and moves with a handful of events). Event F1 at the chosen threshold is reported
+  alongside. `threshold`, the one the detector applies to any prompt it has no own threshold
+  for, is chosen on `val_unseen`: a user's prompt is in general not a training label, and
+  scores of never-trained prompts run lower than those of training labels, so a threshold
+  chosen on training labels alone misses novel sounds. The optimum over `val` is kept as
+  `threshold_seen`, and per-label optima of the training labels as `per_prompt`
+  (closed-vocabulary use). Reliability is measured on both splits, on the frame scores.
 
 Output: `<model>/calibration.json` (read by the detector), `metrics.json` and plots
 (`reliability.png`, `beta_prior.png`) in the report folder.
@@ -95,7 +96,7 @@ def calibrate(
     """Calibrate the model in `model_dir` on val and val_unseen; writes `calibration.json` there."""
     from scipy.stats import pearsonr
 
-    from flam_core.evaluation.sed import best_threshold, event_f1, segment_f1
+    from flam_core.evaluation.sed import best_threshold, event_f1, median_filter_frames, segment_f1
     from flam_core.inference import load_model
 
     model_dir = Path(model_dir or params.train.out_dir)
@@ -113,11 +114,13 @@ def calibrate(
     }
     seen_args = (hop, seen.vocabulary, seen.ids, seen.events)
     unseen_args = (hop, unseen.vocabulary, unseen.ids, unseen.events)
-    threshold_seen, f1_seen = best_threshold(scores["val", "unbiased"], *seen_args, criterion="segment")
-    threshold, f1 = best_threshold(scores["val_unseen", "unbiased"], *unseen_args, criterion="segment")
-    at_half = segment_f1(scores["val_unseen", "unbiased"], *unseen_args, threshold=0.5)
-    event = event_f1(scores["val_unseen", "unbiased"], *unseen_args, threshold=threshold)
-    per_label = _per_label_thresholds(scores["val", "unbiased"], *seen_args)
+    # Thresholds act on the detector's output: the unbiased scores after its median filter.
+    decided = {name: median_filter_frames(scores[name, "unbiased"]) for name in ("val", "val_unseen")}
+    threshold_seen, f1_seen = best_threshold(decided["val"], *seen_args, criterion="segment")
+    threshold, f1 = best_threshold(decided["val_unseen"], *unseen_args, criterion="segment")
+    at_half = segment_f1(decided["val_unseen"], *unseen_args, threshold=0.5)
+    event = event_f1(decided["val_unseen"], *unseen_args, threshold=threshold)
+    per_label = _per_label_thresholds(decided["val"], *seen_args)
     curves = {kind: reliability(scores["val", kind], seen.truth, balanced=True) for kind in KINDS}
     plain = {kind: reliability(scores["val", kind], seen.truth, balanced=False)["ece"] for kind in KINDS}
     unseen_curves = {

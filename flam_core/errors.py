@@ -15,6 +15,10 @@ class AudioError(FlamError):
     """An audio file cannot be read, is empty, or holds invalid samples."""
 
 
+class SilentAudioError(AudioError):
+    """The audio is digital silence: there is nothing to detect in it."""
+
+
 class DataError(FlamError):
     """An input table or artifact violates its contract."""
 

@@ -31,7 +31,7 @@ import torch
 
 from flam_core.audio.io import read_audio, resample, to_mono
 from flam_core.config import Params
-from flam_core.errors import AudioError, ConfigError, DataError
+from flam_core.errors import AudioError, ConfigError, DataError, SilentAudioError
 
 MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
 YAMNET_ARTIFACT = "yamnet"  # the YAMNet weights it carries
@@ -192,7 +192,7 @@ class FlamDetector:
             samples = resample(to_mono(array), int(sample_rate), self.sample_rate)
             name = "audio array"
         if np.abs(samples).max() < SILENCE_PEAK:
-            raise AudioError(f"{name} is digital silence: there is nothing to detect")
+            raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
         return samples
 
     @torch.inference_mode()

@@ -4,7 +4,7 @@ import soundfile as sf
 
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import DataError
-from flam_core.evaluation.sed import event_f1
+from flam_core.evaluation.sed import event_f1, median_filter_frames
 from flam_core.evaluation.tsv import COLUMNS, SedDataset, read_sed_tsv, write_sed_tsv
 
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -145,3 +145,49 @@ def test_missing_tsv_and_audio_folder(tmp_path):
     tsv = write(tmp_path, HEADER + "a.wav\t\t\t\n")
     with pytest.raises(DataError, match="audio folder not found"):
         SedDataset(tmp_path / "no_audio", tsv)
+
+
+class _FrameLabelDetector:
+    """Stands in for a model that outputs exactly the frame labels of each file."""
+
+    threshold = 0.5
+
+    def __init__(self, frames, frame_s: float, median_frames: int) -> None:
+        self.frames, self.frame_hop_s, self.median_frames = frames, frame_s, median_frames
+
+    def detect(self, path, prompts):
+        from types import SimpleNamespace
+
+        probs = np.zeros((len(prompts), 32), dtype=np.float32)
+        labels = self.frames.get(path.name)
+        if labels is not None:
+            for label, is_event, row in zip(labels.labels, labels.is_event, labels.frames, strict=True):
+                if is_event and label in prompts:
+                    probs[prompts.index(label)] = row
+        return SimpleNamespace(probs=probs)
+
+
+def test_evaluating_a_tsv_dataset_scores_what_the_detector_reports(smoke_sed_set, smoke_models):
+    from flam_core.evaluation.report import evaluate_sed_dataset
+    from flam_core.inference import FlamDetector
+
+    audio_dir, tsv, _, frames, frame_s = smoke_sed_set
+    dataset = SedDataset(audio_dir, tsv)
+    exact = evaluate_sed_dataset(_FrameLabelDetector(frames, frame_s, median_frames=1), dataset)
+    assert exact["frame_auroc_macro"] == 1.0 and exact["n_files"] == 5
+    assert exact["event_f1_macro"] == 1.0 and exact["segment_f1_macro"] == 1.0
+    # F1 is measured after the detector's median filter, as `flam detect` reports segments;
+    # AUROC sweeps the scores themselves.
+    filtered = evaluate_sed_dataset(_FrameLabelDetector(frames, frame_s, median_frames=3), dataset)
+    assert filtered["frame_auroc_macro"] == 1.0
+    vocab, ids = dataset.vocabulary, dataset.audio_ids
+    oracle = _FrameLabelDetector(frames, frame_s, median_frames=1)
+    probs = np.stack([oracle.detect(audio_dir / name, vocab).probs for name in ids])
+    smoothed = event_f1(median_filter_frames(probs, 3), frame_s, vocab, ids, dataset.ground_truth, 0.5)
+    assert smoothed["f1_macro"] < 1.0  # these mixtures hold one-frame events the filter erases
+    assert filtered["event_f1_macro"] == round(smoothed["f1_macro"], 4)
+    detector = FlamDetector.from_dir(smoke_models / "flam")
+    model = evaluate_sed_dataset(detector, dataset)
+    assert model["n_labels"] == len(dataset.vocabulary) and model["threshold"] == detector.threshold
+    for key in ("frame_auroc_macro", "psds1", "psds2", "event_f1_macro", "segment_f1_macro"):
+        assert 0.0 <= model[key] <= 1.0

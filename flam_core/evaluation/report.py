@@ -20,6 +20,7 @@ gate metrics of FLAM), `results.md` (the tables), `roc_test_unseen.png` and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from flam_core.config import Params
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import read_recipes
 from flam_core.data.sources import load_manifest
-from flam_core.errors import DataError
+from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import event_vocabulary, frame_auroc, truth_matrix, vocabulary_scores
 from flam_core.features import FeatureCache
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
@@ -83,12 +84,15 @@ def split_events(
 
 
 def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
-    from flam_core.evaluation.sed import event_f1, psds, segment_f1
+    from flam_core.evaluation.sed import event_f1, median_filter_frames, psds, segment_f1
 
     args = (hop, split.vocabulary, split.ids, split.events)
     auroc = frame_auroc(split.truth, scores)
-    f1 = event_f1(scores, *args, threshold=threshold)
-    segment = segment_f1(scores, *args, threshold=threshold)
+    # F1 at a threshold scores the detector's output (median-filtered, as `flam detect`);
+    # AUROC and PSDS sweep every threshold over the frame scores themselves.
+    decided = median_filter_frames(scores)
+    f1 = event_f1(decided, *args, threshold=threshold)
+    segment = segment_f1(decided, *args, threshold=threshold)
     out = {
         "frame_auroc_macro": round(auroc["macro"], 4),
         "frame_auroc_micro": round(auroc["micro"], 4),
@@ -505,11 +509,21 @@ def frame_truth(
     return truth
 
 
+def _file_scores(detector: Any, path: Path, vocabulary: list[str], duration_s: float) -> np.ndarray:
+    """`[K, frames]` detector scores of one file; a file of digital silence, which the detector
+    refuses, scores 0 everywhere (nothing sounds in it)."""
+    try:
+        return detector.detect(path, vocabulary).probs
+    except SilentAudioError:
+        n_frames = max(1, math.ceil(duration_s / detector.frame_hop_s - 1e-9))
+        return np.zeros((len(vocabulary), n_frames), dtype=np.float32)
+
+
 def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
     """One model on a real SED dataset (`flam_core.evaluation.tsv.SedDataset`): every label of
     the dataset is a prompt for every file. Frame AUROC, PSDS1/2, event and segment F1 at the
     detector's threshold."""
-    from flam_core.evaluation.sed import event_f1, psds, segment_f1
+    from flam_core.evaluation.sed import event_f1, median_filter_frames, psds, segment_f1
 
     vocabulary = [
         v for v in dataset.vocabulary if any(e[2] == v for evs in dataset.ground_truth.values() for e in evs)
@@ -518,13 +532,15 @@ def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
         raise DataError("the dataset names no event")
     ids = list(dataset.audio_ids)
     hop = detector.frame_hop_s
-    probs = [detector.detect(dataset.files[i], vocabulary).probs for i in ids]
+    probs = [_file_scores(detector, dataset.files[i], vocabulary, dataset.durations[i]) for i in ids]
     width = max(p.shape[1] for p in probs)
     scores = np.zeros((len(ids), len(vocabulary), width), dtype=np.float32)
+    decided = np.zeros_like(scores)  # what the detector thresholds: each file median-filtered
     truth = np.zeros(scores.shape, dtype=bool)
     durations = {}
     for m, (i, p) in enumerate(zip(ids, probs, strict=True)):
         scores[m, :, : p.shape[1]] = p
+        decided[m, :, : p.shape[1]] = median_filter_frames(p, detector.median_frames)
         truth[m, :, : p.shape[1]] = frame_truth(dataset.ground_truth[i], vocabulary, p.shape[1], hop)
         durations[i] = width * hop
     args = (hop, vocabulary, ids, dataset.ground_truth)
@@ -534,8 +550,8 @@ def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
         "frame_auroc_micro": round(auroc["micro"], 4),
         "psds1": round(psds(scores, *args, durations=durations, scenario=1)["psds"], 4),
         "psds2": round(psds(scores, *args, durations=durations, scenario=2)["psds"], 4),
-        "event_f1_macro": round(event_f1(scores, *args, threshold=detector.threshold)["f1_macro"], 4),
-        "segment_f1_macro": round(segment_f1(scores, *args, threshold=detector.threshold)["f1_macro"], 4),
+        "event_f1_macro": round(event_f1(decided, *args, threshold=detector.threshold)["f1_macro"], 4),
+        "segment_f1_macro": round(segment_f1(decided, *args, threshold=detector.threshold)["f1_macro"], 4),
         "threshold": detector.threshold,
         "n_files": len(ids),
         "n_labels": len(vocabulary),

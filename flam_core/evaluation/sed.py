@@ -52,6 +52,10 @@ PSDS_SCENARIOS: dict[int, dict[str, float | None]] = {
     },
 }
 
+# The reference post-processing (FLAM_SPEC): a median filter over 3 frames, then the
+# threshold. `flam detect` applies it, so thresholds are chosen and F1 is measured after it.
+MEDIAN_FRAMES = 3
+
 _RESERVED_COLUMNS = {"onset", "offset"}
 _SHOWN = 5
 
@@ -435,7 +439,7 @@ def best_threshold(
     return float(candidates[best]), float(f1[best])
 
 
-def median_filter_frames(probs: np.ndarray, median_frames: int = 3) -> np.ndarray:
+def median_filter_frames(probs: np.ndarray, median_frames: int = MEDIAN_FRAMES) -> np.ndarray:
     """Median filter over the last (frame) axis of any score array; 1 returns the input."""
     if (
         not isinstance(median_frames, int | np.integer)
@@ -461,7 +465,7 @@ def active_runs(active: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def segments_from_frames(
-    probs_k: np.ndarray, hop_s: float, threshold: float, median_frames: int = 3
+    probs_k: np.ndarray, hop_s: float, threshold: float, median_frames: int = MEDIAN_FRAMES
 ) -> list[tuple[float, float, float]]:
     """(onset s, offset s, max score) of each run of frames whose median-filtered score is above threshold.
 

@@ -301,6 +301,18 @@ def _collar_args(onset_collar: float, offset_collar: float, offset_collar_rate: 
     return {name: float(value) for name, value in args.items()}
 
 
+def _scores_and_truth(
+    probs: np.ndarray,
+    hop_s: float,
+    vocabulary: Sequence[str],
+    audio_ids: Sequence[str],
+    ground_truth: GroundTruth,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Checked score tables and ground truth for the threshold metrics (F1, best threshold)."""
+    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
+    return scores, _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+
+
 def _f1_result(f: Mapping, p: Mapping, r: Mapping, stats: Mapping, vocabulary: Sequence[str]) -> dict:
     per_label = {
         label: {
@@ -342,8 +354,7 @@ def event_f1(
     a label with no detection has precision 1 in the per-label and macro figures, while the
     micro precision of a system with no detection at all is 0.
     """
-    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
-    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    scores, truth = _scores_and_truth(probs, hop_s, vocabulary, audio_ids, ground_truth)
     thr = _check_threshold(threshold, list(vocabulary))
     f, p, r, stats = collar_based.fscore(
         scores, truth, thr, **_collar_args(onset_collar, offset_collar, offset_collar_rate)
@@ -374,8 +385,7 @@ def segment_f1(
     """Segment-based F1 at a threshold: a label counts as active in a `segment_length` segment
     when any of its frames there scores above the threshold (detection) or any reference event
     overlaps it (reference). Same return shape as `event_f1`, with segments as the counts."""
-    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
-    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    scores, truth = _scores_and_truth(probs, hop_s, vocabulary, audio_ids, ground_truth)
     thr = _check_threshold(threshold, list(vocabulary))
     f, p, r, stats = segment_based.fscore(
         scores, truth, threshold=thr, **_segment_args(probs, hop_s, audio_ids, segment_length)
@@ -408,8 +418,7 @@ def best_threshold(
         raise DataError(f"average must be 'macro' or 'micro', got {average!r}")
     if criterion not in ("event", "segment"):
         raise DataError(f"criterion must be 'event' or 'segment', got {criterion!r}")
-    scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
-    truth = _check_ground_truth(ground_truth, list(vocabulary), list(audio_ids))
+    scores, truth = _scores_and_truth(probs, hop_s, vocabulary, audio_ids, ground_truth)
     if criterion == "event":
         curves, _ = collar_based.accumulated_intermediate_statistics(
             scores=scores, ground_truth=truth, **_collar_args(onset_collar, offset_collar, offset_collar_rate)

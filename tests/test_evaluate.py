@@ -11,7 +11,10 @@ import pytest
 from flam_core.calibrate import calibrate, reliability
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import DataError
-from flam_core.evaluation.report import evaluate, frame_truth
+from flam_core.evaluation.frames import vocabulary_scores
+from flam_core.evaluation.report import MixtureSplit, evaluate, frame_truth
+from flam_core.evaluation.sed import median_filter_frames, segment_f1
+from flam_core.inference import load_model
 from tests.conftest import smoke_params
 
 PARAMS = ("evaluation.baselines=[flam, global]",)
@@ -120,7 +123,7 @@ def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):
 
 
 def test_evaluation_report_compares_flam_with_its_baseline(
-    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, mixer, tmp_path
 ):
     library, _ = smoke_library
     recipes, _ = smoke_recipes
@@ -147,11 +150,26 @@ def test_evaluation_report_compares_flam_with_its_baseline(
             assert 0.0 <= flam[split][key] <= 1.0
         # PSDS = area under (mean - std) of the class TPRs: never above the mean single-class PSDS.
         assert flam[split]["psds1"] <= flam[split]["psds1_class_mean"] + 1e-6
-    # FLAM uses its calibrated thresholds (novel prompts / training labels), the uncalibrated
-    # baseline 0.5.
+    # FLAM uses its calibrated thresholds (novel prompts / training labels); the uncalibrated
+    # baseline gets thresholds by calibrate's rule: the segment-F1 optimum of its
+    # median-filtered scores on the matching validation split.
     assert flam["test_unseen"]["threshold"] == calibrated[0]["threshold"]
     assert flam["test_seen"]["threshold"] == calibrated[0]["threshold_seen"]
-    assert metrics["models"]["global"]["test_unseen"]["threshold"] == 0.5
+    glob = metrics["models"]["global"]
+    assert (flam["threshold_source"], glob["threshold_source"]) == ("calibration", "validation")
+    model, _, _ = load_model(smoke_models / "global")
+    hop = 10.0 / 32
+    for test, val in (("test_unseen", "val_unseen"), ("test_seen", "val")):
+        split = MixtureSplit(smoke_params(), val, smoke_features, mixer, recipes)
+        decided = median_filter_frames(vocabulary_scores(model, split.cache, split.vocabulary))
+        args = (decided, hop, split.vocabulary, split.ids, split.events)
+        best = max(segment_f1(*args, threshold=t)["f1_macro"] for t in np.linspace(0.01, 0.99, 99))
+        assert segment_f1(*args, threshold=glob[test]["threshold"])["f1_macro"] >= best - 1e-9
+        # ... and every model is also read at the one fixed threshold 0.5.
+        split = MixtureSplit(smoke_params(), test, smoke_features, mixer, recipes)
+        decided = median_filter_frames(vocabulary_scores(model, split.cache, split.vocabulary))
+        at_half = segment_f1(decided, hop, split.vocabulary, split.ids, split.events, threshold=0.5)
+        assert glob[test]["segment_f1_macro_at_0.5"] == pytest.approx(at_half["f1_macro"], abs=1e-4)
     assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
     assert {"seen", "unseen"} <= set(flam["zero_shot"])
     assert metrics["gate"]["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
@@ -165,7 +183,14 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test_set_hash"] == metrics["test_set_hash"]
     results = (out / "results.md").read_text()
-    headings = ("Sound event detection", "Retrieval", "Zero-shot", "unbiased vs approximate", "FLAM-Global")
+    headings = (
+        "Sound event detection",
+        "Detection at a threshold",
+        "Retrieval",
+        "Zero-shot",
+        "unbiased vs approximate",
+        "FLAM-Global",
+    )
     for heading in headings:
         assert heading in results
     assert "The ground-truth frame labels (the training targets), scored as a model" in results

@@ -241,3 +241,14 @@ def test_learned_bias_tracks_each_labels_frame_prior(smoke_models, smoke_feature
         correlation[mode] = rank_correlation(learned, prior)
     assert correlation["flam"] > 0.5
     assert correlation["flam"] > correlation["global"] + 0.3
+
+
+def test_a_calibration_without_its_threshold_is_refused(tmp_path):
+    from flam_core.evaluation.report import _calibrated_thresholds
+
+    assert _calibrated_thresholds(tmp_path) is None  # no calibration: thresholds from validation
+    (tmp_path / "calibration.json").write_text(json.dumps({"threshold_seen": 0.9}))
+    with pytest.raises(DataError, match="no 'threshold'"):
+        _calibrated_thresholds(tmp_path)
+    (tmp_path / "calibration.json").write_text(json.dumps({"threshold": 0.52, "threshold_seen": 0.9}))
+    assert _calibrated_thresholds(tmp_path) == {"test_unseen": 0.52, "test_seen": 0.9}

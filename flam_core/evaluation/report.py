@@ -214,6 +214,8 @@ def _calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
     if not path.is_file():
         return None
     calibration = json.loads(path.read_text())
+    if "threshold" not in calibration:
+        raise DataError(f"{path} has no 'threshold': rerun `flam calibrate --model {model_dir}`")
     unseen = float(calibration["threshold"])
     return {"test_unseen": unseen, "test_seen": float(calibration.get("threshold_seen", unseen))}
 

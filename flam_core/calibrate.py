@@ -45,7 +45,7 @@ from flam_core.evaluation.frames import (
     rank_correlation,
     vocabulary_scores,
 )
-from flam_core.evaluation.report import MixtureSplit
+from flam_core.evaluation.report import MixtureSplit, detector_threshold
 from flam_core.features import FeatureCache
 from flam_core.utils import atomic_write_text
 
@@ -96,7 +96,7 @@ def calibrate(
     """Calibrate the model in `model_dir` on val and val_unseen; writes `calibration.json` there."""
     from scipy.stats import pearsonr
 
-    from flam_core.evaluation.sed import best_threshold, event_f1, median_filter_frames, segment_f1
+    from flam_core.evaluation.sed import event_f1, median_filter_frames, segment_f1
     from flam_core.inference import load_model
 
     model_dir = Path(model_dir or params.train.out_dir)
@@ -116,8 +116,8 @@ def calibrate(
     unseen_args = (hop, unseen.vocabulary, unseen.ids, unseen.events)
     # Thresholds act on the detector's output: the unbiased scores after its median filter.
     decided = {name: median_filter_frames(scores[name, "unbiased"]) for name in ("val", "val_unseen")}
-    threshold_seen, f1_seen = best_threshold(decided["val"], *seen_args, criterion="segment")
-    threshold, f1 = best_threshold(decided["val_unseen"], *unseen_args, criterion="segment")
+    threshold_seen, f1_seen = detector_threshold(scores["val", "unbiased"], seen, hop)
+    threshold, f1 = detector_threshold(scores["val_unseen", "unbiased"], unseen, hop)
     at_half = segment_f1(decided["val_unseen"], *unseen_args, threshold=0.5)
     event = event_f1(decided["val_unseen"], *unseen_args, threshold=threshold)
     per_label = _per_label_thresholds(decided["val"], *seen_args)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,19 +221,25 @@ def _calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
     return {"test_unseen": unseen, "test_seen": float(calibration.get("threshold_seen", unseen))}
 
 
-def validation_thresholds(model: Any, validation: dict[str, MixtureSplit], hop: float) -> dict[str, float]:
-    """Thresholds for a model without calibration, chosen as `flam calibrate` chooses FLAM's:
-    per test split, the shared threshold that maximises macro segment F1 of the median-filtered
-    scores on the matching validation split (val_unseen for test_unseen, val for test_seen).
-    Every model's F1 is then read at its own best validation threshold."""
+def detector_threshold(scores: np.ndarray, split: MixtureSplit, hop: float) -> tuple[float, float]:
+    """The rule for a detector's shared threshold, used by `flam calibrate` and for uncalibrated
+    baselines: the threshold that maximises macro segment F1 of `split`'s scores after the
+    detector's median filter (what it thresholds), and that F1."""
     from flam_core.evaluation.sed import best_threshold, median_filter_frames
 
+    args = (hop, split.vocabulary, split.ids, split.events)
+    return best_threshold(median_filter_frames(scores), *args, criterion="segment")
+
+
+def validation_thresholds(model: Any, validation: dict[str, MixtureSplit], hop: float) -> dict[str, float]:
+    """Thresholds for a model without calibration, chosen as `flam calibrate` chooses FLAM's
+    (`detector_threshold`) on the matching validation split (val_unseen for test_unseen, val for
+    test_seen). Every model's F1 is then read at its own best validation threshold."""
     out = {}
     for test, name in VALIDATION_OF.items():
         split = validation[name]
-        decided = median_filter_frames(vocabulary_scores(model, split.cache, split.vocabulary))
-        args = (hop, split.vocabulary, split.ids, split.events)
-        out[test] = round(float(best_threshold(decided, *args, criterion="segment")[0]), 4)
+        scores = vocabulary_scores(model, split.cache, split.vocabulary)
+        out[test] = round(float(detector_threshold(scores, split, hop)[0]), 4)
     return out
 
 
@@ -343,6 +350,11 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _model_rows(results: dict[str, Any], cells: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One Markdown table row per model: its display name, then `cells(its results)`."""
+    return [f"| {NAMES.get(mode, mode)} | {cells(r)} |" for mode, r in results.items()]
+
+
 def results_markdown(metrics: dict[str, Any], params: Params) -> str:
     results = metrics["models"]
     command = "dvc repro evaluate" + ("" if params.profile == "default" else f"  # profile: {params.profile}")
@@ -367,13 +379,14 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "| seen AUROC macro | seen AUROC micro | seen PSDS1 | seen PSDS2 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        cells = " | ".join(
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
             f"{r[split][key]:.3f}"
             for split in ("test_unseen", "test_seen")
             for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2")
-        )
-        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
+        ),
+    )
     lines += [
         "",
         "Detection at a threshold, on the detector's output (scores after the 3-frame median "
@@ -386,13 +399,14 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "| seen threshold | seen segment F1 | seen segment F1 at 0.5 | seen event F1 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        cells = " | ".join(
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
             f"{r[split]['threshold']:.2f} | {r[split]['segment_f1_macro']:.3f} | "
             f"{r[split]['segment_f1_macro_at_0.5']:.3f} | {r[split]['event_f1_macro']:.3f}"
             for split in ("test_unseen", "test_seen")
-        )
-        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
+        ),
+    )
     lines += [
         "",
         "PSDS (DCASE) subtracts the standard deviation of the true-positive rate across classes "
@@ -402,13 +416,14 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "| model | unseen PSDS1 | unseen PSDS2 | seen PSDS1 | seen PSDS2 |",
         "|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        cells = " | ".join(
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
             f"{r[split][f'psds{n}_class_mean']:.3f} +- {r[split][f'psds{n}_class_std']:.3f}"
             for split in ("test_unseen", "test_seen")
             for n in (1, 2)
-        )
-        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
+        ),
+    )
     targets = metrics.get("frame_label_psds")
     if targets:
         u, s = targets["test_unseen"], targets["test_seen"]
@@ -444,12 +459,14 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "| model | T2A R@1 | T2A R@5 | T2A R@10 | T2A mAP@10 | A2T R@1 | A2T R@5 | A2T R@10 | A2T mAP@10 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        t = r["retrieval"]
-        cells = " | ".join(
-            f"{t[f'{d}_{k}']:.3f}" for d in ("t2a", "a2t") for k in ("R@1", "R@5", "R@10", "mAP@10")
-        )
-        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
+            f"{r['retrieval'][f'{d}_{k}']:.3f}"
+            for d in ("t2a", "a2t")
+            for k in ("R@1", "R@5", "R@10", "mAP@10")
+        ),
+    )
     lines += [
         "",
         "## Zero-shot classification (single test clips of the source library)",
@@ -457,13 +474,14 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "| model | seen top-1 | unseen top-1 |",
         "|---|---|---|",
     ]
-    for mode, r in results.items():
-        z = r["zero_shot"]
-        cells = " | ".join(
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
             f"{z[k]['top1']:.3f} ({z[k]['n_clips']} clips, {z[k]['n_classes']} classes)" if k in z else "-"
+            for z in (r["zero_shot"],)
             for k in ("seen", "unseen")
-        )
-        lines.append(f"| {NAMES.get(mode, mode)} | {cells} |")
+        ),
+    )
     claims = metrics.get("claims") or {}
     if claims:
         lines += [

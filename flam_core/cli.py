@@ -281,10 +281,13 @@ def evaluate_command(
 
     metrics = evaluate(params, models_dir=models, out_dir=out)
     claims = metrics["claims"]
-    console.print(
-        f"unseen macro AUROC gain over FLAM-Global {claims.get('unseen_auroc_gain')}, PSDS1 gain "
-        f"{claims.get('unseen_psds1_gain')}, retrieval R@5 ratio {claims.get('retrieval_r5_relative')}"
-    )
+    if claims:
+        low, high = claims["unseen_auroc_gain_ci95_low"], claims["unseen_auroc_gain_ci95_high"]
+        console.print(
+            f"unseen macro AUROC gain over FLAM-Global {claims['unseen_auroc_gain']:+.3f} (95% interval "
+            f"[{low:+.3f}, {high:+.3f}] over {claims['unseen_auroc_labels']} prompts), PSDS1 gain "
+            f"{claims['unseen_psds1_gain']:+.3f}, retrieval R@5 ratio {claims['retrieval_r5_relative']:.2f}"
+        )
 
 
 @app.command("register")

@@ -5,8 +5,10 @@ import pandas as pd
 import pytest
 from psds_eval import PSDSEval
 from sed_scores_eval import collar_based, segment_based
+from sklearn.metrics import roc_auc_score
 
 from flam_core.errors import DataError
+from flam_core.evaluation.frames import frame_auroc, macro_gain_interval
 from flam_core.evaluation.retrieval import retrieval_metrics, zero_shot_accuracy
 from flam_core.evaluation.sed import (
     PSDS_SCENARIOS,
@@ -295,6 +297,57 @@ def test_median_filter_frames_acts_on_the_frame_axis_only():
     probs[1, :, 12] = 1.0  # all labels at one frame: a filter across labels would keep it
     assert not median_filter_frames(probs).any()
     assert median_filter_frames(probs, 1) is probs
+
+
+# ---------------------------------------------------------------- frame AUROC and its gain
+
+
+def test_frame_auroc_per_label_and_macro_agree_with_scikit_learn():
+    probs, _, _, truth = planted_case(seed=3, signal=0.4)
+    truth[:, 2] = False  # "siren" never sounds: it has no AUROC and stays out of the macro
+    result = frame_auroc(truth, probs)
+    expected = [roc_auc_score(truth[:, k].ravel(), probs[:, k].ravel()) for k in range(2)]
+    assert result["per_label"][:2] == pytest.approx(expected)
+    assert np.isnan(result["per_label"][2])
+    assert result["macro"] == pytest.approx(np.mean(expected))
+    assert result["n_labels"] == 2
+    assert result["micro"] == pytest.approx(roc_auc_score(truth.ravel(), probs.ravel()))
+
+
+def test_gain_interval_matches_the_normal_theory_interval_on_many_labels():
+    rng = np.random.default_rng(0)
+    labels = [f"label{i}" for i in range(400)]
+    baseline = dict(zip(labels, rng.uniform(0.5, 0.8, len(labels)), strict=True))
+    diff = rng.normal(0.08, 0.1, len(labels))
+    ours = {label: baseline[label] + d for label, d in zip(labels, diff, strict=True)}
+    interval = macro_gain_interval(ours, baseline)
+    assert interval["gain"] == pytest.approx(diff.mean())
+    # With 400 labels the bootstrap interval is the textbook mean +- 1.96 standard errors.
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(labels))
+    assert interval["low"] == pytest.approx(diff.mean() - half, abs=0.15 * half)
+    assert interval["high"] == pytest.approx(diff.mean() + half, abs=0.15 * half)
+    assert interval["n_better"] == int((diff > 0).sum()) and interval["n_labels"] == 400
+    # Seeded: the same labels give the same interval.
+    assert macro_gain_interval(ours, baseline) == interval
+
+
+def test_gain_interval_of_a_uniform_gain_is_that_gain():
+    baseline = {"dog": 0.6, "rain": 0.7, "siren": 0.5}
+    interval = macro_gain_interval({k: v + 0.125 for k, v in baseline.items()}, baseline)
+    assert (interval["low"], interval["gain"], interval["high"]) == pytest.approx((0.125,) * 3)
+    assert interval["n_better"] == 3
+
+
+@pytest.mark.parametrize(
+    ("ours", "baseline", "message"),
+    [
+        ({"dog": 0.9, "rain": 0.8}, {"dog": 0.7, "siren": 0.6}, "different labels"),
+        ({"dog": 0.9}, {"dog": 0.7}, "at least 2 labels"),
+    ],
+)
+def test_bad_gain_interval_inputs_raise_data_error(ours, baseline, message):
+    with pytest.raises(DataError, match=message):
+        macro_gain_interval(ours, baseline)
 
 
 # ---------------------------------------------------------------- retrieval and zero-shot

@@ -173,6 +173,19 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
     assert {"seen", "unseen"} <= set(flam["zero_shot"])
     assert metrics["gate"]["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
+    # Each prompt's AUROC is kept; their mean is the macro AUROC, and the claim's interval over
+    # the held-out prompts brackets FLAM's gain over FLAM-Global.
+    unseen = flam["test_unseen"]["frame_auroc_per_label"]
+    assert len(unseen) >= 2
+    assert np.mean(list(unseen.values())) == pytest.approx(flam["test_unseen"]["frame_auroc_macro"], abs=1e-4)
+    claims = metrics["claims"]
+    assert claims["unseen_auroc_gain_ci95_low"] <= claims["unseen_auroc_gain"]
+    assert claims["unseen_auroc_gain"] <= claims["unseen_auroc_gain_ci95_high"]
+    # Every claim is one number: the KFP component logs each as a metric.
+    assert all(isinstance(value, int | float) for value in claims.values())
+    theirs = glob["test_unseen"]["frame_auroc_per_label"]
+    assert claims["unseen_auroc_labels"] == len(unseen)
+    assert claims["unseen_auroc_labels_better"] == sum(unseen[k] > theirs[k] for k in unseen)
     # The frame labels, scored as a model, meet PSDS2's loose tolerances nearly everywhere (they
     # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
     # tolerances cost them the short events.
@@ -194,6 +207,11 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     for heading in headings:
         assert heading in results
     assert "The ground-truth frame labels (the training targets), scored as a model" in results
+    # ... and the per-prompt table lists every held-out prompt, largest gain first.
+    rows = results.split("Frame AUROC of each held-out prompt")[1].split("\n\n")[1].splitlines()[2:]
+    assert len(rows) == len(unseen)
+    best = min(unseen, key=lambda k: (theirs[k] - unseen[k], k))  # ties: alphabetical
+    assert rows[0].startswith(f"| {best} | ")
     assert (out / "roc_test_unseen.png").stat().st_size > 0
     assert len(list((out / "heatmaps").glob("*.png"))) == smoke_params().evaluation.heatmaps
 

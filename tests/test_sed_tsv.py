@@ -175,6 +175,7 @@ def test_evaluating_a_tsv_dataset_scores_what_the_detector_reports(smoke_sed_set
     dataset = SedDataset(audio_dir, tsv)
     exact = evaluate_sed_dataset(_FrameLabelDetector(frames, frame_s, median_frames=1), dataset)
     assert exact["frame_auroc_macro"] == 1.0 and exact["n_files"] == 5
+    assert exact["frame_auroc_per_label"] == dict.fromkeys(dataset.vocabulary, 1.0)
     assert exact["event_f1_macro"] == 1.0 and exact["segment_f1_macro"] == 1.0
     # F1 is measured after the detector's median filter, as `flam detect` reports segments;
     # AUROC sweeps the scores themselves.

@@ -9,7 +9,7 @@ that have both positive and negative frames).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -69,21 +69,26 @@ def vocabulary_scores(
     return torch.cat(scores).numpy()
 
 
-def frame_auroc(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Micro and macro frame AUROC of `[M, K, L]` truth and scores."""
+def frame_auroc(truth: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Micro and macro frame AUROC of `[M, K, L]` truth and scores.
+
+    `per_label` holds each label's AUROC (NaN for a label without both positive and negative
+    frames, which has none); `macro` is their mean over the labels that have one.
+    """
     if truth.shape != scores.shape:
         raise DataError(f"truth {truth.shape} and scores {scores.shape} differ in shape")
     if not truth.any() or truth.all():
         raise DataError("frame AUROC needs both positive and negative frames")
-    per_label = []
+    per_label = np.full(truth.shape[1], np.nan)
     for k in range(truth.shape[1]):
         labels = truth[:, k].ravel()
         if labels.any() and not labels.all():
-            per_label.append(roc_auc_score(labels, scores[:, k].ravel()))
+            per_label[k] = roc_auc_score(labels, scores[:, k].ravel())
     return {
         "micro": float(roc_auc_score(truth.ravel(), scores.ravel())),
-        "macro": float(np.mean(per_label)),
-        "n_labels": len(per_label),
+        "macro": float(np.nanmean(per_label)),
+        "n_labels": int(np.isfinite(per_label).sum()),
+        "per_label": per_label,
     }
 
 
@@ -129,3 +134,51 @@ def rank_correlation(learned: np.ndarray, prior: np.ndarray) -> float | None:
     if np.ptp(learned) == 0.0 or np.ptp(prior) == 0.0:
         return None
     return round(float(spearmanr(learned, prior).statistic), 4)
+
+
+def macro_gain_interval(
+    ours: dict[str, float],
+    baseline: dict[str, float],
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How far a macro-average gain (ours minus baseline) can be trusted, over the labels.
+
+    `ours` and `baseline` map each label to a per-label metric (e.g. frame AUROC) of two models
+    scored on the same data. The macro gain is the mean of the per-label differences; a
+    bootstrap over the labels (scipy's BCa interval, seeded) says how much that mean would
+    move with another draw of labels of the same kind, which for a held-out vocabulary of a
+    few dozen prompts is the main source of uncertainty. Also: on how many labels ours wins.
+    """
+    from scipy.stats import bootstrap
+
+    if ours.keys() != baseline.keys():
+        differing = sorted(ours.keys() ^ baseline.keys())
+        raise DataError(f"the two models are scored on different labels: {differing[:5]}")
+    labels = sorted(ours)
+    if len(labels) < 2:
+        raise DataError(f"a gain interval needs at least 2 labels, got {len(labels)}")
+    if not 0.0 < confidence < 1.0:
+        raise DataError(f"confidence must lie in (0, 1), got {confidence}")
+    diff = np.array([ours[label] - baseline[label] for label in labels])
+    if np.ptp(diff) < 1e-9:  # every label moved alike: nothing to resample
+        low = high = float(diff.mean())
+    else:
+        result = bootstrap(
+            (diff,),
+            np.mean,
+            confidence_level=confidence,
+            n_resamples=resamples,
+            method="BCa",
+            rng=np.random.default_rng(seed),
+        )
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return {
+        "gain": float(diff.mean()),
+        "low": low,
+        "high": high,
+        "confidence": confidence,
+        "n_labels": len(labels),
+        "n_better": int((diff > 0).sum()),
+    }

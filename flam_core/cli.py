@@ -286,7 +286,8 @@ def evaluate_command(
         console.print(
             f"unseen macro AUROC gain over FLAM-Global {claims['unseen_auroc_gain']:+.3f} (95% interval "
             f"[{low:+.3f}, {high:+.3f}] over {claims['unseen_auroc_labels']} prompts), PSDS1 gain "
-            f"{claims['unseen_psds1_gain']:+.3f}, retrieval R@5 ratio {claims['retrieval_r5_relative']:.2f}"
+            f"{claims['unseen_psds1_gain']:+.3f} ({claims['seen_psds1_gain']:+.3f} on test_seen), "
+            f"retrieval R@5 ratio {claims['retrieval_r5_relative']:.2f}"
         )
 
 

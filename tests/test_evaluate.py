@@ -186,6 +186,8 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     theirs = glob["test_unseen"]["frame_auroc_per_label"]
     assert claims["unseen_auroc_labels"] == len(unseen)
     assert claims["unseen_auroc_labels_better"] == sum(unseen[k] > theirs[k] for k in unseen)
+    for split, key in (("test_unseen", "unseen_psds1_gain"), ("test_seen", "seen_psds1_gain")):
+        assert claims[key] == pytest.approx(flam[split]["psds1"] - glob[split]["psds1"], abs=1e-4)
     # The frame labels, scored as a model, meet PSDS2's loose tolerances nearly everywhere (they
     # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
     # tolerances cost them the short events.

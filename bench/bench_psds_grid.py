@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from scipy.interpolate import make_interp_spline
 
 from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
@@ -31,9 +32,8 @@ def interpolate_frames(scores: np.ndarray, up: int) -> np.ndarray:
     n = scores.shape[-1]
     centres = np.arange(n) + 0.5
     fine = (np.arange(n * up) + 0.5) / up
-    left = np.clip(np.searchsorted(centres, fine) - 1, 0, n - 2)
-    weight = np.clip(fine - centres[left], 0.0, 1.0)
-    return scores[..., left] * (1 - weight) + scores[..., left + 1] * weight
+    line = make_interp_spline(centres, scores, k=1, axis=-1)
+    return line(np.clip(fine, centres[0], centres[-1]))
 
 
 def main() -> None:

@@ -283,6 +283,7 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     steps: int = Field(1500, ge=1, le=10_000_000)
     lr: float = Field(5e-4, gt=0.0, le=1.0)
+    text_lr: float | None = Field(None, gt=0.0, le=1.0)  # the text encoder's, when trained; None: lr
     warmup_steps: int = Field(100, ge=0, le=1_000_000)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0, le=1000.0)

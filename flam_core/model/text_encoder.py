@@ -58,6 +58,10 @@ class TextEncoder(nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if not self.trainable:
@@ -66,10 +70,9 @@ class TextEncoder(nn.Module):
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Run the transformer on `texts` (no cache): `[K, dim]`."""
-        device = next(self.model.parameters()).device
         tokens = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        ).to(self.device)
         hidden = self.model(**tokens).last_hidden_state  # [K, T, dim]
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -99,4 +102,4 @@ class TextEncoder(nn.Module):
                     # it was first padded with, or resumed runs would drift from uninterrupted ones.
                     self._cache[text] = self.encode([text])[0].float()
         # The cache lives on the CPU (filled before the model moves); the result follows the model.
-        return torch.stack([self._cache[t] for t in texts]).to(next(self.model.parameters()).device)
+        return torch.stack([self._cache[t] for t in texts]).to(self.device)

@@ -4,7 +4,9 @@
 
 For each trained model folder: macro frame AUROC of the unbiased scores on `val` (training
 labels) and `val_unseen` (held-out labels, disjoint from `test_unseen`'s), label as prompt;
-and text<->audio retrieval over the `val` + `val_unseen` mixtures, each captioned by its first
+on `val_unseen` also its two parts, recognition (clip AUROC) and localisation (within-clip
+AUROC; `flam_core.evaluation.frames.recognition_and_localisation`); and text<->audio
+retrieval over the `val` + `val_unseen` mixtures, each captioned by its first
 events' captions, exactly as stage `evaluate` does on the test splits.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
+from flam_core.evaluation.frames import recognition_and_localisation, vocabulary_scores
 from flam_core.evaluation.report import MixtureSplit, _retrieval
 from flam_core.inference import load_model
 from flam_core.train import quick_validation
@@ -38,9 +41,15 @@ def main() -> None:
         model, _, _ = load_model(folder)
         auroc = quick_validation(model, features)
         retrieval = _retrieval(model, splits, params.evaluation.caption_events)
+        unseen = splits[1]
+        parts = recognition_and_localisation(
+            unseen.truth, vocabulary_scores(model, unseen.cache, unseen.vocabulary)
+        )
         figures = {
             "val_auroc": auroc["val_frame_auroc_macro"],
             "val_unseen_auroc": auroc["val_unseen_frame_auroc_macro"],
+            "val_unseen_clip_auroc": round(parts["clip"], 4),
+            "val_unseen_within_clip_auroc": round(parts["within_clip"], 4),
         } | {key: retrieval[key] for key in KEYS}
         print(folder, json.dumps(figures), flush=True)
 

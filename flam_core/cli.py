@@ -285,7 +285,9 @@ def evaluate_command(
         low, high = claims["unseen_auroc_gain_ci95_low"], claims["unseen_auroc_gain_ci95_high"]
         console.print(
             f"unseen macro AUROC gain over FLAM-Global {claims['unseen_auroc_gain']:+.3f} (95% interval "
-            f"[{low:+.3f}, {high:+.3f}] over {claims['unseen_auroc_labels']} prompts), PSDS1 gain "
+            f"[{low:+.3f}, {high:+.3f}] over {claims['unseen_auroc_labels']} prompts; clip "
+            f"{claims['unseen_clip_auroc_gain']:+.3f}, within-clip "
+            f"{claims['unseen_within_clip_auroc_gain']:+.3f}), PSDS1 gain "
             f"{claims['unseen_psds1_gain']:+.3f} ({claims['seen_psds1_gain']:+.3f} on test_seen), "
             f"retrieval R@5 ratio {claims['retrieval_r5_relative']:.2f}"
         )

@@ -8,7 +8,7 @@ from sed_scores_eval import collar_based, segment_based
 from sklearn.metrics import roc_auc_score
 
 from flam_core.errors import DataError
-from flam_core.evaluation.frames import frame_auroc, macro_gain_interval
+from flam_core.evaluation.frames import frame_auroc, macro_gain_interval, recognition_and_localisation
 from flam_core.evaluation.retrieval import retrieval_metrics, zero_shot_accuracy
 from flam_core.evaluation.sed import (
     PSDS_SCENARIOS,
@@ -312,6 +312,35 @@ def test_frame_auroc_per_label_and_macro_agree_with_scikit_learn():
     assert result["macro"] == pytest.approx(np.mean(expected))
     assert result["n_labels"] == 2
     assert result["micro"] == pytest.approx(roc_auc_score(truth.ravel(), probs.ravel()))
+
+
+def test_recognition_and_localisation_separate_knowing_if_from_knowing_when():
+    rng = np.random.default_rng(4)
+    truth = np.zeros((40, 2, L), dtype=bool)
+    for m in range(40):  # label k sounds in the clips m with m % 2 == k, over a run of frames
+        start = rng.integers(0, L - 8)
+        truth[m, m % 2, start : start + rng.integers(2, 8)] = True
+    present = truth.any(axis=2, keepdims=True)
+    # A clip-level detector: the same score over the whole clip, high where the label sounds.
+    clip_only = np.broadcast_to(present, truth.shape).astype(float)
+    assert recognition_and_localisation(truth, clip_only) == {"clip": 1.0, "within_clip": 0.5}
+    # Placing events exactly but ranking clips backwards: every frame of an absent clip outscores
+    # the active frames of the clips where the label sounds.
+    backwards = np.where(present, 0.5 + 0.1 * truth, 0.9)
+    assert recognition_and_localisation(truth, backwards) == {"clip": 0.0, "within_clip": 1.0}
+    # And against scikit-learn on noisy scores.
+    noisy = truth + rng.normal(0.0, 1.0, truth.shape)
+    result = recognition_and_localisation(truth, noisy)
+    clip, within = [], []
+    for k in range(2):
+        clips = present[:, k, 0]
+        clip.append(roc_auc_score(clips, noisy[:, k].max(axis=1)))
+        within.append(roc_auc_score(truth[clips, k].ravel(), noisy[clips, k].ravel()))
+    assert result == pytest.approx({"clip": np.mean(clip), "within_clip": np.mean(within)})
+    with pytest.raises(DataError, match="one \\[M, K, L\\] shape"):
+        recognition_and_localisation(truth, noisy[:, :, :-1])
+    with pytest.raises(DataError, match="present in some clips and absent from others"):
+        recognition_and_localisation(np.ones_like(truth), noisy)
 
 
 def test_gain_interval_matches_the_normal_theory_interval_on_many_labels():

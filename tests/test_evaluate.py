@@ -142,6 +142,8 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         for key in (
             "frame_auroc_macro",
             "frame_auroc_micro",
+            "clip_auroc_macro",
+            "within_clip_auroc_macro",
             "psds1",
             "psds2",
             "event_f1_macro",
@@ -188,6 +190,10 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert claims["unseen_auroc_labels_better"] == sum(unseen[k] > theirs[k] for k in unseen)
     for split, key in (("test_unseen", "unseen_psds1_gain"), ("test_seen", "seen_psds1_gain")):
         assert claims[key] == pytest.approx(flam[split]["psds1"] - glob[split]["psds1"], abs=1e-4)
+    for part in ("clip", "within_clip"):
+        metric = f"{part}_auroc_macro"
+        gain = flam["test_unseen"][metric] - glob["test_unseen"][metric]
+        assert claims[f"unseen_{part}_auroc_gain"] == pytest.approx(gain, abs=1e-4)
     # The frame labels, scored as a model, meet PSDS2's loose tolerances nearly everywhere (they
     # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
     # tolerances cost them the short events.
@@ -209,6 +215,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     for heading in headings:
         assert heading in results
     assert "The ground-truth frame labels (the training targets), scored as a model" in results
+    assert "| model | unseen clip AUROC | unseen within-clip AUROC |" in results
     # ... and the per-prompt table lists every held-out prompt, largest gain first.
     rows = results.split("Frame AUROC of each held-out prompt")[1].split("\n\n")[1].splitlines()[2:]
     assert len(rows) == len(unseen)

@@ -92,6 +92,36 @@ def frame_auroc(truth: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     }
 
 
+def recognition_and_localisation(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Macro frame AUROC split into its two parts, from `[M, K, L]` truth and scores.
+
+    - `clip`: does the score say whether the label sounds in a clip at all? AUROC of each
+      clip's highest frame score against the label's presence in the clip (recognition).
+    - `within_clip`: does it say when? AUROC over the frames of only the clips in which the
+      label sounds (localisation; a score constant over a clip gives 0.5).
+
+    Both are macro averages over the labels that have both classes in that view. A model that
+    only tells clips apart (a clip-level objective) can match a frame-trained one on `clip`
+    and still trail it on `within_clip`; the frame AUROC mixes the two.
+    """
+    if truth.shape != scores.shape or truth.ndim != 3:
+        raise DataError(f"truth {truth.shape} and scores {scores.shape} must be one [M, K, L] shape")
+    present = truth.any(axis=2)  # [M, K]
+    clip, within = [], []
+    for k in range(truth.shape[1]):
+        if present[:, k].any() and not present[:, k].all():
+            clip.append(roc_auc_score(present[:, k], scores[:, k].max(axis=1)))
+        frames, frame_scores = truth[present[:, k], k].ravel(), scores[present[:, k], k].ravel()
+        if frames.any() and not frames.all():
+            within.append(roc_auc_score(frames, frame_scores))
+    if not clip or not within:
+        raise DataError(
+            "recognition and localisation need a label present in some clips and absent from others, "
+            "and a present label inactive in some of its frames"
+        )
+    return {"clip": float(np.mean(clip)), "within_clip": float(np.mean(within))}
+
+
 def event_vocabulary(cache: FeatureCache) -> list[str]:
     """The event labels that sound in a cache split, sorted."""
     return sorted(

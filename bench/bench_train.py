@@ -1,7 +1,13 @@
-"""Training throughput on this CPU: clips/s of one full step (forward, FLAM loss, backward, Adam)
+"""Training throughput: clips/s of one full step (forward, FLAM loss, backward, optimiser step)
 for each audio encoder, at the default profile's batch (16 mixtures, 80 text slots, 10 s).
 
     python bench/bench_train.py [--steps 5] [--batch 16]
+    python bench/bench_train.py --gpu-profile [--steps 5]     # a GPU machine
+
+`--gpu-profile` measures what `profile: gpu` trains instead: HTSAT-base from the waveform at
+48 kHz, 64 mixtures and 320 text slots a step, MiniLM on the device, once with torch Adam in
+float32 and once through the DeepSpeed engine of `train.backend=deepspeed` (ZeRO-2, bf16,
+`infra/deepspeed/zero2.json`, one process), as `flam train` runs it.
 
 Encoders:
 - `cached yamnet`: the CPU profile's path: frozen YAMNet's frame features come from the cache,
@@ -20,20 +26,27 @@ import numpy as np
 import torch
 
 from flam_core.config import load_params
-from flam_core.train import build_loss, build_model, compute_loss
-
-TEXTS = [f"sound number {i}" for i in range(80)]
+from flam_core.train import (
+    _start_runtime,
+    _to_device,
+    build_loss,
+    build_model,
+    compute_loss,
+    deepspeed_config,
+    resolve_device,
+)
 
 
 def batch(params, n: int, cached_dim: int | None) -> dict:
     rng = np.random.default_rng(0)
     samples = int(params.synth.mixture_s * params.audio.sample_rate)
     slots = params.loader.texts_per_audio * n
+    texts = [f"sound number {i}" for i in range(slots)]
     labels = torch.from_numpy(rng.uniform(size=(n, slots, params.frames.n_frames)) < 0.05)
     out = {
         "mixture_id": torch.arange(n),
-        "texts": TEXTS[:slots],
-        "text_labels": TEXTS[:slots],
+        "texts": texts,
+        "text_labels": texts,
         "text_mask": torch.ones(slots, dtype=torch.bool),
         "labels": labels,
     }
@@ -44,26 +57,58 @@ def batch(params, n: int, cached_dim: int | None) -> dict:
     return out
 
 
-def measure(name: str, overrides: list[str], steps: int, n: int, cached_dim: int | None = None) -> None:
-    params = load_params("params.yaml", overrides=overrides)
+def measure(
+    name: str,
+    overrides: list[str],
+    steps: int,
+    n: int,
+    cached_dim: int | None = None,
+    engine: bool = False,
+) -> None:
+    """Print one row: the median seconds of `steps` timed steps after one warm-up step.
+
+    `engine`: step through the DeepSpeed engine of `train.backend=deepspeed` (its config from
+    `train.deepspeed_config`, completed as `flam train` completes it) instead of torch Adam.
+    """
+    params = load_params("params.yaml", overrides=[*overrides, f"loader.batch_size={n}"])
     model = build_model(params, cached_dim)
     loss_fn = build_loss(params)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-4)
-    data = batch(params, n, cached_dim)
+    if engine:
+        import deepspeed
+
+        device = _start_runtime(params).device
+        forward, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(params)
+        )
+    else:
+        device = resolve_device(params.train.device)
+        forward = model.to(device)
+    data = _to_device(batch(params, n, cached_dim), device)
     model.train()
     timings = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        losses = compute_loss(model, loss_fn, data)
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        optimizer.step()
+        losses = compute_loss(forward, loss_fn, data)
+        if engine:
+            forward.backward(losses["loss"])
+            forward.step()
+        else:
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if step:  # the first step warms caches up
             timings.append(time.perf_counter() - start)
     seconds = float(np.median(timings))
     count = sum(p.numel() for p in trainable)
-    print(f"| {name} | {count / 1e6:.2f} M | {seconds:.3f} | {n / seconds:.1f} |", flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| {name} | {count / 1e6:.2f} M | {seconds:.3f} | {n / seconds:.1f} | {where} |", flush=True)
+    del forward, model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -72,20 +117,27 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--gpu-profile", action="store_true", help="the GPU profile's model and batch")
+    parser.add_argument("-S", dest="overrides", action="append", default=[], help="key=value for every row")
     args = parser.parse_args()
-    print(f"torch threads: {torch.get_num_threads()}; batch {args.batch} x 10 s")
-    print("| encoder | trainable parameters | s/step (median) | clips/s |")
-    print("|---|---|---|---|")
-    measure("cached yamnet (default CPU profile)", [], args.steps * 4, args.batch, cached_dim=1024)
-    measure("yamnet (frozen, on the fly)", [], args.steps, args.batch)
-    measure("yamnet (fine-tuned)", ["model.frozen_audio=false"], args.steps, args.batch)
-    measure(
-        "cnn (from scratch)", ["model.audio_encoder=cnn", "model.frozen_audio=false"], args.steps, args.batch
-    )
+    common = args.overrides
+    print(f"torch threads: {torch.get_num_threads()}")
+    print("| encoder | trainable parameters | s/step (median) | clips/s | device |")
+    print("|---|---|---|---|---|")
+    if args.gpu_profile:
+        gpu = ["profile=gpu", "model.htsat_size=base", *common]
+        measure("htsat base, torch Adam, float32", gpu, args.steps, 64)
+        measure("htsat base, DeepSpeed ZeRO-2, bf16", gpu, args.steps, 64, engine=True)
+        return
+    measure("cached yamnet (default CPU profile)", common, args.steps * 4, args.batch, cached_dim=1024)
+    measure("yamnet (frozen, on the fly)", common, args.steps, args.batch)
+    measure("yamnet (fine-tuned)", ["model.frozen_audio=false", *common], args.steps, args.batch)
+    cnn = ["model.audio_encoder=cnn", "model.frozen_audio=false", *common]
+    measure("cnn (from scratch)", cnn, args.steps, args.batch)
     for size in ("tiny", "base"):
         measure(
             f"htsat {size} (48 kHz, from scratch)",
-            ["profile=gpu", f"model.htsat_size={size}", "model.train_text_encoder=false"],
+            ["profile=gpu", f"model.htsat_size={size}", "model.train_text_encoder=false", *common],
             max(2, args.steps // 2),
             args.batch // 2 if size == "base" else args.batch,
         )

@@ -216,6 +216,13 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         assert heading in results
     assert "The ground-truth frame labels (the training targets), scored as a model" in results
     assert "| model | unseen clip AUROC | unseen within-clip AUROC |" in results
+    # Each target says whether it is met, and a miss by how much (and, for PSDS1, why).
+    gain = claims["unseen_auroc_gain"]
+    verdict = "met" if gain >= 0.10 else f"missed by {0.10 - gain:.3f}"
+    assert f"**{gain:+.3f}** (target >= +0.10: {verdict};" in results
+    psds_met = claims["unseen_psds1_gain"] > 0
+    assert f"(target > 0: {'met' if psds_met else 'missed'})" in results
+    assert ("so a model that finds some held-out labels and misses others scores zero" in results) != psds_met
     # ... and the per-prompt table lists every held-out prompt, largest gain first.
     rows = results.split("Frame AUROC of each held-out prompt")[1].split("\n\n")[1].splitlines()[2:]
     assert len(rows) == len(unseen)

@@ -357,13 +357,15 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
     if "global" not in results:
         return {}
     flam, glob = results["flam"], results["global"]
+
+    def gain(split: str, key: str) -> float:
+        return round(flam[split][key] - glob[split][key], 4)
+
     r5 = "t2a_R@5"
     per_label = "frame_auroc_per_label"
     interval = macro_gain_interval(flam["test_unseen"][per_label], glob["test_unseen"][per_label])
     return {
-        "unseen_auroc_gain": round(
-            flam["test_unseen"]["frame_auroc_macro"] - glob["test_unseen"]["frame_auroc_macro"], 4
-        ),
+        "unseen_auroc_gain": gain("test_unseen", "frame_auroc_macro"),
         "unseen_auroc_gain_target": 0.10,
         # the gain's 95% interval over the held-out prompts (a bootstrap over labels)
         "unseen_auroc_gain_ci95_low": round(interval["low"], 4),
@@ -371,18 +373,39 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
         "unseen_auroc_labels_better": interval["n_better"],
         "unseen_auroc_labels": interval["n_labels"],
         # the gain split into recognising the prompt's sound in a clip and placing it in time
-        "unseen_clip_auroc_gain": round(
-            flam["test_unseen"]["clip_auroc_macro"] - glob["test_unseen"]["clip_auroc_macro"], 4
-        ),
-        "unseen_within_clip_auroc_gain": round(
-            flam["test_unseen"]["within_clip_auroc_macro"] - glob["test_unseen"]["within_clip_auroc_macro"], 4
-        ),
-        "unseen_psds1_gain": round(flam["test_unseen"]["psds1"] - glob["test_unseen"]["psds1"], 4),
+        "unseen_clip_auroc_gain": gain("test_unseen", "clip_auroc_macro"),
+        "unseen_within_clip_auroc_gain": gain("test_unseen", "within_clip_auroc_macro"),
+        "unseen_psds1_gain": gain("test_unseen", "psds1"),
         # closed-set SED (training labels, new clips): where the paper reports PSDS
-        "seen_psds1_gain": round(flam["test_seen"]["psds1"] - glob["test_seen"]["psds1"], 4),
+        "seen_psds1_gain": gain("test_seen", "psds1"),
         "retrieval_r5_relative": round(flam["retrieval"][r5] / max(glob["retrieval"][r5], 1e-9), 4),
         "retrieval_r5_relative_target": 0.8,
     }
+
+
+def _psds_shortfall(metrics: dict[str, Any], claims: dict[str, Any]) -> list[str]:
+    """Why FLAM's unseen PSDS1 does not exceed FLAM-Global's, from the figures that decide it."""
+    if claims["unseen_psds1_gain"] > 0:
+        return []
+    flam, glob = (metrics["models"][mode]["test_unseen"] for mode in ("flam", "global"))
+    text = (
+        "PSDS1 subtracts the spread of the true-positive rate over the labels (alpha_st = 1), so a "
+        "model that finds some held-out labels and misses others scores zero. Each label scored "
+        f"alone, FLAM's PSDS1 is {flam['psds1_class_mean']:.3f} +- {flam['psds1_class_std']:.3f} "
+        f"against FLAM-Global's {glob['psds1_class_mean']:.3f} +- {glob['psds1_class_std']:.3f}."
+    )
+    truth = metrics.get("frame_label_psds", {}).get("test_unseen")
+    if truth:
+        text += (
+            f" The ground-truth frame labels themselves reach {truth['psds1']:.3f}: PSDS1's 0.7 "
+            "tolerances on this frame grid leave little room."
+        )
+    return [text, ""]
+
+
+def _verdict(value: float, target: float) -> str:
+    """'met' for a value at or above its target, else by how much it falls short."""
+    return "met" if value >= target else f"missed by {target - value:.3f}"
 
 
 def _model_rows(results: dict[str, Any], cells: Callable[[dict[str, Any]], str]) -> list[str]:
@@ -520,20 +543,23 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
     claims = metrics.get("claims") or {}
     if claims:
         low, high = claims["unseen_auroc_gain_ci95_low"], claims["unseen_auroc_gain_ci95_high"]
+        auroc_target, r5_target = claims["unseen_auroc_gain_target"], claims["retrieval_r5_relative_target"]
         lines += [
             "",
             "## The claim, on this data",
             "",
             f"- Unseen frame AUROC (macro), FLAM minus FLAM-Global: **{claims['unseen_auroc_gain']:+.3f}** "
-            f"(target >= +{claims['unseen_auroc_gain_target']:.2f}; paper: 91.0 vs 67.8). "
-            f"95% interval over the {claims['unseen_auroc_labels']} held-out prompts (BCa bootstrap "
-            f"over labels): [{low:+.3f}, {high:+.3f}]; FLAM is ahead on "
+            f"(target >= +{auroc_target:.2f}: {_verdict(claims['unseen_auroc_gain'], auroc_target)}; "
+            f"paper: 91.0 vs 67.8). 95% interval over the {claims['unseen_auroc_labels']} held-out "
+            f"prompts (BCa bootstrap over labels): [{low:+.3f}, {high:+.3f}]; FLAM is ahead on "
             f"{claims['unseen_auroc_labels_better']} of them.",
-            f"- Unseen PSDS1, FLAM minus FLAM-Global: **{claims['unseen_psds1_gain']:+.3f}** (target > 0). "
+            f"- Unseen PSDS1, FLAM minus FLAM-Global: **{claims['unseen_psds1_gain']:+.3f}** "
+            f"(target > 0: {'met' if claims['unseen_psds1_gain'] > 0 else 'missed'}). "
             f"On `test_seen` (closed set, where the paper reports PSDS): {claims['seen_psds1_gain']:+.3f}.",
             f"- Retrieval T2A R@5, FLAM / FLAM-Global: **{claims['retrieval_r5_relative']:.2f}** "
-            f"(target >= {claims['retrieval_r5_relative_target']:.2f}).",
+            f"(target >= {r5_target:.2f}: {_verdict(claims['retrieval_r5_relative'], r5_target)}).",
             "",
+            *_psds_shortfall(metrics, claims),
             "The frame AUROC mixes two abilities: recognising whether the prompt's sound is in a clip "
             "(clip AUROC: each clip's highest frame score against the label's presence) and placing it "
             "in time (within-clip AUROC: only the frames of the clips in which the label sounds; a score "

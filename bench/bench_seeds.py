@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_text_finetune import parse_run, trained  # bench/ is on the path of a bench script
 
 from flam_core.config import load_params
 from flam_core.evaluation.frames import (
@@ -38,16 +38,11 @@ from flam_core.evaluation.frames import (
     vocabulary_scores,
 )
 from flam_core.features import FeatureCache
-from flam_core.train import FlamModel, _load_trainable_state, build_model, train
+from flam_core.train import FlamModel, _load_trainable_state, build_model
 
 SPLITS = ("val_unseen", "test_unseen")
 PARTS = ("frame", "clip", "within_clip")
 TARGET = 0.10  # the claim: FLAM's unseen frame AUROC exceeds FLAM-Global's by >= 0.10
-
-
-def parse_run(spec: str) -> tuple[str, list[str]]:
-    name, _, overrides = spec.partition(":")
-    return name.strip(), [o.strip() for o in overrides.split(",") if o.strip()]
 
 
 def trained_head(folder: Path, params, features: Path) -> FlamModel:
@@ -139,16 +134,8 @@ def main() -> None:
     for seed in args.seeds:
         for name, overrides in runs:
             params = load_params("params.yaml", overrides=common + overrides + [f"train.seed={seed}"])
-            with tempfile.TemporaryDirectory() as tmp:
-                metrics = train(
-                    params,
-                    features_dir=args.features,
-                    out_dir=Path(tmp) / "model",
-                    report_dir=Path(tmp) / "reports",
-                    track=False,
-                )
-                model = trained_head(Path(tmp) / "model", params, args.features)
-                figures = score(model, args.features)
+            with trained(params, args.features) as (metrics, folder):
+                figures = score(trained_head(folder, params, args.features), args.features)
             row = {"run": name, "seed": seed, "overrides": overrides, "device": device}
             row |= {"s_per_step": round(metrics["train_seconds"] / metrics["steps"], 4)} | figures
             rows.append(row)

@@ -16,19 +16,37 @@ and the device. Fine-tuning MiniLM costs ~7x a frozen-encoder step on 2 CPU core
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flam_core.config import load_params
+from flam_core.config import Params, load_params
 from flam_core.train import train
 
 
 def parse_run(spec: str) -> tuple[str, list[str]]:
     name, _, overrides = spec.partition(":")
     return name.strip(), [o.strip() for o in overrides.split(",") if o.strip()]
+
+
+@contextlib.contextmanager
+def trained(params: Params, features: Path) -> Iterator[tuple[dict[str, Any], Path]]:
+    """Train `params` on the cached `features` into a temporary folder, without an MLflow run;
+    yields the final metrics and the model folder, removed on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train(
+            params,
+            features_dir=features,
+            out_dir=Path(tmp) / "model",
+            report_dir=Path(tmp) / "reports",
+            track=False,
+        )
+        yield metrics, Path(tmp) / "model"
 
 
 def device_name() -> str:
@@ -51,22 +69,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, overrides in map(parse_run, args.run):
         params = load_params("params.yaml", overrides=common + overrides)
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = train(
-                params,
-                features_dir=args.features,
-                out_dir=Path(tmp) / "model",
-                report_dir=Path(tmp) / "reports",
-                track=False,
-            )
-        row = {
-            "run": name,
-            "overrides": overrides,
-            "val_auroc": metrics["val_frame_auroc_macro"],
-            "val_unseen_auroc": metrics["val_unseen_frame_auroc_macro"],
-            "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 4),
-            "device": device_name(),
-        }
+        with trained(params, args.features) as (metrics, _):
+            row = {
+                "run": name,
+                "overrides": overrides,
+                "val_auroc": metrics["val_frame_auroc_macro"],
+                "val_unseen_auroc": metrics["val_unseen_frame_auroc_macro"],
+                "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 4),
+                "device": device_name(),
+            }
         rows.append(row)
         print(
             f"| {name} | {row['val_auroc']:.3f} | {row['val_unseen_auroc']:.3f} | {row['s_per_step']:.3f} "

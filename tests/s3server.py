@@ -197,7 +197,7 @@ class FaultProxy:
     `fail_next(n)` answers the next `n` requests with an S3 error (503 SlowDown by default) without
     forwarding them; `truncate_objects = True` forwards object GETs but sends only half the body, then
     drops the connection (a string instead of True limits that to request paths containing it).
-    Every request is recorded in `requests`.
+    Every request is recorded in `requests` before it is answered, so a test that has its response sees it.
     """
 
     def __init__(self, upstream: str, host: str = HOST) -> None:
@@ -280,13 +280,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 f"<Error><Code>{code}</Code><Message>{message}</Message>"
                 f"<RequestId>fault-{len(proxy.requests)}</RequestId></Error>"
             ).encode()
+            # Recorded before answering: once the client has its answer, the record must be there.
+            proxy._record(ProxiedRequest(self.command, self.path, status, "failed"))
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
-            proxy._record(ProxiedRequest(self.command, self.path, status, "failed"))
             return
 
         conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
@@ -313,6 +314,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             and response.status in (200, 206)
             and len(data) > 1
         )
+        proxy._record(
+            ProxiedRequest(self.command, self.path, response.status, "truncated" if truncate else "forwarded")
+        )
         self.send_response(response.status)
         for key, value in headers:
             if key.lower() in _HOP_BY_HOP or key.lower() in ("server", "date"):
@@ -329,9 +333,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data[: len(data) // 2] if truncate else data)
         self.wfile.flush()
-        proxy._record(
-            ProxiedRequest(self.command, self.path, response.status, "truncated" if truncate else "forwarded")
-        )
 
     def do_GET(self) -> None:
         self._handle()

@@ -38,18 +38,11 @@ from flam_core.evaluation.frames import (
     vocabulary_scores,
 )
 from flam_core.features import FeatureCache
-from flam_core.train import FlamModel, _load_trainable_state, build_model
+from flam_core.inference import load_model
 
 SPLITS = ("val_unseen", "test_unseen")
 PARTS = ("frame", "clip", "within_clip")
 TARGET = 0.10  # the claim: FLAM's unseen frame AUROC exceeds FLAM-Global's by >= 0.10
-
-
-def trained_head(folder: Path, params, features: Path) -> FlamModel:
-    """The head `train` saved in `folder`, on cached features (no audio encoder to load)."""
-    model = build_model(params, FeatureCache(features, "val_unseen").summary["dim"])
-    _load_trainable_state(model, torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval()
 
 
 def score(model, features: Path) -> dict[str, dict[str, float]]:
@@ -135,7 +128,7 @@ def main() -> None:
         for name, overrides in runs:
             params = load_params("params.yaml", overrides=common + overrides + [f"train.seed={seed}"])
             with trained(params, args.features) as (metrics, folder):
-                figures = score(trained_head(folder, params, args.features), args.features)
+                figures = score(load_model(folder)[0], args.features)
             row = {"run": name, "seed": seed, "overrides": overrides, "device": device}
             row |= {"s_per_step": round(metrics["train_seconds"] / metrics["steps"], 4)} | figures
             rows.append(row)

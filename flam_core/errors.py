@@ -25,3 +25,7 @@ class DataError(FlamError):
 
 class ExternalToolError(FlamError):
     """A required external program (apt-get, fluidsynth, espeak-ng) failed or is missing."""
+
+
+class AudioTooLongError(AudioError):
+    """The audio lasts longer than the limit set for this call or server."""

@@ -131,11 +131,11 @@ def calibrate(
     pearson = None if spearman is None else round(float(pearsonr(learned, prior).statistic), 4)
     calibration = {
         "split": "val_unseen",
-        "threshold": round(float(threshold), 4),
+        "threshold": float(threshold),  # already short: see best_threshold
         "threshold_segment_f1_macro": round(float(f1), 4),
         "segment_f1_macro_at_0.5": round(float(at_half["f1_macro"]), 4),
         "threshold_event_f1_macro": round(float(event["f1_macro"]), 4),
-        "threshold_seen": round(float(threshold_seen), 4),
+        "threshold_seen": float(threshold_seen),
         "threshold_seen_segment_f1_macro": round(float(f1_seen), 4),
         "per_prompt": per_label,
         "ece_balanced": {k: round(v["ece"], 4) for k, v in curves.items()},
@@ -166,7 +166,7 @@ def _per_label_thresholds(
     for k, label in enumerate(vocabulary):
         mine = {i: [e for e in evs if e[2] == label] for i, evs in events.items()}
         threshold, _ = best_threshold(scores[:, k : k + 1], hop, [label], ids, mine, criterion="segment")
-        out[label] = round(float(threshold), 4)
+        out[label] = float(threshold)
     return out
 
 

@@ -19,6 +19,7 @@ from flam_core.evaluation.sed import (
     psds,
     segment_f1,
     segments_from_frames,
+    shortest_decimal_between,
 )
 
 HOP = 0.3125
@@ -248,6 +249,66 @@ def test_best_threshold_on_segment_f1_is_exact():
     assert f1_dog == pytest.approx(f["dog"])
     with pytest.raises(DataError, match="criterion"):
         best_threshold(probs, HOP, VOCAB, ids, ground_truth, criterion="frame")
+
+
+def crowded_case():
+    """Float32 scores crowded just below 1.0, exact 0s and 1s, and ties across clips.
+
+    dog: in clip a the event (segment 0) scores `high`, the nine other segments `low`, both
+    within 1e-4 of 1: F1 is 1 only for thresholds in (low, high). Clip b's dog event scores
+    exactly 1.0 over silence at exactly 0.0. rain: clips a and b tie at 0.5 everywhere, with
+    one event in b, so a threshold below 0.5 trades a hit for ten false alarms.
+    """
+    low, high = np.float32(0.99991), np.float32(0.99995)
+    ids = ["a", "b"]
+    probs = np.zeros((2, 2, L), dtype=np.float32)
+    probs[0, 0, :] = low
+    probs[0, 0, :3] = high
+    probs[1, 0, 16:19] = 1.0
+    probs[:, 1, :] = 0.5
+    ground_truth = {"a": [(0.0, 1.0, "dog")], "b": [(5.0, 6.0, "dog"), (2.0, 3.0, "rain")]}
+    return probs, ids, ground_truth, (float(low), float(high))
+
+
+def test_best_threshold_is_exact_on_crowded_tied_and_saturated_scores():
+    probs, ids, ground_truth, (low, high) = crowded_case()
+    vocab = ["dog", "rain"]
+    threshold, f1 = best_threshold(probs, HOP, vocab, ids, ground_truth, criterion="segment")
+
+    def f1_at(t: float) -> float:
+        return segment_f1(probs, HOP, vocab, ids, ground_truth, threshold=t)["f1_macro"]
+
+    # The optimum lies in (low, high), a gap narrower than 1e-4, and is stored as a short number.
+    assert low < threshold < high and threshold == 0.99993
+    assert f1_at(threshold) == pytest.approx(f1, abs=1e-12)
+    # Exact: no threshold does better, neither between any two distinct scores nor on a grid.
+    points = np.unique(probs.astype(np.float64))
+    between = np.concatenate([[points[0] - 1], (points[1:] + points[:-1]) / 2, [points[-1] + 1]])
+    assert f1 >= max(f1_at(t) for t in between) - 1e-12
+    assert f1 >= max(f1_at(t) for t in np.linspace(0.01, 0.99, 99)) - 1e-12
+    # Rounding the exact midpoint to 4 decimals, as thresholds once were stored, crosses `low`.
+    assert f1_at(round((low + high) / 2, 4)) < f1 - 0.1
+    # One label at a time, the shared search is sed_scores_eval's own per-label optimum.
+    for k, label in enumerate(vocab):
+        mine = {a: [e for e in evs if e[2] == label] for a, evs in ground_truth.items()}
+        _, alone = best_threshold(probs[:, k : k + 1], HOP, [label], ids, mine, criterion="segment")
+        scores = frame_scores_to_sed_scores(probs[:, k : k + 1], HOP, [label], ids)
+        f, *_ = segment_based.best_fscore(scores, mine, dict.fromkeys(ids, L * HOP), segment_length=1.0)
+        assert alone == pytest.approx(f[label], abs=1e-12)
+
+
+def test_shortest_decimal_between():
+    assert shortest_decimal_between(0.51, 0.53) == 0.52
+    assert shortest_decimal_between(0.41, 0.58) == 0.5
+    assert shortest_decimal_between(0.99991, 0.99995) == 0.99993
+    assert shortest_decimal_between(-math.inf, 0.003) == 0.0
+    assert shortest_decimal_between(-math.inf, 0.0) == -1.0
+    tight = float(np.float32(0.9))
+    assert tight < shortest_decimal_between(tight, float(np.nextafter(np.float32(0.9), 1))) < 0.90000007
+    with pytest.raises(DataError, match="strictly between"):
+        shortest_decimal_between(0.5, 0.5)
+    with pytest.raises(DataError, match="strictly between"):
+        shortest_decimal_between(1.0, float(np.nextafter(1.0, 2.0)))
 
 
 def test_best_threshold_matches_sed_scores_eval_for_one_label():

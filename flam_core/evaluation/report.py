@@ -258,7 +258,7 @@ def validation_thresholds(model: Any, validation: dict[str, MixtureSplit], hop: 
     for test, name in VALIDATION_OF.items():
         split = validation[name]
         scores = vocabulary_scores(model, split.cache, split.vocabulary)
-        out[test] = round(float(detector_threshold(scores, split, hop)[0]), 4)
+        out[test] = detector_threshold(scores, split, hop)[0]
     return out
 
 

@@ -411,8 +411,12 @@ def best_threshold(
 
     sed_scores_eval's `best_fscore` optimises each label's threshold separately, so the shared
     one is found here from its per-label operating-point curves: F1 only changes where some
-    label's curve changes, so every interval between consecutive change points is tried (at
-    its midpoint), which is exact. Ties go to the highest threshold. Returns (threshold, F1).
+    label's curve changes, so every open interval between consecutive change points is tried,
+    which is exact. Ties go to the highest threshold. The threshold returned is the number with
+    the fewest decimals strictly inside the best interval (0.52 rather than 0.5213...), so it
+    can be stored and read back as it is and still gives exactly the F1 returned: rounding it
+    afterwards can cross a change point, where scores crowd together near 0 or 1. Returns
+    (threshold, F1).
     """
     if average not in ("macro", "micro"):
         raise DataError(f"average must be 'macro' or 'micro', got {average!r}")
@@ -429,7 +433,10 @@ def best_threshold(
         )
     change_points = np.unique(np.concatenate([c[0] for c in curves.values()]))
     change_points = change_points[np.isfinite(change_points)]
-    candidates = np.concatenate([[change_points[0] - 1.0], (change_points[1:] + change_points[:-1]) / 2])
+    # Interval i is (lows[i], highs[i]): below every change point, then between neighbours.
+    lows = np.concatenate([[-np.inf], change_points[:-1]])
+    highs = change_points
+    candidates = np.concatenate([[change_points[0] - 1.0], lows[1:] + (highs[1:] - lows[1:]) / 2])
     tps, fps, n_refs = [], [], []
     for label in vocabulary:
         curve_scores, stats = curves[label]
@@ -444,8 +451,28 @@ def best_threshold(
         f1 = (2 * tp / (tp + fp + n_ref)).mean(axis=0)
     else:
         f1 = 2 * tp.sum(0) / (tp.sum(0) + fp.sum(0) + n_ref.sum())
+    # Neighbouring float64 change points leave no number strictly between them: no threshold
+    # reaches that operating point, so it cannot be chosen.
+    f1 = np.where((candidates > lows) & (candidates < highs), f1, -np.inf)
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))
-    return float(candidates[best]), float(f1[best])
+    return shortest_decimal_between(float(lows[best]), float(highs[best])), float(f1[best])
+
+
+def shortest_decimal_between(low: float, high: float) -> float:
+    """The number with the fewest decimals strictly between `low` and `high` (`low` may be
+    -inf); the one nearest the middle among those. Needs a float strictly between them."""
+    if not low < high:
+        raise DataError(f"no number lies strictly between {low!r} and {high!r}")
+    if not math.isfinite(low):
+        return float(math.ceil(high) - 1)
+    middle = low + (high - low) / 2
+    for decimals in range(18):
+        candidate = round(middle, decimals)
+        if low < candidate < high:
+            return float(candidate)
+    if not low < middle < high:
+        raise DataError(f"no float lies strictly between {low!r} and {high!r}")
+    return float(middle)
 
 
 def median_filter_frames(probs: np.ndarray, median_frames: int = MEDIAN_FRAMES) -> np.ndarray:

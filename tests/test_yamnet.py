@@ -105,9 +105,13 @@ def test_scores_match_tensorflow(
             worst_emb, float(np.abs(embeddings - expected_emb).max() / np.abs(expected_emb).max())
         )
         for p in range(len(expected)):
-            top = np.argsort(-scores[p])[:5].tolist()
-            top_ref = np.argsort(-expected[p])[:5].tolist()
-            assert top == top_ref, f"input {i} patch {p}: top-5 {top} != TF {top_ref}"
+            # Same top 5 as TensorFlow, in order; classes whose reference scores tie within the
+            # parity tolerance may swap places (float summation order differs between CPUs).
+            top = np.argsort(-scores[p])[:5]
+            top_ref = np.argsort(-expected[p])[:5]
+            np.testing.assert_allclose(
+                expected[p][top], expected[p][top_ref], atol=1e-4, err_msg=f"input {i} patch {p}: top-5"
+            )
     assert worst < 1e-4, f"class scores max abs diff {worst:.2e}"  # measured 2.9e-5
     assert worst_emb < 1e-4, f"embeddings max diff / max |embedding| {worst_emb:.2e}"
 

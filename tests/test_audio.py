@@ -1,3 +1,7 @@
+import io
+import struct
+import tracemalloc
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -8,8 +12,8 @@ from flam_core.audio.activity import (
     active_spans,
     merge_close_spans,
 )
-from flam_core.audio.io import read_audio, resample, write_flac
-from flam_core.errors import AudioError
+from flam_core.audio.io import StreamingResampler, iter_audio_blocks, read_audio, resample, write_flac
+from flam_core.errors import AudioError, AudioTooLongError
 
 SR = 16000
 
@@ -129,3 +133,109 @@ def test_zero_length_and_nan_files_are_refused(tmp_path):
     sf.write(nan, np.full(100, np.nan, np.float32), SR, subtype="FLOAT")
     with pytest.raises(AudioError, match=r"nan\.wav: file holds NaN"):
         read_audio(nan)
+
+
+# --- block-wise decoding and streaming resampling ---------------------------------------------
+
+
+def wav_bytes(rate: int, channels: int, declared_bytes: int, data: bytes, bits: int = 16) -> bytes:
+    """A PCM WAV whose header declares `declared_bytes` of data, followed by `data` (any length)."""
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
+    riff = struct.pack("<I", min(0xFFFFFFFF, 36 + declared_bytes))
+    return (
+        b"RIFF"
+        + riff
+        + b"WAVEfmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", declared_bytes)
+        + data
+    )
+
+
+def stream(resampler: StreamingResampler, signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Push `signal` in blocks of random lengths (1 sample to ~0.4 s), then flush."""
+    out, start = [], 0
+    while start < signal.shape[-1]:
+        size = int(rng.integers(1, resampler.orig_rate // 2 + 2))
+        out.append(resampler.push(signal[..., start : start + size]))
+        start += size
+    out.append(resampler.flush())
+    return np.concatenate(out, axis=-1)
+
+
+@pytest.mark.parametrize(("orig", "new"), [(22050, 16000), (44100, 16000), (48000, 16000), (8000, 16000)])
+def test_streaming_resampler_equals_resampling_the_whole_signal(orig, new):
+    rng = np.random.default_rng(orig)
+    for length in (1, 7, orig // 3 + 1, int(orig * 2.5) + 13):  # odd lengths, shorter and longer than context
+        signal = rng.uniform(-1, 1, length).astype(np.float32)
+        expected = resample(signal, orig, new)
+        got = stream(StreamingResampler(orig, new), signal, rng)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-5
+    stereo = rng.uniform(-1, 1, (2, orig + 101)).astype(np.float32)
+    got = stream(StreamingResampler(orig, new, channels=2), stereo, rng)
+    assert np.abs(got - resample(stereo, orig, new)).max() < 1e-5
+
+
+def test_block_reader_equals_decoding_the_whole_file(tmp_path):
+    rng = np.random.default_rng(3)
+    stereo = rng.uniform(-0.5, 0.5, (44100 * 3 + 17, 2)).astype(np.float32)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 44100, subtype="FLOAT")
+    whole = resample(stereo.T.mean(axis=0, dtype=np.float32), 44100, SR)
+    blocks = list(iter_audio_blocks(path, SR, block_s=0.37))
+    assert len(blocks) > 8 and all(b.dtype == np.float32 and b.ndim == 1 for b in blocks)
+    assert np.abs(np.concatenate(blocks) - whole).max() < 1e-5
+    samples, rate = read_audio(path, SR)
+    assert rate == SR and np.abs(samples - whole).max() < 1e-5
+    native = np.concatenate(list(iter_audio_blocks(path, None, block_s=0.5)))
+    np.testing.assert_array_equal(native, stereo.mean(axis=1, dtype=np.float32))
+
+
+def test_read_audio_accepts_a_file_object(tmp_path):
+    path = tmp_path / "clip.flac"
+    write_flac(path, tone(440, 1.3), SR)
+    from_path, _ = read_audio(path, 22050)
+    from_bytes, rate = read_audio(io.BytesIO(path.read_bytes()), 22050)
+    assert rate == 22050
+    np.testing.assert_array_equal(from_bytes, from_path)
+    with pytest.raises(AudioError, match="audio stream: cannot decode"):
+        read_audio(io.BytesIO(b"not audio" * 50))
+
+
+def test_max_duration_stops_decoding_and_names_the_file(tmp_path):
+    path = tmp_path / "five.wav"
+    sf.write(path, tone(300, 5.0), SR)
+    with pytest.raises(AudioTooLongError, match=r"five\.wav: .*limit of 2 s"):
+        read_audio(path, max_duration_s=2)
+    with pytest.raises(AudioTooLongError):
+        list(iter_audio_blocks(path, SR, block_s=0.5, max_duration_s=4.9))
+    samples, _ = read_audio(path, max_duration_s=5)
+    assert len(samples) == 5 * SR
+
+
+def test_a_lying_header_never_allocates_the_declared_size():
+    """A WAV declaring 4 GB of data but holding 1 s: 1 s comes back, with memory for a block."""
+    data = (np.random.default_rng(4).standard_normal(SR) * 3000).astype("<i2").tobytes()
+    lying = wav_bytes(SR, 1, 0xFFFFFFF0, data)
+    tracemalloc.start()
+    try:
+        samples, rate = read_audio(io.BytesIO(lying), SR, max_duration_s=3600)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rate == SR and samples.shape == (SR,) and np.isfinite(samples).all()
+    assert peak < 16 * SR * 4  # a few copies of the real second, not gigabytes
+    with pytest.raises(AudioTooLongError, match=r"limit of 0\.5 s"):
+        read_audio(io.BytesIO(lying), SR, max_duration_s=0.5)
+
+
+def test_a_rate_that_cannot_be_resampled_cheaply_is_a_clear_error(tmp_path):
+    path = tmp_path / "odd.wav"
+    path.write_bytes(wav_bytes(44101, 1, 2000, bytes(2000)))
+    with pytest.raises(AudioError, match=r"odd\.wav: cannot resample 44101 Hz to 16000 Hz"):
+        read_audio(path, SR)
+    samples, rate = read_audio(path)  # at its own rate nothing needs resampling
+    assert rate == 44101 and len(samples) == 1000

@@ -144,7 +144,7 @@ def main() -> None:
                 check=True,
                 env=env,
             )
-            results[variant] = torch.load(out)
+            results[variant] = torch.load(out, weights_only=True)
     naive, chunked = results["naive"], results["chunked"]
     report = {
         "bench": "sed_loss_fwd_bwd",

@@ -50,6 +50,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -77,6 +78,11 @@ CHUNK_MAX_ROWS = 262_144  # a chunk is written after this many frames even befor
 REGION_FRAMES = 128  # half-width of the window of exact scores around a hit, grown as needed
 WHOLE_FILE_FRAMES = 2048  # files up to this long (640 s at 312.5 ms) are scored whole, in one call
 ACTIVITY_BLOCK = 256  # candidates whose median-filtered activity is checked at once
+# The names index.json may give for its files, each a plain file name in the index folder (or in
+# chunks/): what the writer produces, and nothing that could point elsewhere.
+FILES_TABLE_NAME = re.compile(r"files-[0-9]{6,}\.parquet")
+CHUNK_NAME = re.compile(r"chunk-[0-9]{6,}")
+CENTROIDS_NAME = "pq-centroids.npy"
 FILE_COLUMNS = {
     "path": "string",
     "size": "int64",
@@ -203,7 +209,35 @@ def _read_meta(index_dir: Path) -> dict[str, Any] | None:
             f"{path} has index format version {meta.get('version')}, this version of flam reads "
             f"{FORMAT_VERSION}: build the index again"
         )
+    _check_names(path, meta)
     return meta
+
+
+def _check_names(path: Path, meta: dict[str, Any]) -> None:
+    """The file names in index.json are the writer's own: a reader joins them to the index folder
+    and a commit deletes the old files table, so a name that could lead out of it is refused."""
+
+    def check(what: str, name: Any, valid: bool) -> None:
+        if not valid:
+            raise DataError(
+                f"{path}: {what} {name!r} is not a file name this index writes; the index is damaged or "
+                "not flam's: build it again"
+            )
+
+    table = meta.get("files_table")
+    check("files_table", table, isinstance(table, str) and _matches(FILES_TABLE_NAME, table))
+    chunks = meta.get("chunks")
+    check("chunks", chunks, isinstance(chunks, list) and all(isinstance(c, dict) for c in chunks))
+    for chunk in chunks:
+        name = chunk.get("name")
+        check("chunk name", name, isinstance(name, str) and _matches(CHUNK_NAME, name))
+    if meta.get("pq") is not None:
+        centroids = meta["pq"].get("centroids") if isinstance(meta["pq"], dict) else None
+        check("pq centroids", centroids, centroids == CENTROIDS_NAME)
+
+
+def _matches(pattern: re.Pattern[str], name: str) -> bool:
+    return pattern.fullmatch(name) is not None
 
 
 def _read_files(index_dir: Path, meta: dict[str, Any]) -> pd.DataFrame:
@@ -353,10 +387,10 @@ class _IndexWriter:
             index = faiss.IndexPQ(self.dim, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
             index.train(sample)
         centroids = faiss.vector_to_array(index.pq.centroids).reshape(m, 2**PQ_BITS, self.dim // m)
-        _save_npy(self.dir / "pq-centroids.npy", centroids.astype(np.float32))
+        _save_npy(self.dir / CENTROIDS_NAME, centroids.astype(np.float32))
         self._pq = index
         self.meta["pq"] = {
-            "centroids": "pq-centroids.npy",
+            "centroids": CENTROIDS_NAME,
             "subquantizers": m,
             "bits": PQ_BITS,
             "trained_on_rows": sample_size,
@@ -392,7 +426,8 @@ class _IndexWriter:
         self.meta["files_table"] = name
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_text(self.dir / "index.json", json.dumps(self.meta, indent=2))
-        if old and old != name:
+        # `old` was checked when index.json was read; checked again here because this deletes.
+        if old and old != name and _matches(FILES_TABLE_NAME, old):
             (self.dir / old).unlink(missing_ok=True)
 
 
@@ -600,7 +635,7 @@ class SearchIndex:
     @classmethod
     def open(cls, index_dir: Path | str, rerank: int = RERANK) -> SearchIndex:
         """Open an index for searching. `rerank`: PQ-scan candidates re-scored exactly per query."""
-        importlib.import_module("flam_core.evaluation.sed")
+        importlib.import_module("flam_core.postprocess")
         index_dir = Path(index_dir)
         meta = _read_meta(index_dir)
         if meta is None:
@@ -722,7 +757,7 @@ def _window_segments(
     frames whose median-filtered score is above the threshold, scored by their highest
     unfiltered score).
     """
-    from flam_core.evaluation.sed import active_runs, median_filter_frames
+    from flam_core.postprocess import active_runs, median_filter_frames
 
     n = int(index.n_frames[file])
     half = detector.median_frames // 2
@@ -804,7 +839,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 def _search(
     index: SearchIndex, detector: Any, query: str, top: int, threshold: float | None
 ) -> list[dict[str, Any]]:
-    from flam_core.evaluation.sed import median_filter_frames
+    from flam_core.postprocess import median_filter_frames
 
     cut = float(threshold) if threshold is not None else float(detector.threshold_for(query))
     text_emb, _, _ = detector.prompt_embeddings([query])

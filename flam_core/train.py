@@ -9,20 +9,31 @@ false (or the `cnn` encoder) the audio encoder trains too, on mixtures mixed on 
 Checkpoints (model, optimiser, schedule, RNG states, data position) are written atomically
 every `train.checkpoint_every` steps; `resume=True` continues from the last one and gives the
 same losses as an uninterrupted run. A non-finite loss stops training with the step and the
-batch's mixture ids, leaving the last good checkpoint in place.
+batch's mixture ids, leaving the last good checkpoint in place. A folder that already holds a
+run (`checkpoints/` or `model.pt`) is never trained over silently: pass `resume=True` to
+continue it or `overwrite=True` to start it again.
+
+Checkpoints hold only tensors and plain containers (RNG states as tensors and numbers), and
+every file is read back with `torch.load(weights_only=True)`: loading a checkpoint, or a
+`train.init_from` model, never runs code from the file.
 
 Outputs in `train.out_dir`: `model.pt` (head, and the audio encoder when trained),
 `config.json` (resolved parameters, head config, encoder and text-encoder references),
 `metrics.json`, and `checkpoints/`. The loss curve goes to `reports/train/loss.csv` (a DVC
-plot) and, with the parameters and system facts, to MLflow.
+plot), appended as training goes so that it survives a crash (`LossLog`), and, with the
+parameters and system facts, to MLflow.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
+import pickle
 import platform
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from flam_core.config import Params
 from flam_core.data.loader import Collate, IndexedDataset, make_loader
-from flam_core.errors import DataError, FlamError
+from flam_core.errors import ConfigError, DataError, FlamError
 from flam_core.features import FeatureCache
 from flam_core.losses import FlamLoss, all_gather_with_grad, gather_texts, remote_labels
 from flam_core.model.audio_encoder import AudioEncoder, audio_encoder_from_params
@@ -46,6 +57,9 @@ from flam_core.model.text_encoder import TextEncoder
 from flam_core.utils import atomic_dir, atomic_write_text, interactive
 
 MAX_LOGIT_SCALE = 100.0
+RUN_OUTPUTS = ("checkpoints", "model.pt", "config.json", "metrics.json")  # what a run writes in out_dir
+
+log = logging.getLogger("flam.train")
 
 
 class TrainingDiverged(FlamError):
@@ -266,7 +280,7 @@ def _save_checkpoint(
 ) -> None:
     """`folder/step-NNNNNNN/`, complete or absent: written under a staging name, then renamed."""
     name = f"step-{position.step:07d}"
-    rng = {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+    rng = {"rng": _rng_state(runtime.device)}
     if runtime.engine is None:
         with atomic_dir(folder / name) as staging:
             state = {
@@ -301,17 +315,103 @@ def _load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     runtime: Runtime,
 ) -> Position:
+    """Restore model, optimiser, schedule and RNG states from `checkpoint`; its data position."""
     if runtime.engine is None:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        state = _safe_load(checkpoint / "state.pt")
         _load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     else:
         _, state = runtime.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-        state |= torch.load(checkpoint / f"rng-rank{runtime.rank}.pt", weights_only=False)
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    return Position(**state["position"])
+        state |= _safe_load(checkpoint / f"rng-rank{runtime.rank}.pt")
+    if "rng" not in state:
+        raise DataError(
+            f"{checkpoint} was written by an older version of flam (pickled RNG states): "
+            "train again with --overwrite"
+        )
+    _set_rng_state(state["rng"], runtime.device)
+    return Position(**{k: int(v) for k, v in state["position"].items()})
+
+
+def _safe_load(path: Path) -> Any:
+    """`torch.load` of a file this module wrote: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{path} holds objects other than tensors and plain containers ({_refused(exc)}), which are "
+            "not loaded: a checkpoint of an older version of flam, or not one of ours"
+        ) from exc
+
+
+def _refused(exc: pickle.UnpicklingError) -> str:
+    """What a weights-only load refused, from torch's message (whose advice to load with
+    `weights_only=False` is no option here)."""
+    found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
+    return f"GLOBAL {found.group(1)}" if found else str(exc).splitlines()[0]
+
+
+def _safe_deepspeed_checkpoints(engine: Any) -> None:
+    """Make `engine` read its checkpoints with `torch.load(weights_only=True)`.
+
+    DeepSpeed's default checkpoint engine unpickles them whole (`weights_only=False`). Every
+    checkpoint engine's `load` is one `torch.load` of a file, so the engine's `load` is replaced
+    by one that admits tensors, plain containers and the few DeepSpeed types that its ZeRO
+    optimizer states hold (`_deepspeed_checkpoint_types`), all plain data.
+    """
+    engine.checkpoint_engine.load = _load_deepspeed_file
+
+
+def _load_deepspeed_file(path: str, map_location: Any = None) -> Any:
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(
+                f"{path} holds objects other than tensors and DeepSpeed's own types ({_refused(exc)}), "
+                "which are not loaded"
+            ) from exc
+
+
+def _deepspeed_checkpoint_types() -> list[Any]:
+    """The types other than tensors and containers in the ZeRO checkpoints of DeepSpeed: loss
+    scalers (numbers and a dtype), fragment addresses (two ints) and the ZeRO stage (an enum)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The RNG states a resumed run needs, as tensors and numbers (loadable with weights_only).
+
+    torch's CPU (and the training device's CUDA) generator drive dropout; numpy's global
+    MT19937 is kept too, as its key (a tensor) and scalars.
+    """
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    key = numpy["key"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["kind"], key, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -451,6 +551,7 @@ def train(
     report_dir: Path = Path("reports/train"),
     max_steps: int | None = None,
     track: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train with `params.train` on the train split; returns the final metrics.
 
@@ -459,6 +560,10 @@ def train(
     how tests interrupt a run; `track=False` logs no MLflow run (benchmarks). With
     `train.backend=deepspeed` every process of a launcher (`torchrun`, `deepspeed`) calls this;
     rank 0 writes the model, reports and MLflow run.
+
+    An `out_dir` that already holds a run (`checkpoints/` or `model.pt`) is a ConfigError unless
+    `resume` (continue from its last checkpoint, `report_dir/loss.csv` cut back to that step) or
+    `overwrite` (delete the run's outputs and train from scratch).
     """
     cfg = params.train
     library_dir = Path(library_dir or params.sources.out_dir)
@@ -466,6 +571,9 @@ def train(
     out_dir = Path(out_dir or cfg.out_dir)
     if params.model.frozen_audio:
         features_dir = Path(features_dir or cfg.features_dir)
+    checkpoints = out_dir / "checkpoints"
+    # Before the launcher's rendezvous: every rank decides on the same folder state.
+    _check_out_dir(out_dir, resume, overwrite)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     runtime = _start_runtime(params)
@@ -478,8 +586,7 @@ def train(
         model.text_encoder.precompute(_captions(items))
     loss_fn = build_loss(params)
     if cfg.init_from:
-        init = torch.load(Path(cfg.init_from) / "model.pt", map_location="cpu")
-        _load_trainable_state(model, init)
+        _load_trainable_state(model, _safe_load(Path(cfg.init_from) / "model.pt"))
     model.to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(_param_groups(model, cfg.lr, cfg.text_lr), weight_decay=cfg.weight_decay)
@@ -495,18 +602,17 @@ def train(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(params)
         )
         runtime.engine, runtime.zero_stage = forward, forward.zero_optimization_stage()
+        _safe_deepspeed_checkpoints(forward)
         runtime.dtype = torch.bfloat16 if forward.bfloat16_enabled() else torch.float32
         accumulation = forward.gradient_accumulation_steps()
         model = forward.module
     position = Position()
-    checkpoints = out_dir / "checkpoints"
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
         position = _load_checkpoint(last, model, optimizer, scheduler, runtime)
-    elif not resume and checkpoints.exists() and runtime.main:
-        shutil.rmtree(checkpoints)
+    elif overwrite and runtime.main:
+        _remove_run(out_dir)
     runtime.barrier()
-    history = _read_history(report_dir / "loss.csv") if resume else []
-    history = [row for row in history if int(row["step"]) <= position.step]
+    history = LossLog(report_dir / "loss.csv", position.step if resume else None, write=runtime.main)
     model.train()
     stop = min(cfg.steps, max_steps or cfg.steps)
     with _tracking(params, resume, enabled=runtime.main and track) as tracker:
@@ -541,20 +647,33 @@ def train(
                 row = {"step": position.step, "lr": scheduler.get_last_lr()[0]}
                 row |= {k: float(v) for k, v in zip(losses, terms, strict=True)}
                 history.append(row)
-                if tracker is not None and (position.step % cfg.log_every == 0 or position.step == stop):
+                logged = position.step % cfg.log_every == 0 or position.step == stop
+                if tracker is not None and logged:
                     tracker.log(row)
-                if position.step % cfg.checkpoint_every == 0:
+                checkpointed = position.step % cfg.checkpoint_every == 0
+                if logged or checkpointed:
+                    # Rows first: a checkpoint on disk always has every row up to its step on disk.
+                    history.flush()
+                if checkpointed:
                     _save_checkpoint(checkpoints, model, optimizer, scheduler, position, runtime)
                 progress.advance(task)
+        history.flush()
         final = _final_model(params, model, audio_dim, runtime)
         metrics: dict[str, Any] = {}
         if runtime.main:
-            _write_history(report_dir / "loss.csv", history)
+            rows = history.rows
+            if [int(r["step"]) for r in rows] != list(range(1, position.step + 1)):
+                log.warning(
+                    "%s does not hold one row for each of steps 1..%d (it was moved or written by another "
+                    "run): first_loss and the curve miss the steps before the resumed checkpoint",
+                    history.path,
+                    position.step,
+                )
             metrics = {
                 "steps": position.step,
                 "train_seconds": round(time.perf_counter() - started, 1),
-                "final_loss": float(np.mean([r["loss"] for r in history[-cfg.log_every :]])),
-                "first_loss": float(np.mean([r["loss"] for r in history[: cfg.log_every]])),
+                "final_loss": float(np.mean([r["loss"] for r in rows[-cfg.log_every :]])),
+                "first_loss": float(np.mean([r["loss"] for r in rows[: cfg.log_every]])),
             }
             if features_dir is not None and position.step >= cfg.steps:
                 metrics |= quick_validation(final, features_dir)
@@ -627,26 +746,123 @@ def _save_model(out_dir: Path, model: FlamModel, params: Params) -> None:
         "text_encoder": {
             "source": params.model.text_encoder,
             "dim": model.text_encoder.dim,
-            "max_length": params.model.text_max_length,
+            "max_length": model.text_encoder.max_length,
             "trained": model.text_encoder.trainable,
         },
     }
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
 
 
-def _read_history(path: Path) -> list[dict[str, float]]:
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an existing run in `out_dir` unless `resume` or `overwrite` says how."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run or start it again")
+    found = [name for name in ("checkpoints", "model.pt") if (out_dir / name).exists()]
+    if found and not (resume or overwrite):
+        raise ConfigError(
+            f"{out_dir} already holds a training run ({' and '.join(found)}): pass --resume to continue "
+            "it or --overwrite to delete it and train from scratch (or choose another --out folder)"
+        )
+    if resume and (out_dir / "model.pt").exists() and latest_checkpoint(out_dir / "checkpoints") is None:
+        raise ConfigError(
+            f"{out_dir} holds model.pt but no checkpoint to resume from: pass --overwrite to train it "
+            "again from scratch"
+        )
+
+
+def _remove_run(out_dir: Path) -> None:
+    """Delete what a run wrote in `out_dir` (`RUN_OUTPUTS`), so no file of it outlives the new one."""
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class LossLog:
+    """`loss.csv`: one row per optimiser step (step, lr, loss terms), kept on disk as training goes.
+
+    `append` buffers a row; `flush` appends the buffered rows in one write and fsyncs (the header
+    is written with the first rows). Training flushes every `train.log_every` steps and before
+    each checkpoint, so every checkpoint on disk has all of its rows on disk. A crash can at worst
+    cut the last write short; reading drops a last line without its newline. `resume_step`
+    (None: a new run, the file starts empty) keeps the rows up to that step, the resumed
+    checkpoint's, and drops the later ones a crashed run flushed after it, so a resumed run's
+    file ends equal to an uninterrupted run's. `rows` holds every row, kept and new. Only the
+    process with `write` touches the file (rank 0).
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
+        self.path, self.write = Path(path), write
+        self.rows: list[dict[str, float]] = []
+        self.pending: list[dict[str, float]] = []
+        self.fields: list[str] | None = None
+        if resume_step is not None:
+            self.rows = [row for row in read_loss_csv(self.path) if row["step"] <= resume_step]
+            self.fields = list(self.rows[0]) if self.rows else None
+        if not write:
+            return
+        if self.rows:
+            atomic_write_text(self.path, self._lines(self.rows, header=True))
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def append(self, row: dict[str, float]) -> None:
+        if self.fields is None:
+            self.fields = list(row)
+        elif list(row) != self.fields:
+            raise DataError(
+                f"{self.path} has columns {self.fields}, this run logs {list(row)}: resume with the "
+                "parameters of the interrupted run, or train with another --reports folder"
+            )
+        self.rows.append(row)
+        self.pending.append(row)
+
+    def flush(self) -> None:
+        """Append the buffered rows to the file (one write, then fsync)."""
+        if not self.pending:
+            return
+        if self.write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                data = self._lines(self.pending, header=os.fstat(fd).st_size == 0).encode()
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.pending = []
+
+    def _lines(self, rows: list[dict[str, float]], header: bool) -> str:
+        assert self.fields is not None
+        lines = [",".join(self.fields)] if header else []
+        # repr of a float round-trips exactly: a resumed file is byte-equal to an uninterrupted one
+        lines += [",".join(repr(row[f]) for f in self.fields) for row in rows]
+        return "".join(line + "\n" for line in lines)
+
+
+def read_loss_csv(path: Path) -> list[dict[str, float]]:
+    """The complete rows of a `loss.csv` (`step` as int, the rest float); [] when it is absent.
+
+    A last line without its newline is a write cut short by a crash and is left out.
+    """
+    path = Path(path)
     if not path.is_file():
         return []
-    with path.open() as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    fields = list(dict.fromkeys(k for row in history for k in row))
-    lines = [",".join(fields)] + [",".join(str(row.get(f, "")) for f in fields) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    try:
+        for row in csv.DictReader(io.StringIO(text)):
+            rows.append({k: int(float(v)) if k == "step" else float(v) for k, v in row.items()})
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{path} is not a loss curve of `flam train` ({exc}): move it away, then resume"
+        ) from exc
+    return rows
 
 
 @contextmanager
@@ -671,8 +887,9 @@ class _Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
-        mlflow.set_experiment(os.environ.get("FLAM_EXPERIMENT", "flam"))
+        from flam_core.registry import use_experiment
+
+        use_experiment(os.environ.get("FLAM_EXPERIMENT", "flam"))
         self.run = mlflow.start_run(run_name=f"train-{params.train.mode}")
         flat = _flatten(params.model_dump(mode="json"))
         mlflow.log_params(

@@ -401,7 +401,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     full = {name: value.clone().requires_grad_() for name, value in global_inputs().items()}
     text_labels = TEXT_LABELS[0] + TEXT_LABELS[1]

@@ -316,3 +316,39 @@ def test_windows_of_long_files_give_the_segments_of_whole_file_scoring(tmp_path,
             (e[1], e[2], e[3]) for e in expected[:25]
         ]
         np.testing.assert_allclose([g["score"] for g in got], [e[0] for e in expected[:25]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        ("files_table", "../victim.parquet"),
+        ("files_table", "/tmp/victim.parquet"),
+        ("files_table", "files-000001.parquet/../../victim.parquet"),
+        ("files_table", "victim.parquet"),
+        ("files_table", None),
+        ("chunk", "../../victim"),
+        ("pq", "../victim.npy"),
+    ],
+)
+def test_index_json_names_outside_the_index_are_refused(tmp_path, detector, field, name):
+    """index.json names the files table, chunks and codebook; a name that is not one the writer
+    produces is refused on open and on the next `flam index`, and nothing outside is deleted."""
+    model = model_reference(detector)
+    frames = synthetic_frames(np.random.default_rng(2), 40, model["embed_dim"])
+    index_dir = tmp_path / "index"
+    write_embeddings(index_dir, model, [("a.wav", frames)])
+    victim = tmp_path / "victim.parquet"
+    shutil.copy(next(index_dir.glob("files-*.parquet")), victim)
+    meta = json.loads((index_dir / "index.json").read_text())
+    if field == "chunk":
+        meta["chunks"][0]["name"] = name
+    elif field == "pq":
+        meta["pq"] = {"centroids": name, "subquantizers": 4, "bits": 4, "trained_on_rows": 40}
+    else:
+        meta[field] = name
+    (index_dir / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"index.json: .* is not a file name this index writes"):
+        SearchIndex.open(index_dir)
+    with pytest.raises(DataError, match="is not a file name this index writes"):
+        write_embeddings(index_dir, model, [("b.wav", frames)])
+    assert victim.is_file()

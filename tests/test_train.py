@@ -1,17 +1,18 @@
-"""Training on the smoke profile's cached features: loss, resume, failure modes."""
+"""Training on the smoke profile's cached features: loss, crash and resume, failure modes."""
 
 import json
-import pickle
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from flam_core.errors import DataError
+import flam_core.train
+from flam_core.errors import ConfigError, DataError
+from flam_core.features import read_labels, write_labels
 from flam_core.model.flam import FlamConfig, FlamHead
 from flam_core.model.text_encoder import TextEncoder
-from flam_core.train import TrainingDiverged, _param_groups, build_model, train
+from flam_core.train import TrainingDiverged, _param_groups, build_model, latest_checkpoint, train
 from tests.conftest import smoke_params
 
 STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.checkpoint_every=8")
@@ -53,23 +54,50 @@ def test_training_lowers_the_loss_and_writes_the_model(feature_cache, tmp_path):
     out = tmp_path / "model"
     config = json.loads((out / "config.json").read_text())
     assert config["text_encoder"]["dim"] == 384 and config["audio"]["encoder"] == "yamnet"
-    state = torch.load(out / "model.pt")
+    state = torch.load(out / "model.pt", weights_only=True)
     assert any(k.startswith("head.alpha_mlp") for k in state)
     table, header = losses(tmp_path, "model")
     assert header[:3] == ["step", "lr", "loss"] and table.shape[0] == 24
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(feature_cache, tmp_path):
-    run(feature_cache, tmp_path, "whole")
-    run(feature_cache, tmp_path, "split", max_steps=16)  # stops after the step-16 checkpoint
+class Crash(Exception):
+    """A failure injected into the training loop (the process dies mid-run)."""
+
+
+@pytest.mark.slow
+def test_crashed_and_resumed_run_matches_an_uninterrupted_one(feature_cache, tmp_path, monkeypatch):
+    whole_metrics = run(feature_cache, tmp_path, "whole")
+    whole_csv = (tmp_path / "whole-reports" / "loss.csv").read_text()
+    # Die in step 14: loss.csv was last flushed at step 12 (log_every 4), the last checkpoint is
+    # step 8, so the file holds four rows past the checkpoint that the resumed run computes again.
+    compute_loss, calls = flam_core.train.compute_loss, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 14:
+            raise Crash("injected at step 14")
+        return compute_loss(*args, **kwargs)
+
+    monkeypatch.setattr(flam_core.train, "compute_loss", crashing)
+    with pytest.raises(Crash):
+        run(feature_cache, tmp_path, "split")
+    monkeypatch.undo()
+    report = tmp_path / "split-reports" / "loss.csv"
+    assert report.read_text() == "".join(whole_csv.splitlines(keepends=True)[:13])  # header, steps 1-12
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-0000008"
     assert not (tmp_path / "split" / "model.pt").exists()
-    run(feature_cache, tmp_path, "split", resume=True)
-    whole, _ = losses(tmp_path, "whole")
-    resumed, _ = losses(tmp_path, "split")
-    np.testing.assert_allclose(resumed, whole, rtol=1e-6, atol=1e-7)
-    a = torch.load(tmp_path / "whole" / "model.pt")
-    b = torch.load(tmp_path / "split" / "model.pt")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with report.open("a") as handle:
+        handle.write("13,0.00035,41.2")  # and a row cut short, as by a crash in the middle of a write
+    with pytest.raises(ConfigError, match=r"split.*--resume.*--overwrite"):
+        run(feature_cache, tmp_path, "split")  # never over a run by accident
+
+    metrics = run(feature_cache, tmp_path, "split", resume=True)
+    assert report.read_text() == whole_csv  # every row bit-identical, none twice, none missing
+    for key in ("first_loss", "final_loss", "val_frame_auroc_micro"):
+        assert metrics[key] == whole_metrics[key]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_naming_step_and_batch(feature_cache, tmp_path):
@@ -104,8 +132,7 @@ def test_every_ablation_trains_to_a_model(feature_cache, tmp_path, mode):
 def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
     no_events = tmp_path / "no-events"
     shutil.copytree(feature_cache, no_events)
-    with (no_events / "train.labels.pkl").open("rb") as handle:
-        labels = pickle.load(handle)
+    labels = read_labels(no_events / "train.labels.npz")
     stripped = []
     for mixture_id, frame_labels in labels:
         keep = ~frame_labels.is_event
@@ -120,8 +147,7 @@ def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
                 ),
             )
         )
-    with (no_events / "train.labels.pkl").open("wb") as handle:
-        pickle.dump(stripped, handle)
+    write_labels(no_events / "train.labels.npz", stripped, labels[0][1].frames.shape[1])
     with pytest.raises(DataError, match="no event label"):
         run(no_events, tmp_path, "empty")
     assert not (tmp_path / "empty-reports").exists()
@@ -133,6 +159,29 @@ def test_untracked_run_writes_the_model_and_no_mlflow_store(feature_cache, tmp_p
     run(feature_cache, tmp_path, "untracked", "train.steps=4", "train.log_every=2", track=False)
     assert (tmp_path / "untracked" / "model.pt").is_file()
     assert not store.exists()
+
+    # The folder now holds a run: training into it again needs --overwrite, which replaces it whole.
+    with pytest.raises(ConfigError, match=r"untracked already holds a training run \(model.pt\)"):
+        run(feature_cache, tmp_path, "untracked", "train.steps=2", track=False)
+    stale = tmp_path / "untracked" / "checkpoints" / "step-0000004"
+    stale.mkdir(parents=True)
+    metrics = run(feature_cache, tmp_path, "untracked", "train.steps=2", track=False, overwrite=True)
+    assert metrics["steps"] == 2 and not stale.exists()
+    assert json.loads((tmp_path / "untracked" / "metrics.json").read_text())["steps"] == 2
+    assert losses(tmp_path, "untracked")[0][:, 0].tolist() == [1.0, 2.0]
+
+
+def test_an_existing_run_is_refused_before_any_work(tmp_path):
+    params = smoke_params(*STEPS)
+    (tmp_path / "m" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds a training run \(checkpoints\).*--resume.*--overwrite"):
+        train(params, features_dir=tmp_path / "nothing", out_dir=tmp_path / "m")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train(params, features_dir=tmp_path / "nothing", out_dir=tmp_path / "m", resume=True, overwrite=True)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "model.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.pt but no checkpoint to resume from.*--overwrite"):
+        train(params, features_dir=tmp_path / "nothing", out_dir=tmp_path / "done", resume=True)
 
 
 def _ids(parameters) -> set[int]:

@@ -77,8 +77,8 @@ def test_zero2_two_processes_train_checkpoint_and_resume(smoke_features, tmp_pat
     assert whole[-4:, 2].mean() < whole[:4, 2].mean()
     metrics = json.loads((tmp_path / "split" / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and 0.0 <= metrics["val_frame_auroc_micro"] <= 1.0
-    a = torch.load(tmp_path / "whole" / "model.pt")
-    b = torch.load(tmp_path / "split" / "model.pt")
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

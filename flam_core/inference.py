@@ -19,23 +19,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import pickle
+import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from flam_core.audio.io import read_audio, resample, to_mono
+from flam_core.audio.io import DEFAULT_BLOCK_S, StreamingResampler, iter_audio_blocks, source_name, to_mono
 from flam_core.config import Params
-from flam_core.errors import AudioError, ConfigError, DataError, SilentAudioError
+from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError, SilentAudioError
 
 MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
 YAMNET_ARTIFACT = "yamnet"  # the YAMNet weights it carries
 SILENCE_PEAK = 1e-6  # digital silence: nothing to detect, most likely a broken recording
+# A path, a binary file-like object (io.BytesIO of an upload), or samples `[n]` / `[channels, n]`.
+AudioInput = str | Path | BinaryIO | np.ndarray
 
 
 @dataclass
@@ -86,21 +92,107 @@ def yamnet_weights(path: Path | str | None) -> Iterator[None]:
 
 
 def load_model(model_dir: Path) -> tuple[Any, Params, dict[str, Any]]:
-    """A trained model folder -> (FlamModel with its audio encoder, params, calibration)."""
+    """A trained model folder -> (FlamModel with its audio encoder, params, calibration).
+
+    A missing, empty, truncated or inconsistent file (`config.json` that is not JSON or has no
+    valid `params`, `model.pt` that does not load or whose tensors do not fit the model
+    `config.json` describes, `calibration.json` that is not JSON) raises `ConfigError` naming
+    the file and what is wrong.
+    """
     from flam_core.train import _load_trainable_state, build_model
 
     model_dir = Path(model_dir)
     for name in ("config.json", "model.pt"):
         if not (model_dir / name).is_file():
             raise ConfigError(f"{model_dir} is not a FLAM model folder: {name} is missing (run `flam train`)")
-    config = json.loads((model_dir / "config.json").read_text())
-    params = Params.model_validate(config["params"])
+    params = _read_params(model_dir / "config.json")
+    weights = model_dir / "model.pt"
+    state = _read_weights(weights)
     # A model always carries its audio encoder at inference, frozen or not during training.
     model = build_model(params)
-    _load_trainable_state(model, torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    _check_state(model, state, weights)
+    try:
+        _load_trainable_state(model, state)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{weights} does not fit the model config.json describes ({exc}){_DAMAGED}"
+        ) from exc
     calibration_path = model_dir / "calibration.json"
-    calibration = json.loads(calibration_path.read_text()) if calibration_path.is_file() else {}
+    calibration = _read_json(calibration_path) if calibration_path.is_file() else {}
     return model.eval(), params, calibration
+
+
+_DAMAGED = "; the model folder is damaged or incomplete: copy it again or retrain it (`flam train`)"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}){_DAMAGED}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(document).__name__}{_DAMAGED}")
+    return document
+
+
+def _read_params(path: Path) -> Params:
+    config = _read_json(path)
+    if not isinstance(config.get("params"), dict):
+        raise ConfigError(
+            f"{path} has no `params` object (the parameters the model was trained with){_DAMAGED}"
+        )
+    try:
+        return Params.model_validate(config["params"])
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConfigError(f"{path}: its params are invalid ({errors}){_DAMAGED}") from None
+
+
+def _read_weights(path: Path) -> Any:
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path} is empty (0 bytes){_DAMAGED}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).split(". ")[0] or type(exc).__name__  # torch's first sentence says what broke
+        raise ConfigError(f"{path} cannot be loaded as PyTorch weights ({reason}){_DAMAGED}") from exc
+
+
+def _check_state(model: Any, state: Any, path: Path) -> None:
+    """Name the missing, unexpected and mis-shaped tensors of a flat `{name: tensor}` state."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a mapping of tensors{_DAMAGED}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return  # another layout: `_load_trainable_state` checks it
+    parts = {
+        "head.": model.head,
+        "audio_encoder.": model.audio_encoder,
+        "text_encoder.": model.text_encoder.model,
+    }
+    expected = {
+        prefix + key: tuple(value.shape)
+        for prefix, module in parts.items()
+        if module is not None
+        for key, value in module.state_dict().items()
+    }
+    # The head is always saved; an encoder's tensors only when it was trained, and then all of them.
+    saved = {prefix for prefix in parts if any(k.startswith(prefix) for k in state)} | {"head."}
+    missing = sorted(k for k in expected if k not in state and k.startswith(tuple(saved)))
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} instead of {expected[k]}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    )
+    problems = [
+        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''} ({len(items)})"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+        if items
+    ]
+    if problems:
+        raise ConfigError(
+            f"{path} does not fit the model config.json describes: {'; '.join(problems)}{_DAMAGED}"
+        )
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
@@ -162,63 +254,166 @@ class FlamDetector:
             return cls.from_dir(uri, **kwargs)
         if "://" not in uri and ":/" not in uri:
             raise ConfigError(f"model {uri!r}: no such folder, and not an MLflow model URI")
+        import tempfile
+
         import mlflow
 
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        except Exception as exc:  # MLflow raises its own exception types for missing models
-            raise ConfigError(f"model {uri!r}: cannot fetch it from MLflow ({exc})") from exc
-        artifacts = _pyfunc_artifacts(local)
-        if MODEL_ARTIFACT not in artifacts:
-            raise ConfigError(f"model {uri!r} is not a FLAM pyfunc: it has no {MODEL_ARTIFACT!r} artifact")
-        with yamnet_weights(artifacts.get(YAMNET_ARTIFACT)):
-            model, params, calibration = load_model(artifacts[MODEL_ARTIFACT])
+        from flam_core.registry import tracking_uri
+
+        # Into a folder of its own, removed once loaded: downloading into the store's artifact
+        # tree would add files there. Everything the model needs is in memory after load_model.
+        with tempfile.TemporaryDirectory(prefix="flam-model-") as destination:
+            try:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=uri, dst_path=destination, tracking_uri=tracking_uri()
+                    )
+                )
+            except Exception as exc:  # MLflow raises its own exception types for missing models
+                raise ConfigError(f"model {uri!r}: cannot fetch it from MLflow ({exc})") from exc
+            artifacts = _pyfunc_artifacts(local)
+            if MODEL_ARTIFACT not in artifacts:
+                raise ConfigError(
+                    f"model {uri!r} is not a FLAM pyfunc: it has no {MODEL_ARTIFACT!r} artifact"
+                )
+            with yamnet_weights(artifacts.get(YAMNET_ARTIFACT)):
+                model, params, calibration = load_model(artifacts[MODEL_ARTIFACT])
         return cls(model, params, calibration, source=uri, **kwargs)
 
     # --- audio -------------------------------------------------------------------------------
-    def load_audio(self, audio: str | Path | np.ndarray, sample_rate: int | None = None) -> np.ndarray:
-        """A path, or an array `[n]` / `[channels, n]` with its `sample_rate` -> mono at the model rate."""
-        if isinstance(audio, str | Path):
-            samples, _ = read_audio(audio, self.sample_rate)
-            name = str(audio)
-        else:
-            if sample_rate is None:
-                raise AudioError("an audio array needs its sample_rate")
-            array = np.asarray(audio, dtype=np.float32)
-            if array.ndim not in (1, 2) or array.size == 0:
-                raise AudioError(f"audio array must be [n] or [channels, n] and not empty, got {array.shape}")
-            if not np.isfinite(array).all():
+    def audio_blocks(
+        self,
+        audio: AudioInput,
+        sample_rate: int | None = None,
+        max_duration_s: float | None = None,
+        block_s: float = DEFAULT_BLOCK_S,
+    ) -> tuple[str, Iterator[np.ndarray]]:
+        """(name for errors, mono float32 blocks at the model rate) of a file, file object or array.
+
+        Files are decoded block by block (`iter_audio_blocks`); an array `[n]` / `[channels, n]`
+        needs its `sample_rate` and is downmixed and resampled in blocks the same way. Errors
+        (`AudioError`, `AudioTooLongError` past `max_duration_s`) name the input; those found while
+        decoding surface as the blocks are consumed.
+        """
+        if isinstance(audio, str | Path) or hasattr(audio, "read"):
+            blocks = iter_audio_blocks(
+                audio, self.sample_rate, block_s=block_s, max_duration_s=max_duration_s
+            )
+            return source_name(audio), blocks
+        if sample_rate is None:
+            raise AudioError("an audio array needs its sample_rate")
+        array = np.asarray(audio)
+        if array.ndim not in (1, 2) or array.size == 0:
+            raise AudioError(f"audio array must be [n] or [channels, n] and not empty, got {array.shape}")
+        if max_duration_s is not None and array.shape[-1] > max_duration_s * sample_rate:
+            raise AudioTooLongError(
+                f"audio array lasts {array.shape[-1] / sample_rate:.1f} s, "
+                f"over the limit of {max_duration_s:g} s"
+            )
+        return "audio array", self._array_blocks(array, int(sample_rate), block_s)
+
+    def _array_blocks(self, array: np.ndarray, rate: int, block_s: float) -> Iterator[np.ndarray]:
+        resampler = StreamingResampler(rate, self.sample_rate)
+        step = max(1, int(block_s * rate))
+        for start in range(0, array.shape[-1], step):
+            block = to_mono(np.asarray(array[..., start : start + step], dtype=np.float32))
+            if not np.isfinite(block).all():
                 raise AudioError("audio array holds NaN or infinite samples")
-            samples = resample(to_mono(array), int(sample_rate), self.sample_rate)
-            name = "audio array"
-        if np.abs(samples).max() < SILENCE_PEAK:
-            raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
+            yield resampler.push(block)
+        yield resampler.flush()
+
+    def load_audio(
+        self, audio: AudioInput, sample_rate: int | None = None, max_duration_s: float | None = None
+    ) -> np.ndarray:
+        """A path, file object, or array `[n]` / `[channels, n]` with its `sample_rate` -> mono samples `[n]`.
+
+        The samples are float32 at the model rate.
+
+        Raises `AudioError` (bad input), `AudioTooLongError` (over `max_duration_s`) or
+        `SilentAudioError` (digital silence). For long audio prefer `detect`, which never holds
+        the samples.
+        """
+        name, blocks = self.audio_blocks(audio, sample_rate, max_duration_s)
+        tally = _Tally()
+        samples = np.concatenate(list(tally.watch(blocks)))
+        tally.check_not_silent(name)
         return samples
 
-    @torch.inference_mode()
     def embed(self, samples: np.ndarray) -> np.ndarray:
-        """Mono samples at the model rate -> `[T, D]` float32 unit-norm frame embeddings."""
-        total = max(1, int(np.ceil(len(samples) / self.frame_samples)))
-        n_windows = max(1, int(np.ceil(max(total - self.keep[1], 0) / self.step)) + 1)
-        window = self.window_frames * self.frame_samples
-        padded = np.zeros((n_windows - 1) * self.step * self.frame_samples + window, dtype=np.float32)
-        padded[: len(samples)] = samples
-        starts = np.arange(n_windows) * self.step * self.frame_samples
+        """Mono samples at the model rate -> `[T, D]` float32 unit-norm frame embeddings.
+
+        `T = max(1, ceil(n / frame_samples))`. The same windows and stitching as `embed_blocks`.
+        """
+        samples = np.asarray(samples, dtype=np.float32)
+        chunk = self.batch_windows * self.step * self.frame_samples
+        pieces = (samples[i : i + chunk] for i in range(0, len(samples), chunk))
+        return np.concatenate(list(self.embed_blocks(pieces)))
+
+    def embed_blocks(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Mono sample blocks at the model rate -> consecutive `[t_i, D]` frame embeddings.
+
+        Windows of `window_frames` frames start every `step` frames (the last ones zero-padded
+        past the end); each frame comes from the window where it is most central (the first and
+        last windows also give their outer frames). A window is embedded, in batches of
+        `batch_windows`, as soon as its samples have arrived, so memory holds one block, a batch
+        of windows and their embeddings, whatever the length. Concatenated: `[T, D]` with
+        `T = max(1, ceil(n / frame_samples))` for `n` samples in all.
+        """
+        fs, size, hop = (
+            self.frame_samples,
+            self.window_frames * self.frame_samples,
+            self.step * self.frame_samples,
+        )
+        buffer, buffer_start, received, next_window = np.zeros(0, np.float32), 0, 0, 0
+        batch: list[np.ndarray] = []  # windows [next_window - len(batch), next_window)
+        for block in blocks:
+            buffer = np.concatenate([buffer, np.asarray(block, dtype=np.float32)])
+            received += len(block)
+            # A window whose samples have all arrived is never the last one (the last window
+            # reaches past the end), so its central frames are final.
+            while next_window * hop + size <= received:
+                start = next_window * hop - buffer_start
+                batch.append(buffer[start : start + size].copy())
+                next_window += 1
+                if len(batch) == self.batch_windows:
+                    yield self._embed_windows(batch, next_window - len(batch))
+                    batch = []
+            consumed = next_window * hop - buffer_start
+            if consumed > 0:
+                buffer, buffer_start = buffer[consumed:].copy(), buffer_start + consumed
+        total = max(1, math.ceil(received / fs))
+        n_windows = max(1, math.ceil(max(total - self.keep[1], 0) / self.step) + 1)
+        while next_window < n_windows:
+            start = next_window * hop - buffer_start
+            window = np.zeros(size, dtype=np.float32)
+            piece = buffer[start : start + size]
+            window[: len(piece)] = piece
+            batch.append(window)
+            next_window += 1
+            if len(batch) == self.batch_windows:
+                yield self._embed_windows(batch, next_window - len(batch), n_windows, total)
+                batch = []
+        if batch:
+            yield self._embed_windows(batch, next_window - len(batch), n_windows, total)
+
+    @torch.inference_mode()
+    def _embed_windows(
+        self, windows: list[np.ndarray], first: int, n_windows: int | None = None, total: int | None = None
+    ) -> np.ndarray:
+        """Windows `first, first + 1, ...` -> the frames they give, `[t, D]` (`None`: not the end yet)."""
         head = self.model.head
-        out = np.zeros((total, head.config.embed_dim), dtype=np.float32)
-        for first in range(0, n_windows, self.batch_windows):
-            chunk = starts[first : first + self.batch_windows]
-            batch = torch.from_numpy(np.stack([padded[s : s + window] for s in chunk]))
-            frames = self.model.audio_encoder(batch)
-            emb = head.frame_embeddings(head.contextualise(frames.to(head.logit_scale.dtype))).float().numpy()
-            for j, w in enumerate(range(first, first + len(chunk))):
-                lo = 0 if w == 0 else self.keep[0]
-                hi = self.window_frames if w == n_windows - 1 else self.keep[1]
-                t0 = w * self.step
-                hi = min(hi, total - t0)
-                if hi > lo:
-                    out[t0 + lo : t0 + hi] = emb[j, lo:hi]
-        return out
+        frames = self.model.audio_encoder(torch.from_numpy(np.stack(windows)))
+        emb = head.frame_embeddings(head.contextualise(frames.to(head.logit_scale.dtype))).float().numpy()
+        parts = []
+        for j in range(len(windows)):
+            w = first + j
+            lo = 0 if w == 0 else self.keep[0]
+            hi = self.window_frames if n_windows is not None and w == n_windows - 1 else self.keep[1]
+            if total is not None:
+                hi = min(hi, total - w * self.step)
+            if hi > lo:
+                parts.append(emb[j, lo:hi])
+        return np.concatenate(parts) if parts else np.zeros((0, emb.shape[-1]), dtype=np.float32)
 
     # --- text ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -258,16 +453,30 @@ class FlamDetector:
     # --- the whole thing -------------------------------------------------------------------------
     def detect(
         self,
-        audio: str | Path | np.ndarray,
+        audio: AudioInput,
         prompts: list[str],
         sample_rate: int | None = None,
         threshold: float | None = None,
+        max_duration_s: float | None = None,
     ) -> Detection:
-        from flam_core.evaluation.sed import segments_from_frames
+        """Frame probabilities `[K, T]` and segments of `prompts` in a file, file object or array.
 
-        samples = self.load_audio(audio, sample_rate)
-        probs = self.score(self.embed(samples), list(prompts))
-        duration = len(samples) / self.sample_rate
+        The audio is streamed: windows are cut from the decoded blocks as they arrive and scored
+        batch by batch, so memory holds the model, a few windows and the `[K, T]` scores, not the
+        samples. Raises `AudioError` (unreadable or empty input, NaN/inf), `AudioTooLongError`
+        (over `max_duration_s`), `SilentAudioError` (digital silence), `DataError` (bad prompts).
+        """
+        from flam_core.postprocess import segments_from_frames
+
+        prompts = list(prompts)
+        self.prompt_embeddings(prompts)  # bad prompts fail before any decoding
+        name, blocks = self.audio_blocks(audio, sample_rate, max_duration_s)
+        tally = _Tally()
+        probs = np.concatenate(
+            [self.score(emb, prompts) for emb in self.embed_blocks(tally.watch(blocks))], axis=1
+        )
+        tally.check_not_silent(name)
+        duration = tally.samples / self.sample_rate
         segments = []
         for k, prompt in enumerate(prompts):
             cut = threshold if threshold is not None else self.threshold_for(prompt)
@@ -277,7 +486,26 @@ class FlamDetector:
                 segments.append(
                     {"prompt": prompt, "onset": onset, "offset": min(offset, duration), "score": float(score)}
                 )
-        return Detection(self.source, self.frame_hop_s, duration, list(prompts), probs, segments)
+        return Detection(self.source, self.frame_hop_s, duration, prompts, probs, segments)
+
+
+class _Tally:
+    """Counts the samples of a block stream and keeps its peak, for the duration and silence check."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.peak = 0.0
+
+    def watch(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for block in blocks:
+            self.samples += len(block)
+            if len(block):
+                self.peak = max(self.peak, float(np.abs(block).max()))
+            yield block
+
+    def check_not_silent(self, name: str) -> None:
+        if self.peak < SILENCE_PEAK:
+            raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
 
 
 def plot_detection(detection: Detection, path: Path | str) -> Path:

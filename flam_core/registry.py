@@ -1,10 +1,12 @@
 """MLflow registration and the champion gate (stage `register`, `flam promote`).
 
 `register` logs the trained model folder as a pyfunc (`flam_core.pyfunc`: audio + prompts in,
-the detection JSON out; signature, input example, explicit pinned requirements, the project
-code and the YAMNet weights inside), registers it as `registry.model_name` (`flam-sed`),
-points the alias `challenger` at the new version and tags it with its evaluation metrics and
-the hashes of the data and test set it was measured on. Then the gate decides:
+the detection JSON out; its explicit signature, an input example, pinned requirements, the
+project code and the YAMNet weights inside) as MLflow "models from code"
+(`flam_core/serving.py` builds the model when MLflow loads it; nothing is pickled), registers
+it as `registry.model_name` (`flam-sed`), points the alias `challenger` at the new version and
+tags it with its evaluation metrics and the hashes of the data and test set it was measured
+on. Then the gate decides:
 
 - no champion yet: the challenger becomes `champion`;
 - a champion measured on a different test set: refused (the numbers are not comparable);
@@ -15,7 +17,8 @@ the hashes of the data and test set it was measured on. Then the gate decides:
 Each decision is recorded as tags on the challenger version (`gate.decision`,
 `gate.reason`, `gate.compared_to`, `gate.time`) and as one log line. `flam promote
 --version N [--force]` runs the same gate for a person (`--force` skips the comparison and
-records that it was forced). The store is `$MLFLOW_TRACKING_URI`, else SQLite `mlruns.db`.
+records that it was forced). The store is `$MLFLOW_TRACKING_URI`, else SQLite `mlruns.db`
+beside the project's params.yaml (`tracking_uri`).
 """
 
 from __future__ import annotations
@@ -64,8 +67,55 @@ class Decision:
     forced: bool = False
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db")
+def tracking_uri(params_file: str | Path | None = None) -> str:
+    """The project's one MLflow store: `$MLFLOW_TRACKING_URI` when set, else the SQLite file
+    `mlruns.db` next to the project's params.yaml (`params_file`, default: the one found from the
+    working directory up), as an absolute `sqlite:////...` URI, so every command of a project,
+    from any folder, reads and writes the same store.
+
+    Raises ConfigError outside a project (no params.yaml found) without `$MLFLOW_TRACKING_URI`.
+    """
+    from flam_core.config import find_params_file
+
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    try:
+        params_path = Path(params_file) if params_file else find_params_file()
+    except ConfigError:
+        raise ConfigError(
+            f"no MLflow store: {Path.cwd()} is not inside a project (no params.yaml in it or its parents) "
+            "and MLFLOW_TRACKING_URI is not set; run inside the project, pass --params, or set "
+            "MLFLOW_TRACKING_URI"
+        ) from None
+    return f"sqlite:///{(params_path.resolve().parent / 'mlruns.db').as_posix()}"
+
+
+def artifact_location(uri: str | None = None) -> str | None:
+    """Where a new experiment in the store `uri` (default `tracking_uri()`) keeps run artifacts:
+    `mlruns/` beside a SQLite store's database file, so they never land in the working directory
+    (MLflow's default is `./mlruns`); None for other stores, whose server chooses."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    return str(Path(database).resolve().parent / "mlruns")
+
+
+def use_experiment(name: str) -> str:
+    """Point MLflow at the project's store and at experiment `name`, creating it if missing with
+    its artifacts at `artifact_location()` (beside a SQLite store, never the working directory).
+    Returns the store's URI."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    mlflow.set_experiment(name)
+    return uri
 
 
 def _client() -> Any:
@@ -85,10 +135,6 @@ def register(
 ) -> Decision:
     """Log and register the model, alias it `challenger`, and run the gate."""
     import mlflow
-    from mlflow.models import infer_signature
-
-    from flam_core.model.yamnet import default_weights_path
-    from flam_core.pyfunc import MODEL_ARTIFACT, YAMNET_ARTIFACT, FlamPyfunc
 
     cfg = params.registry
     model_dir = Path(model_dir or params.train.out_dir)
@@ -111,13 +157,8 @@ def register(
         "train.mode": params.train.mode,
         "profile": params.profile,
     } | {f"metric.{_key(k)}": str(v) for k, v in gate.items()}
-    artifacts = {MODEL_ARTIFACT: str(model_dir)}
-    yamnet = default_weights_path()
-    if params.model.audio_encoder == "yamnet" and yamnet.is_file():
-        artifacts[YAMNET_ARTIFACT] = str(yamnet)
-    example = _input_example()
     client = _client()
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(cfg.experiment)
     with mlflow.start_run(run_name="register") as run:
         mlflow.log_params({f"train.{k}": v for k, v in params.train.model_dump(mode="json").items()})
         mlflow.log_metrics({_key(k): float(v) for k, v in gate.items()})
@@ -126,14 +167,7 @@ def register(
             if extra.is_file():
                 mlflow.log_artifact(str(extra), artifact_path="evaluation")
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=FlamPyfunc(),
-            artifacts=artifacts,
-            code_paths=[str(Path(__file__).parent)],
-            pip_requirements=PIP_REQUIREMENTS,
-            signature=infer_signature(example),
-            input_example=example,
-            registered_model_name=cfg.model_name,
+            name="model", registered_model_name=cfg.model_name, **pyfunc_arguments(params, model_dir)
         )
     version = int(info.registered_model_version)
     for key, value in tags.items():
@@ -144,6 +178,31 @@ def register(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "decision.json", json.dumps(asdict(decision) | {"tags": tags}, indent=2))
     return decision
+
+
+def pyfunc_arguments(params: Params, model_dir: Path) -> dict[str, Any]:
+    """The keyword arguments of `mlflow.pyfunc.log_model` / `save_model` for a model folder.
+
+    The model is logged from code (`flam_core/serving.py`), with the model folder and the YAMNet
+    weights as artifacts, the `flam_core` package as code, pinned requirements, the explicit
+    signature of `flam_core.pyfunc` and an input example that MLflow checks by serving it.
+    """
+    from flam_core.model.yamnet import default_weights_path
+    from flam_core.pyfunc import MODEL_ARTIFACT, YAMNET_ARTIFACT, signature
+
+    package = Path(__file__).parent
+    artifacts = {MODEL_ARTIFACT: str(model_dir)}
+    yamnet = default_weights_path()
+    if params.model.audio_encoder == "yamnet" and yamnet.is_file():
+        artifacts[YAMNET_ARTIFACT] = str(yamnet)
+    return {
+        "python_model": str(package / "serving.py"),
+        "artifacts": artifacts,
+        "code_paths": [str(package)],
+        "pip_requirements": PIP_REQUIREMENTS,
+        "signature": signature(),
+        "input_example": _input_example(),
+    }
 
 
 def _input_example() -> Any:
@@ -160,7 +219,7 @@ def _input_example() -> Any:
     buffer = io.BytesIO()
     sf.write(buffer, noise, 16000, format="WAV", subtype="PCM_16")
     encoded = base64.b64encode(buffer.getvalue()).decode()
-    return pd.DataFrame([{"path": "", "audio_base64": encoded, "prompts": ["dog barking", "glass breaking"]}])
+    return pd.DataFrame([{"audio_base64": encoded, "prompts": ["dog barking", "glass breaking"]}])
 
 
 def _key(name: str) -> str:

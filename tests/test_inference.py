@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from flam_core.audio.io import resample
 from flam_core.data.recipes import read_recipes
-from flam_core.errors import AudioError, DataError
-from flam_core.inference import FlamDetector
+from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
+from flam_core.inference import FlamDetector, load_model
 from tests.conftest import ROOT
 
 PROMPTS = ["dog barking", "a bell rings", "speech", "rain"]
@@ -170,3 +174,128 @@ def test_cli_detect_json_and_plot(smoke_models, event_clip, tmp_path):
         cwd=tmp_path,
     )
     assert missing.returncode == 2 and "nothing.wav" in missing.stderr
+
+
+# --- streaming: the same frames as embedding the whole signal at once --------------------------
+
+
+@torch.inference_mode()
+def embed_whole(detector: FlamDetector, samples: np.ndarray) -> np.ndarray:
+    """The whole-array algorithm: pad the signal to whole windows, embed every window, stitch."""
+    fs, keep, step, frames = detector.frame_samples, detector.keep, detector.step, detector.window_frames
+    total = max(1, math.ceil(len(samples) / fs))
+    n_windows = max(1, math.ceil(max(total - keep[1], 0) / step) + 1)
+    padded = np.zeros((n_windows - 1) * step * fs + frames * fs, dtype=np.float32)
+    padded[: len(samples)] = samples
+    head = detector.model.head
+    out = np.zeros((total, head.config.embed_dim), dtype=np.float32)
+    for first in range(0, n_windows, detector.batch_windows):
+        ws = range(first, min(first + detector.batch_windows, n_windows))
+        batch = torch.from_numpy(np.stack([padded[w * step * fs : (w * step + frames) * fs] for w in ws]))
+        emb = head.frame_embeddings(head.contextualise(detector.model.audio_encoder(batch))).numpy()
+        for j, w in enumerate(ws):
+            lo = 0 if w == 0 else keep[0]
+            hi = min(frames if w == n_windows - 1 else keep[1], total - w * step)
+            if hi > lo:
+                out[w * step + lo : w * step + hi] = emb[j, lo:hi]
+    return out
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.0])
+def test_streaming_embed_equals_the_whole_array_algorithm(detector, overlap):
+    other = FlamDetector(detector.model, detector.params, overlap=overlap, batch_windows=3)
+    rng = np.random.default_rng(5)
+    rate = other.sample_rate
+    for n in (0, 4321, int(41.7 * rate)):  # empty, under a frame, several windows (two batches)
+        samples = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        expected = embed_whole(other, samples)
+        embedded = other.embed(samples)
+        assert (
+            embedded.shape
+            == expected.shape
+            == (max(1, math.ceil(n / other.frame_samples)), expected.shape[1])
+        )
+        np.testing.assert_allclose(embedded, expected, atol=1e-5)
+        blocks = (samples[i : i + 7777] for i in range(0, n, 7777))  # blocks unrelated to windows
+        np.testing.assert_allclose(np.concatenate(list(other.embed_blocks(blocks))), expected, atol=1e-5)
+
+
+def test_detect_streams_paths_file_objects_and_arrays_alike(detector, event_clip, tmp_path):
+    rng = np.random.default_rng(6)
+    signal = np.concatenate([0.003 * rng.standard_normal(16000 * 23).astype(np.float32), event_clip])
+    path = tmp_path / "long.wav"
+    sf.write(path, signal, 16000, subtype="FLOAT")
+    from_path = detector.detect(path, PROMPTS)
+    from_object = detector.detect(io.BytesIO(path.read_bytes()), PROMPTS)
+    from_array = detector.detect(signal, PROMPTS, sample_rate=16000)
+    expected = detector.score(embed_whole(detector, signal), PROMPTS)
+    for detection in (from_path, from_object, from_array):
+        assert detection.duration_s == pytest.approx(len(signal) / 16000)
+        np.testing.assert_allclose(detection.probs, expected, atol=1e-5)
+    assert from_path.segments == from_object.segments
+    with pytest.raises(AudioTooLongError, match=r"long\.wav: .*limit of 30 s"):
+        detector.detect(path, PROMPTS, max_duration_s=30)
+    with pytest.raises(AudioTooLongError, match=r"audio array lasts 33\.0 s"):
+        detector.detect(signal, PROMPTS, sample_rate=16000, max_duration_s=30)
+    assert detector.detect(path, PROMPTS, max_duration_s=34).probs.shape == from_path.probs.shape
+    samples = detector.load_audio(io.BytesIO(path.read_bytes()), max_duration_s=34)
+    np.testing.assert_array_equal(samples, signal)
+
+
+# --- broken model folders ------------------------------------------------------------------------
+
+
+def edit_state(folder: Path, change) -> None:
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    change(state)
+    torch.save(state, folder / "model.pt")
+
+
+def widen_first(state: dict) -> None:
+    key = next(iter(state))
+    state[key] = torch.zeros(*(size + 1 for size in state[key].shape))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty model.pt", r"model\.pt is empty \(0 bytes\)"),
+        ("truncated model.pt", r"model\.pt cannot be loaded as PyTorch weights \(.*zip archive"),
+        ("config.json not JSON", r"config\.json is not valid JSON"),
+        ("config.json without params", r"config\.json has no `params` object"),
+        ("invalid params", r"config\.json: its params are invalid \(audio\.sample_rate"),
+        ("missing tensor", r"model\.pt does not fit .*missing: head\.[\w.]+ \(1\)"),
+        ("unexpected tensors", r"model\.pt does not fit .*unexpected: bogus, head\.extra \(2\)"),
+        ("wrong shape", r"model\.pt does not fit .*wrong shape: head\.[\w.]+ \(\d+,?\) instead of"),
+        ("calibration.json not JSON", r"calibration\.json is not valid JSON"),
+    ],
+)
+def test_a_broken_model_folder_is_a_config_error_naming_the_file(smoke_models, tmp_path, case, message):
+    folder = tmp_path / "model"
+    shutil.copytree(smoke_models / "flam", folder, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = folder / "model.pt"
+    config = json.loads((folder / "config.json").read_text())
+    if case == "empty model.pt":
+        weights.write_bytes(b"")
+    elif case == "truncated model.pt":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "config.json not JSON":
+        (folder / "config.json").write_text(json.dumps(config)[:-40])
+    elif case == "config.json without params":
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "params"}))
+    elif case == "invalid params":
+        config["params"]["audio"]["sample_rate"] = 12345
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "missing tensor":
+        edit_state(folder, lambda state: state.pop(next(iter(state))))
+    elif case == "unexpected tensors":
+        edit_state(
+            folder, lambda state: state.update({"head.extra": torch.zeros(2), "bogus": torch.zeros(1)})
+        )
+    elif case == "wrong shape":
+        edit_state(folder, widen_first)
+    else:
+        (folder / "calibration.json").write_text('{"threshold": 0.')
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_model(folder)
+    assert str(folder) in str(caught.value) and "copy it again or retrain it" in str(caught.value)

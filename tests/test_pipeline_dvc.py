@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 
 from tests.conftest import ROOT
@@ -60,3 +62,18 @@ def test_dvc_repro_smoke_then_nothing_to_do(tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout
+
+    # Without --model, detection serves the registry's champion from the project's own store,
+    # from any folder of the project, and leaves no file behind (no stray MLflow store).
+    before = run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout
+    inside = project / "recordings"
+    inside.mkdir()
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * 16000) / 16000).astype(np.float32)
+    sf.write(inside / "tone.wav", tone, 16000)
+    flam = str(Path(sys.executable).parent / "flam")
+    detected = run([flam, "detect", "tone.wav", "-p", "a bell rings", "--json"], inside)
+    assert detected.returncode == 0, detected.stdout + detected.stderr
+    assert json.loads(detected.stdout)["model"] == "models:/flam-sed@champion"
+    (inside / "tone.wav").unlink()
+    inside.rmdir()
+    assert run(["git", "status", "--porcelain", "--untracked-files=all"], project).stdout == before

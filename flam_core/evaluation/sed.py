@@ -7,8 +7,9 @@ PSDS is computed exactly over all thresholds, F1 at a decision threshold. Event 
 detected and reference events with collars (200 ms, DCASE); segment F1 compares activity in
 1 s segments, which does not punish a detection for the frame grid's coarse onsets. As in
 sed_scores_eval, a frame is detected when its score is strictly above the threshold.
-`segments_from_frames` turns one score track into (onset, offset, score) segments with the
-reference post-processing (3-frame median filter, then thresholding).
+`segments_from_frames` (from `flam_core.postprocess`, re-exported here) turns one score track
+into (onset, offset, score) segments with the reference post-processing (3-frame median filter,
+then thresholding).
 
 Every function checks its inputs and raises `DataError` naming the problem; sed_scores_eval's
 own checks are assertions or bare `ValueError`s that would surface far from the cause.
@@ -24,11 +25,21 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy.ndimage import median_filter
 from sed_scores_eval import collar_based, intersection_based, segment_based
 from sed_scores_eval.base_modules.scores import create_score_dataframe
 
 from flam_core.errors import DataError
+
+# The shared post-processing lives in flam_core.postprocess (no metric libraries); it is
+# re-exported here for the callers of this module.
+from flam_core.postprocess import (  # noqa: F401 - re-exported
+    MEDIAN_FRAMES,
+    active_runs,
+    median_filter_frames,
+    segments_from_frames,
+)
+from flam_core.postprocess import check_hop as _check_hop
+from flam_core.postprocess import is_number as _is_number
 
 Event = tuple[float, float, str]
 GroundTruth = Mapping[str, Sequence[Event]]
@@ -52,24 +63,8 @@ PSDS_SCENARIOS: dict[int, dict[str, float | None]] = {
     },
 }
 
-# The reference post-processing (FLAM_SPEC): a median filter over 3 frames, then the
-# threshold. `flam detect` applies it, so thresholds are chosen and F1 is measured after it.
-MEDIAN_FRAMES = 3
-
 _RESERVED_COLUMNS = {"onset", "offset"}
 _SHOWN = 5
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool | np.bool_
-    )
-
-
-def _check_hop(hop_s: float) -> float:
-    if not _is_number(hop_s) or not math.isfinite(hop_s) or hop_s <= 0:
-        raise DataError(f"hop_s must be a positive number of seconds, got {hop_s!r}")
-    return float(hop_s)
 
 
 def _show(items: Sequence) -> str:
@@ -473,51 +468,3 @@ def shortest_decimal_between(low: float, high: float) -> float:
     if not low < middle < high:
         raise DataError(f"no float lies strictly between {low!r} and {high!r}")
     return float(middle)
-
-
-def median_filter_frames(probs: np.ndarray, median_frames: int = MEDIAN_FRAMES) -> np.ndarray:
-    """Median filter over the last (frame) axis of any score array; 1 returns the input."""
-    if (
-        not isinstance(median_frames, int | np.integer)
-        or isinstance(median_frames, bool)
-        or median_frames < 1
-    ):
-        raise DataError(f"median_frames must be a positive integer, got {median_frames!r}")
-    probs = np.asarray(probs)
-    if median_frames == 1:
-        return probs
-    size = (1,) * (probs.ndim - 1) + (int(median_frames),)
-    return median_filter(probs, size=size, mode="nearest")
-
-
-def active_runs(active: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start frames, end frames (exclusive), highest `probs` value) of each run of `active` frames."""
-    edges = np.diff(np.concatenate([[False], active, [False]]).astype(np.int8))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    if starts.size == 0:
-        return starts, ends, np.zeros(0, dtype=np.asarray(probs).dtype)
-    bounds = np.stack([starts, ends], axis=1).ravel()
-    return starts, ends, np.maximum.reduceat(np.append(probs, -np.inf), bounds)[::2]
-
-
-def segments_from_frames(
-    probs_k: np.ndarray, hop_s: float, threshold: float, median_frames: int = MEDIAN_FRAMES
-) -> list[tuple[float, float, float]]:
-    """(onset s, offset s, max score) of each run of frames whose median-filtered score is above threshold.
-
-    The score of a segment is the highest unfiltered score inside it.
-    """
-    probs_k = np.asarray(probs_k, dtype=np.float64)
-    if probs_k.ndim != 1 or probs_k.size == 0:
-        raise DataError(
-            f"frame scores of one label must be a non-empty [L] vector, got shape {probs_k.shape}"
-        )
-    if not np.isfinite(probs_k).all():
-        raise DataError(f"frame scores hold {int((~np.isfinite(probs_k)).sum())} NaN/inf value(s)")
-    hop_s = _check_hop(hop_s)
-    if not _is_number(threshold) or not math.isfinite(threshold):
-        raise DataError(f"threshold must be a finite number, got {threshold!r}")
-    starts, ends, peaks = active_runs(median_filter_frames(probs_k, median_frames) > threshold, probs_k)
-    return [
-        (float(s * hop_s), float(e * hop_s), float(p)) for s, e, p in zip(starts, ends, peaks, strict=True)
-    ]

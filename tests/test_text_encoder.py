@@ -1,0 +1,91 @@
+"""The text encoder reads prompts up to its window, says when it cuts one, encodes missing texts in
+fixed batches of their sorted set, and loads without a progress bar."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flam_core.errors import ConfigError
+from flam_core.model import text_encoder as text_module
+from flam_core.model.text_encoder import ENCODE_BATCH, TextEncoder
+
+# Two prompts that differ only in their last words, past token 40.
+HEAD = " ".join(["a dog barks in the yard while a car passes slowly on the wet road outside"] * 3)
+LONG_A, LONG_B = f"{HEAD} and then a bell rings", f"{HEAD} and then glass breaks"
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+def n_tokens(encoder: TextEncoder, text: str) -> int:
+    return len(encoder.tokenizer(text)["input_ids"])
+
+
+def test_the_default_window_is_the_encoders_own(encoder):
+    # MiniLM was trained on 256 tokens (sentence_bert_config.json), though its tokenizer says 512.
+    assert encoder.window == 256 and encoder.max_length == 256
+    with pytest.raises(ConfigError, match="exceeds the 512 positions"):
+        TextEncoder(max_length=600)
+
+
+def test_prompts_differing_after_token_40_get_different_embeddings(encoder, caplog, monkeypatch):
+    monkeypatch.setattr(text_module, "_cut_warned", False)
+    prefix = len(encoder.tokenizer(HEAD, add_special_tokens=False)["input_ids"])
+    assert prefix > 40 and n_tokens(encoder, LONG_A) < encoder.window
+    with caplog.at_level(logging.WARNING, logger="flam.text"):
+        a, b = encoder([LONG_A, LONG_B])
+    assert not torch.allclose(a, b, atol=1e-3)
+    assert not caplog.records  # nothing was cut
+
+
+def test_a_shorter_configured_window_cuts_and_says_so_once(caplog, monkeypatch):
+    monkeypatch.setattr(text_module, "_cut_warned", False)
+    short = TextEncoder(max_length=32)
+    with caplog.at_level(logging.WARNING, logger="flam.text"):
+        a, b = short([LONG_A, LONG_B])
+        short([f"{HEAD} and a third ending"])
+    assert torch.equal(a, b)  # the endings were cut away
+    (record,) = caplog.records  # once per process, not once per text
+    message = record.getMessage()
+    assert repr(LONG_A) in message and "longer than the 32 tokens of model.text_max_length" in message
+    assert "reads up to 256" in message
+
+
+def test_missing_texts_are_encoded_in_fixed_batches_of_the_sorted_set(encoder, monkeypatch):
+    texts = [f"sound number {i} of the corpus" for i in range(2 * ENCODE_BATCH + 5)]
+    calls: list[list[str]] = []
+    original = TextEncoder.encode
+
+    def counted(self: TextEncoder, chunk: list[str]) -> torch.Tensor:
+        calls.append(list(chunk))
+        return original(self, chunk)
+
+    monkeypatch.setattr(TextEncoder, "encode", counted)
+    encoder._cache.clear()
+    shuffled = texts[::-1]
+    out = encoder(shuffled + shuffled[:3])  # repeats are encoded once
+    assert [len(c) for c in calls] == [ENCODE_BATCH, ENCODE_BATCH, 5]
+    assert [t for chunk in calls for t in chunk] == sorted(texts)
+    assert out.shape == (len(texts) + 3, encoder.dim) and out.dtype == torch.float32
+    # An embedding depends on the set of texts encoded together, not on their order or the call.
+    encoder._cache.clear()
+    encoder.precompute(texts)
+    assert torch.equal(torch.stack([encoder._cache[t] for t in shuffled]), out[: len(texts)])
+    calls.clear()
+    encoder(texts[:10])
+    assert calls == []  # all cached
+
+
+def test_loading_prints_nothing_and_restores_the_progress_bar_setting(capfd):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    TextEncoder()
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert hf_logging.is_progress_bar_enabled() == before

@@ -526,23 +526,94 @@ def _check_plot(path: Path) -> None:
 
 @app.command("detect")
 def detect_command(
-    audio: Annotated[Path, typer.Argument(help="An audio file (any length, rate, channels).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="What to detect (repeat the option).")],
+    audio: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Audio files (any length, rate, channels), folders (searched recursively) or glob patterns.",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Model folder or MLflow URI (default: the project's models:/flam-sed@champion)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the detection JSON.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="Draw the score heatmap and segments to a PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the detection JSON (one file).")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw the score heatmap and segments to a PNG (one file).")
+    ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="Override the calibrated threshold (0 to 1).")
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder for many files: detections.jsonl, segments.tsv, failed.jsonl "
+            "(a second run resumes)."
+        ),
+    ] = None,
+    list_file: Annotated[
+        Path | None, typer.Option("--list", help="A file naming one audio file (or folder) per line.")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes decoding ahead of the model (0: decode in this one).")
+    ] = 1,
+    plots: Annotated[bool, typer.Option("--plots", help="With --out: a PNG per file in DIR/plots/.")] = False,
 ) -> None:
-    """When does each prompt sound in a recording: frame probabilities and segments."""
-    _check_file(audio, "an audio file")
+    """When does each prompt sound in recordings: frame probabilities and segments.
+
+    One file: a table (or --json, --plot). Several files, folders, globs, --list, or --out DIR: the
+    model is loaded once and DIR/detections.jsonl (a line per file) and DIR/segments.tsv (DCASE
+    format) are written; files already in DIR are skipped; exit code 1 when a file could not be
+    decoded (listed in DIR/failed.jsonl and retried by the next run).
+    """
+    inputs = list(audio or [])
+    if list_file is not None:
+        _check_file(list_file, "a list of audio files, one per line")
+    if not inputs and list_file is None:
+        raise ArgumentError("name the audio to detect in: files, folders, glob patterns or --list FILE")
     prompts = _check_texts(prompt, "--prompt")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
+    if len(inputs) == 1 and list_file is None and out is None and not _is_pattern(inputs[0]):
+        if Path(inputs[0]).is_dir():
+            raise ArgumentError(
+                f"{inputs[0]} is not a file: to detect in the audio files under a folder, pass --out DIR"
+            )
+        if plots:
+            raise ArgumentError("--plots writes into --out DIR; for one file use --plot FILE.png")
+        _detect_one(Path(inputs[0]), prompts, model, as_json, plot, threshold)
+        return
+    if out is None:
+        raise ArgumentError(
+            "detecting in several files writes its results to a folder: pass --out DIR "
+            "(detections.jsonl, segments.tsv)"
+        )
+    if as_json or plot is not None:
+        raise ArgumentError(
+            f"{'--json' if as_json else '--plot'} is for one file; with --out the detections go to "
+            f"{out / 'detections.jsonl'} (and --plots draws a PNG per file)"
+        )
+    _detect_many(inputs, list_file, prompts, model, threshold, out, workers, plots)
+
+
+def _is_pattern(text: str) -> bool:
+    """A glob pattern (and not a path that exists with `*`, `?` or `[` in its name)."""
+    import glob
+
+    return glob.has_magic(text) and not Path(text).exists()
+
+
+def _detect_one(
+    audio: Path,
+    prompts: list[str],
+    model: str | None,
+    as_json: bool,
+    plot: Path | None,
+    threshold: float | None,
+) -> None:
+    """One file: the segments as a table, or the detection JSON, on stdout."""
+    _check_file(audio, "an audio file")
     if plot is not None:
         _check_plot(plot)
     detector = _detector(_model_uri(model))
@@ -563,6 +634,51 @@ def detect_command(
     for seg in detection.segments:
         table.add_row(seg["prompt"], f"{seg['onset']:.2f}", f"{seg['offset']:.2f}", f"{seg['score']:.3f}")
     Console(soft_wrap=True).print(table if detection.segments else "no segment above the threshold")
+
+
+def _detect_many(
+    inputs: list[str],
+    list_file: Path | None,
+    prompts: list[str],
+    model: str | None,
+    threshold: float | None,
+    out: Path,
+    workers: int,
+    plots: bool,
+) -> None:
+    """Many files into `out` (`flam_core.batch.detect_to_folder`); exit code 1 when any failed."""
+    from flam_core.batch import collect_audio_files, read_list_file
+    from flam_core.errors import DataError
+
+    if workers < 0:
+        raise ArgumentError(f"--workers must be 0 or more, got {workers}")
+    bad = [p for p in prompts if any(c in p for c in "\t\r\n")]
+    if bad:
+        raise ArgumentError(f"--prompt {bad[0]!r}: a tab or newline cannot be written to segments.tsv")
+    _check_writable(out, "--out", folder=True)
+    listed = read_list_file(list_file) if list_file is not None else []
+    try:
+        files = collect_audio_files([*inputs, *listed], skip=out)
+    except DataError as exc:
+        raise ArgumentError(f"{exc}{f' (in --list {list_file})' if list_file is not None else ''}") from None
+    if not files:
+        raise ArgumentError(f"no audio file in {', '.join(inputs + listed)[:300]}")
+    detector = _detector(_model_uri(model))
+    from flam_core.batch import detect_to_folder
+
+    def report(path: Path, error: Exception) -> None:
+        message = str(error)  # audio errors name the file; the line must, whatever the error
+        console.print(
+            f"[yellow]failed[/] {message if message.startswith(str(path)) else f'{path}: {message}'}"
+        )
+
+    summary = detect_to_folder(
+        detector, files, prompts, out, threshold=threshold, workers=workers, plots=plots, on_failure=report
+    )
+    console.print(f"detect: {summary.line()}")
+    if summary.failed:
+        console.print(f"{len(summary.failed)} file(s) could not be decoded: see {out / 'failed.jsonl'}")
+        raise typer.Exit(1)
 
 
 @app.command("index")

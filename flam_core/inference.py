@@ -488,6 +488,24 @@ class FlamDetector:
                 )
         return Detection(self.source, self.frame_hop_s, duration, prompts, probs, segments)
 
+    def detect_many(
+        self,
+        paths: Iterable[str | Path],
+        prompts: list[str],
+        threshold: float | None = None,
+        workers: int = 1,
+    ) -> Iterator[tuple[Path, Detection | AudioError]]:
+        """(path, `Detection` or the `AudioError` that stopped it) of each file, in order.
+
+        The detections equal `detect(path, prompts, threshold=threshold)` of each file; `workers`
+        processes decode files ahead (at most two each waiting) while this one embeds and scores,
+        `workers=0` decodes here. A bad file (undecodable, empty, silent) does not stop the run.
+        See `flam_core.batch`.
+        """
+        from flam_core.batch import detect_many
+
+        return detect_many(self, paths, prompts, threshold=threshold, workers=workers)
+
 
 class _Tally:
     """Counts the samples of a block stream and keeps its peak, for the duration and silence check."""

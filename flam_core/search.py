@@ -65,11 +65,10 @@ import pandas as pd
 import torch
 
 from flam_core.errors import AudioError, ConfigError, DataError
-from flam_core.utils import atomic_write_text, interactive
+from flam_core.utils import AUDIO_EXTENSIONS, atomic_write_text, interactive, scan_audio_files
 
 FORMAT = "flam-search-index"
 FORMAT_VERSION = 1
-AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 PQ_MIN_ROWS = 65_536  # from this many live frames on, searches scan PQ codes instead of float32
 PQ_TRAIN_ROWS = 65_536  # frames sampled to train the product quantizer
 PQ_BITS = 4
@@ -469,20 +468,6 @@ def write_embeddings(
 
 
 # --- indexing -------------------------------------------------------------------------------------
-def _scan(audio_dir: Path, extensions: Sequence[str], skip: Path) -> list[tuple[str, Path, int, int]]:
-    """(relative path, path, size, mtime_ns) of every audio file under `audio_dir`, sorted."""
-    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
-    found = []
-    for path in sorted(audio_dir.rglob("*")):
-        if path.suffix.lower() not in suffixes or not path.is_file():
-            continue
-        if skip in path.resolve().parents:
-            continue
-        stat = path.stat()
-        found.append((path.relative_to(audio_dir).as_posix(), path, stat.st_size, stat.st_mtime_ns))
-    return found
-
-
 def build_index(
     audio_dir: Path | str,
     index_dir: Path | str,
@@ -508,7 +493,7 @@ def build_index(
     if isinstance(extensions, str) or not extensions:
         raise ConfigError(f"extensions must be a list of file extensions, got {extensions!r}")
     started = time.perf_counter()
-    found = _scan(audio_dir, extensions, index_dir.resolve())
+    found = scan_audio_files(audio_dir, extensions, index_dir.resolve())
     if not found:
         raise DataError(f"{audio_dir} holds no audio files ({', '.join(extensions)})")
     model = model_reference(detector)

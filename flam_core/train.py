@@ -345,8 +345,8 @@ def _safe_load(path: Path) -> Any:
 
 
 def _refused(exc: pickle.UnpicklingError) -> str:
-    """What a weights-only load refused, from torch's message (whose advice to load with
-    `weights_only=False` is no option here)."""
+    """What a weights-only load refused, from torch's message (whose advice to turn the
+    weights-only check off is no option here)."""
     found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
     return f"GLOBAL {found.group(1)}" if found else str(exc).splitlines()[0]
 
@@ -354,7 +354,7 @@ def _refused(exc: pickle.UnpicklingError) -> str:
 def _safe_deepspeed_checkpoints(engine: Any) -> None:
     """Make `engine` read its checkpoints with `torch.load(weights_only=True)`.
 
-    DeepSpeed's default checkpoint engine unpickles them whole (`weights_only=False`). Every
+    DeepSpeed's default checkpoint engine unpickles them whole, any Python object included. Every
     checkpoint engine's `load` is one `torch.load` of a file, so the engine's `load` is replaced
     by one that admits tensors, plain containers and the few DeepSpeed types that its ZeRO
     optimizer states hold (`_deepspeed_checkpoint_types`), all plain data.

@@ -87,3 +87,23 @@ def run_tool(args: Sequence[str], *, cwd: Path | None = None, hint: str = "") ->
         detail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise ExternalToolError(f"{' '.join(args)} failed ({proc.returncode}): {detail} {hint}".strip())
     return proc.stdout
+
+
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")  # what `flam index` and `flam detect` look for in folders
+
+
+def scan_audio_files(
+    folder: Path, extensions: Sequence[str] = AUDIO_EXTENSIONS, skip: Path | None = None
+) -> list[tuple[str, Path, int, int]]:
+    """(path relative to `folder`, path, size in bytes, mtime in ns) of every file under `folder`
+    (recursively) with one of `extensions`, sorted by path; files inside `skip` are left out."""
+    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in suffixes or not path.is_file():
+            continue
+        if skip is not None and skip in path.resolve().parents:
+            continue
+        stat = path.stat()
+        found.append((path.relative_to(folder).as_posix(), path, stat.st_size, stat.st_mtime_ns))
+    return found

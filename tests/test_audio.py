@@ -1,5 +1,4 @@
 import io
-import struct
 import tracemalloc
 
 import numpy as np
@@ -14,6 +13,7 @@ from flam_core.audio.activity import (
 )
 from flam_core.audio.io import StreamingResampler, iter_audio_blocks, read_audio, resample, write_flac
 from flam_core.errors import AudioError, AudioTooLongError
+from tests.test_audio_fuzz import wav_header
 
 SR = 16000
 
@@ -138,22 +138,6 @@ def test_zero_length_and_nan_files_are_refused(tmp_path):
 # --- block-wise decoding and streaming resampling ---------------------------------------------
 
 
-def wav_bytes(rate: int, channels: int, declared_bytes: int, data: bytes, bits: int = 16) -> bytes:
-    """A PCM WAV whose header declares `declared_bytes` of data, followed by `data` (any length)."""
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
-    riff = struct.pack("<I", min(0xFFFFFFFF, 36 + declared_bytes))
-    return (
-        b"RIFF"
-        + riff
-        + b"WAVEfmt "
-        + struct.pack("<I", 16)
-        + fmt
-        + b"data"
-        + struct.pack("<I", declared_bytes)
-        + data
-    )
-
-
 def stream(resampler: StreamingResampler, signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Push `signal` in blocks of random lengths (1 sample to ~0.4 s), then flush."""
     out, start = [], 0
@@ -219,7 +203,7 @@ def test_max_duration_stops_decoding_and_names_the_file(tmp_path):
 def test_a_lying_header_never_allocates_the_declared_size():
     """A WAV declaring 4 GB of data but holding 1 s: 1 s comes back, with memory for a block."""
     data = (np.random.default_rng(4).standard_normal(SR) * 3000).astype("<i2").tobytes()
-    lying = wav_bytes(SR, 1, 0xFFFFFFF0, data)
+    lying = wav_header(SR, 1, 16, 0xFFFFFFF0) + data
     tracemalloc.start()
     try:
         samples, rate = read_audio(io.BytesIO(lying), SR, max_duration_s=3600)
@@ -234,7 +218,7 @@ def test_a_lying_header_never_allocates_the_declared_size():
 
 def test_a_rate_that_cannot_be_resampled_cheaply_is_a_clear_error(tmp_path):
     path = tmp_path / "odd.wav"
-    path.write_bytes(wav_bytes(44101, 1, 2000, bytes(2000)))
+    path.write_bytes(wav_header(44101, 1, 16, 2000) + bytes(2000))
     with pytest.raises(AudioError, match=r"odd\.wav: cannot resample 44101 Hz to 16000 Hz"):
         read_audio(path, SR)
     samples, rate = read_audio(path)  # at its own rate nothing needs resampling

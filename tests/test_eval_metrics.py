@@ -44,14 +44,15 @@ def planted_case(seed: int, signal: float):
     return probs, ids, ground_truth, truth
 
 
-def reference_psds(probs, ids, ground_truth, scenario: int) -> float:
-    """PSDS from psds_eval (the DCASE reference) with one operating point per distinct score.
+def reference_psds(probs, ids, ground_truth, scenario: int, alpha_st: float | None = None) -> float:
+    """PSDS from psds_eval (the DCASE reference) with one operating point per distinct score,
+    at the scenario's alpha_st unless `alpha_st` is given.
 
     psds_eval 0.5.3's `PSDSEval.psds` crashes under numpy >= 2.3 when max_efpr is not one of
     the curve's x values (`int()` of a 2-D `np.argwhere`), so its final AUC step is done here
     the way `_auc` does it, after inserting max_efpr into the curve.
     """
-    params = PSDS_SCENARIOS[scenario]
+    params = PSDS_SCENARIOS[scenario] | ({} if alpha_st is None else {"alpha_st": alpha_st})
     columns = ["filename", "onset", "offset", "event_label"]
     gt = pd.DataFrame(
         [(a, on, off, lab) for a, evs in ground_truth.items() for on, off, lab in evs], columns=columns
@@ -114,13 +115,61 @@ def test_perfect_and_silent_scores_give_psds_one_and_zero(scenario):
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize(("scenario", "signal"), [(1, 0.45), (2, 0.3)])
 def test_psds_agrees_with_the_dcase_reference(scenario, signal):
-    # With one psds_eval operating point per distinct score the two computations coincide.
+    # With one psds_eval operating point per distinct score the two computations coincide, with
+    # DCASE's alpha_st = 1 and with the alpha_st = 0 of open-vocabulary SED papers.
     probs, ids, ground_truth, _ = planted_case(0, signal)
     ours = psds(probs, HOP, VOCAB, ids, ground_truth, dict.fromkeys(ids, 10.0), scenario)
     reference = reference_psds(probs, ids, ground_truth, scenario)
     assert 0.1 < reference < 0.9  # a case where thresholds, tolerances and alpha_st all matter
     assert ours["psds"] == pytest.approx(reference, abs=1e-6)
     assert ours["scenario"] == scenario and ours["params"] == PSDS_SCENARIOS[scenario]
+    reference_st0 = reference_psds(probs, ids, ground_truth, scenario, alpha_st=0.0)
+    assert reference_st0 > reference + 0.01  # the classes' spread costs something here
+    assert ours["psds_alpha_st0"] == pytest.approx(reference_st0, abs=1e-6)
+    # Asked for directly, alpha_st = 0 gives the same number from the full computation.
+    direct = psds(probs, HOP, VOCAB, ids, ground_truth, dict.fromkeys(ids, 10.0), scenario, alpha_st=0.0)
+    assert direct["psds"] == pytest.approx(reference_st0, abs=1e-6)
+    assert direct["params"] == PSDS_SCENARIOS[scenario] | {"alpha_st": 0.0}
+
+
+@pytest.mark.parametrize("scenario", [1, 2])
+def test_alpha_st_subtracts_the_spread_of_the_class_tpr(scenario):
+    """Worked by hand. 2 files of 36 s (0.02 h: one false alarm is 50 per hour), 0.5 s frames.
+    dog: events in a and b, found at 0.9 and 0.6, and a false alarm in a at 0.8, so its TPR is
+    0.5 at eFPR 0 and 1 from eFPR 50 on. cat: one event found at 0.7 and no false alarm, TPR 1
+    from eFPR 0. Over eFPR [0, 100): mean TPR 0.75 (std 0.25) on [0, 50), 1 (std 0) on [50, 100).
+    alpha_st = 0: (0.75 * 50 + 1 * 50) / 100 = 0.875; alpha_st = 1: (0.5 * 50 + 1 * 50) / 100
+    = 0.75. Single-class PSDS: dog (0.5 * 50 + 1 * 50) / 100 = 0.75, cat 1. No detection crosses
+    into another label's event, so scenario 2's cross-trigger term changes nothing."""
+    hop, ids, vocab = 0.5, ["a", "b"], ["dog", "cat"]
+    probs = np.zeros((2, 2, 72))
+    probs[0, 0, 4:8] = 0.9  # dog 2-4 s in a
+    probs[0, 0, 20:24] = 0.8  # dog false alarm 10-12 s in a
+    probs[1, 0, 4:8] = 0.6  # dog 2-4 s in b
+    probs[1, 1, 30:34] = 0.7  # cat 15-17 s in b
+    ground_truth = {"a": [(2.0, 4.0, "dog")], "b": [(2.0, 4.0, "dog"), (15.0, 17.0, "cat")]}
+    durations = {"a": 36.0, "b": 36.0}
+    result = psds(probs, hop, vocab, ids, ground_truth, durations, scenario)
+    assert result["per_label"] == pytest.approx({"dog": 0.75, "cat": 1.0})
+    assert result["psds"] == pytest.approx(0.75)
+    assert result["psds_alpha_st0"] == pytest.approx(0.875)
+    np.testing.assert_allclose(result["etpr"], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(result["efpr"], [0.0, 50.0, 100.0])
+    half = psds(probs, hop, vocab, ids, ground_truth, durations, scenario, alpha_st=0.5)
+    assert half["psds"] == pytest.approx((0.625 * 50 + 1 * 50) / 100)
+    assert half["psds_alpha_st0"] == pytest.approx(0.875)
+    for bad in (-1.0, math.nan, "1", True):
+        with pytest.raises(DataError, match="alpha_st must be a non-negative number"):
+            psds(probs, hop, vocab, ids, ground_truth, durations, scenario, alpha_st=bad)
+
+
+@pytest.mark.parametrize(("scenario", "signal"), [(1, 0.45), (2, 0.3)])
+def test_psds_alpha_st0_is_the_mean_single_class_psds(scenario, signal):
+    # The area under the mean of staircase curves is the mean of their areas.
+    probs, ids, ground_truth, _ = planted_case(3, signal)
+    result = psds(probs, HOP, VOCAB, ids, ground_truth, dict.fromkeys(ids, 10.0), scenario)
+    assert result["psds_alpha_st0"] == pytest.approx(np.mean(list(result["per_label"].values())), abs=1e-9)
+    assert result["psds"] <= result["psds_alpha_st0"]
 
 
 def test_psds_scenario2_tolerates_loose_boundaries_that_scenario1_rejects():

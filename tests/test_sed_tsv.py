@@ -192,3 +192,8 @@ def test_evaluating_a_tsv_dataset_scores_what_the_detector_reports(smoke_sed_set
     assert model["n_labels"] == len(dataset.vocabulary) and model["threshold"] == detector.threshold
     for key in ("frame_auroc_macro", "psds1", "psds2", "event_f1_macro", "segment_f1_macro"):
         assert 0.0 <= model[key] <= 1.0
+    # PSDS as DCASE reports it (alpha_st = 1) and as open-vocabulary SED papers do (alpha_st = 0):
+    # the spread penalty can only lower it.
+    for result in (exact, model):
+        for n in (1, 2):
+            assert 0.0 <= result[f"psds{n}"] <= result[f"psds{n}_alpha_st0"] <= 1.0

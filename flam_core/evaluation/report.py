@@ -5,10 +5,12 @@ trained on the same data with the same budget, is scored on
 
 - open-vocabulary SED (`test_unseen`: labels never seen in training) and closed-set SED
   (`test_seen`): frame AUROC macro/micro, PSDS1/PSDS2 (sed_scores_eval, exact event times
-  from the mixer), event F1 (200 ms collars) and segment F1 (1 s segments) at each model's
-  thresholds (chosen on val_unseen for test_unseen, on val for test_seen: by `flam
-  calibrate` for FLAM, by the same rule here for a model without calibration) and segment F1
-  at one fixed threshold, 0.5, for every model;
+  from the mixer; DCASE's alpha_st = 1 as `psds1`/`psds2` and alpha_st = 0, as
+  open-vocabulary SED papers report it, as `psds1_alpha_st0`/`psds2_alpha_st0`), event F1
+  (200 ms collars) and segment F1 (1 s segments) at each model's thresholds (chosen on
+  val_unseen for test_unseen, on val for test_seen: by `flam calibrate` for FLAM, by the same
+  rule here for a model without calibration) and segment F1 at one fixed threshold, 0.5, for
+  every model;
 - retrieval text<->audio on the test mixtures, each captioned by its first events' captions;
 - zero-shot classification of the source library's single test clips, seen and unseen labels;
 - for FLAM also with the approximate detector `sigmoid(alpha * cos)` (the inference ablation).
@@ -49,6 +51,14 @@ from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
 
 TEST_SPLITS = ("test_seen", "test_unseen")
 VALIDATION_OF = {"test_unseen": "val_unseen", "test_seen": "val"}  # where thresholds are chosen
+# results.md column labels of the PSDS keys: DCASE's convention and the one of open-vocabulary
+# SED papers, so that either can be set beside published tables.
+PSDS_COLUMNS = {
+    "psds1": "PSDS1 (DCASE, alpha_st=1)",
+    "psds1_alpha_st0": "PSDS1 (alpha_st=0, as in open-vocabulary SED papers)",
+    "psds2": "PSDS2 (DCASE, alpha_st=1)",
+    "psds2_alpha_st0": "PSDS2 (alpha_st=0)",
+}
 NAMES = {
     "flam": "FLAM",
     "global": "FLAM-Global",
@@ -120,6 +130,7 @@ def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold:
         # PSDS values show whether a zero comes from no detection or from uneven classes.
         per_class = np.fromiter(result["per_label"].values(), dtype=np.float64)
         out[f"psds{scenario}"] = round(result["psds"], 4)
+        out[f"psds{scenario}_alpha_st0"] = round(result["psds_alpha_st0"], 4)
         out[f"psds{scenario}_class_mean"] = round(float(per_class.mean()), 4)
         out[f"psds{scenario}_class_std"] = round(float(per_class.std()), 4)
     return out | {
@@ -337,15 +348,24 @@ def _frame_label_psds(split: MixtureSplit, hop: float) -> dict[str, float]:
     """PSDS of the ground-truth frame labels (the training targets) used as scores: what a model
     that reproduced its targets exactly would reach on this frame grid. An event shorter than
     about 1.5 frames never covers 70% of its run of positive frames, so PSDS1's tolerances
-    (0.7) keep this well below 1."""
+    (0.7) keep this well below 1. Keys `psds1`, `psds2` (alpha_st = 1) and `psds1_alpha_st0`,
+    `psds2_alpha_st0`."""
     from flam_core.evaluation.sed import psds
 
     oracle = split.truth.astype(np.float32)
     args = (hop, split.vocabulary, split.ids, split.events)
-    return {
-        f"psds{n}": round(psds(oracle, *args, durations=split.durations, scenario=n)["psds"], 4)
-        for n in (1, 2)
-    }
+    return _both_psds(lambda n: psds(oracle, *args, durations=split.durations, scenario=n))
+
+
+def _both_psds(compute: Callable[[int], dict[str, Any]]) -> dict[str, float]:
+    """`psds1`, `psds2` (DCASE, alpha_st = 1) and `psds1_alpha_st0`, `psds2_alpha_st0`, rounded,
+    from `compute(scenario)` (a `flam_core.evaluation.sed.psds` result): one pass per scenario."""
+    out = {}
+    for n in (1, 2):
+        result = compute(n)
+        out[f"psds{n}"] = round(result["psds"], 4)
+        out[f"psds{n}_alpha_st0"] = round(result["psds_alpha_st0"], 4)
+    return out
 
 
 def _test_set_hash(recipes_dir: Path) -> str:
@@ -378,6 +398,9 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
         "unseen_psds1_gain": gain("test_unseen", "psds1"),
         # closed-set SED (training labels, new clips): where the paper reports PSDS
         "seen_psds1_gain": gain("test_seen", "psds1"),
+        # the same with alpha_st = 0, the PSDS1 of open-vocabulary SED papers
+        "unseen_psds1_alpha_st0_gain": gain("test_unseen", "psds1_alpha_st0"),
+        "seen_psds1_alpha_st0_gain": gain("test_seen", "psds1_alpha_st0"),
         "retrieval_r5_relative": round(flam["retrieval"][r5] / max(glob["retrieval"][r5], 1e-9), 4),
         "retrieval_r5_relative_target": 0.8,
     }
@@ -392,7 +415,8 @@ def _psds_shortfall(metrics: dict[str, Any], claims: dict[str, Any]) -> list[str
         "PSDS1 subtracts the spread of the true-positive rate over the labels (alpha_st = 1), so a "
         "model that finds some held-out labels and misses others scores zero. Each label scored "
         f"alone, FLAM's PSDS1 is {flam['psds1_class_mean']:.3f} +- {flam['psds1_class_std']:.3f} "
-        f"against FLAM-Global's {glob['psds1_class_mean']:.3f} +- {glob['psds1_class_std']:.3f}."
+        f"against FLAM-Global's {glob['psds1_class_mean']:.3f} +- {glob['psds1_class_std']:.3f}; "
+        "the means are the PSDS1 with alpha_st = 0 (as open-vocabulary SED papers report it)."
     )
     truth = metrics.get("frame_label_psds", {}).get("test_unseen")
     if truth:
@@ -411,6 +435,20 @@ def _verdict(value: float, target: float) -> str:
 def _model_rows(results: dict[str, Any], cells: Callable[[dict[str, Any]], str]) -> list[str]:
     """One Markdown table row per model: its display name, then `cells(its results)`."""
     return [f"| {NAMES.get(mode, mode)} | {cells(r)} |" for mode, r in results.items()]
+
+
+def _scenario_settings() -> str:
+    """PSDS1's and PSDS2's settings other than alpha_st, as `PSDS_SCENARIOS` holds them."""
+    from flam_core.evaluation.sed import PSDS_SCENARIOS
+
+    parts = []
+    for n, p in PSDS_SCENARIOS.items():
+        cross = f"cttc {p['cttc_threshold']:g}, " if p["cttc_threshold"] is not None else ""
+        parts.append(
+            f"PSDS{n} dtc {p['dtc_threshold']:g}, gtc {p['gtc_threshold']:g}, {cross}"
+            f"alpha_ct {p['alpha_ct']:g}, eFPR up to {p['max_efpr']:g} per hour"
+        )
+    return "; ".join(parts)
 
 
 def results_markdown(metrics: dict[str, Any], params: Params) -> str:
@@ -433,18 +471,47 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "",
         "## Sound event detection (unbiased detector)",
         "",
-        "| model | unseen AUROC macro | unseen AUROC micro | unseen PSDS1 | unseen PSDS2 "
-        "| seen AUROC macro | seen AUROC micro | seen PSDS1 | seen PSDS2 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | unseen AUROC macro | unseen AUROC micro | seen AUROC macro | seen AUROC micro |",
+        "|---|---|---|---|---|",
     ]
     lines += _model_rows(
         results,
         lambda r: " | ".join(
             f"{r[split][key]:.3f}"
             for split in ("test_unseen", "test_seen")
-            for key in ("frame_auroc_macro", "frame_auroc_micro", "psds1", "psds2")
+            for key in ("frame_auroc_macro", "frame_auroc_micro")
         ),
     )
+    psds_keys = list(PSDS_COLUMNS)
+    targets = metrics.get("frame_label_psds")
+    lines += [
+        "",
+        "PSDS in two conventions. DCASE's (alpha_st = 1) subtracts the standard deviation of the "
+        "true-positive rate across classes from its mean; with alpha_st = 0 it is the area under "
+        "the mean per-class TPR vs eFPR curve, the PSDS open-vocabulary SED papers report (e.g. "
+        "PSDS1 on AudioSet-Strong): compare published figures with the alpha_st=0 columns. Both "
+        f"keep the scenario's other settings: {_scenario_settings()}."
+        + (" The last row scores the ground-truth frame labels as a model (the ceiling)." if targets else ""),
+        "",
+        "| model | "
+        + " | ".join(f"{split} {PSDS_COLUMNS[key]}" for split in ("unseen", "seen") for key in psds_keys)
+        + " |",
+        "|---" * (1 + 2 * len(psds_keys)) + "|",
+    ]
+    lines += _model_rows(
+        results,
+        lambda r: " | ".join(
+            f"{r[split][key]:.3f}" for split in ("test_unseen", "test_seen") for key in psds_keys
+        ),
+    )
+    if targets:
+        lines.append(
+            "| ground-truth frame labels (ceiling) | "
+            + " | ".join(
+                f"{targets[split][key]:.3f}" for split in ("test_unseen", "test_seen") for key in psds_keys
+            )
+            + " |"
+        )
     lines += [
         "",
         "Detection at a threshold, on the detector's output (scores after the 3-frame median "
@@ -469,9 +536,10 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "",
         "PSDS (DCASE) subtracts the standard deviation of the true-positive rate across classes "
         "(alpha_st = 1), so a model that detects some classes well and others not at all can score "
-        "0. Single-class PSDS, mean +- std over the labels:",
+        "0. Single-class PSDS, mean +- std over the labels (the mean is the alpha_st = 0 PSDS):",
         "",
-        "| model | unseen PSDS1 | unseen PSDS2 | seen PSDS1 | seen PSDS2 |",
+        "| model | unseen single-class PSDS1 | unseen single-class PSDS2 "
+        "| seen single-class PSDS1 | seen single-class PSDS2 |",
         "|---|---|---|---|---|",
     ]
     lines += _model_rows(
@@ -482,7 +550,6 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
             for n in (1, 2)
         ),
     )
-    targets = metrics.get("frame_label_psds")
     if targets:
         u, s = targets["test_unseen"], targets["test_seen"]
         hop_s = params.synth.mixture_s / params.frames.n_frames
@@ -490,15 +557,21 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
             "",
             "The ground-truth frame labels (the training targets), scored as a model, reach PSDS1 "
             f"{u['psds1']:.3f} / PSDS2 {u['psds2']:.3f} on `test_unseen` ({s['psds1']:.3f} / "
-            f"{s['psds2']:.3f} on `test_seen`): on a {hop_s} s frame grid an event shorter than "
-            "about 1.5 frames cannot meet PSDS1's 0.7 detection and ground-truth tolerances.",
+            f"{s['psds2']:.3f} on `test_seen`; with alpha_st = 0: {u['psds1_alpha_st0']:.3f} / "
+            f"{u['psds2_alpha_st0']:.3f} and {s['psds1_alpha_st0']:.3f} / {s['psds2_alpha_st0']:.3f}): "
+            f"on a {hop_s} s frame grid an event shorter than about 1.5 frames cannot meet PSDS1's "
+            "0.7 detection and ground-truth tolerances.",
         ]
     lines += [
         "",
         "## Inference: unbiased vs approximate (FLAM)",
         "",
-        "| detector | unseen AUROC macro | unseen PSDS1 | seen AUROC macro | seen PSDS1 |",
-        "|---|---|---|---|---|",
+        "| detector | unseen AUROC macro "
+        + "".join(f"| unseen {PSDS_COLUMNS[k]} " for k in ("psds1", "psds1_alpha_st0"))
+        + "| seen AUROC macro "
+        + "".join(f"| seen {PSDS_COLUMNS[k]} " for k in ("psds1", "psds1_alpha_st0"))
+        + "|",
+        "|---|---|---|---|---|---|---|",
     ]
     flam = results["flam"]
     for label, suffix in (
@@ -507,8 +580,8 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
     ):
         u, s = flam[f"test_unseen{suffix}"], flam[f"test_seen{suffix}"]
         lines.append(
-            f"| {label} | {u['frame_auroc_macro']:.3f} | {u['psds1']:.3f} | "
-            f"{s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} |"
+            f"| {label} | {u['frame_auroc_macro']:.3f} | {u['psds1']:.3f} | {u['psds1_alpha_st0']:.3f} | "
+            f"{s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} | {s['psds1_alpha_st0']:.3f} |"
         )
     lines += [
         "",
@@ -555,7 +628,10 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
             f"{claims['unseen_auroc_labels_better']} of them.",
             f"- Unseen PSDS1, FLAM minus FLAM-Global: **{claims['unseen_psds1_gain']:+.3f}** "
             f"(target > 0: {'met' if claims['unseen_psds1_gain'] > 0 else 'missed'}). "
-            f"On `test_seen` (closed set, where the paper reports PSDS): {claims['seen_psds1_gain']:+.3f}.",
+            f"On `test_seen` (closed set, where the paper reports PSDS): {claims['seen_psds1_gain']:+.3f}. "
+            "With alpha_st = 0 (the PSDS1 of open-vocabulary SED papers): "
+            f"{claims['unseen_psds1_alpha_st0_gain']:+.3f} on `test_unseen`, "
+            f"{claims['seen_psds1_alpha_st0_gain']:+.3f} on `test_seen`.",
             f"- Retrieval T2A R@5, FLAM / FLAM-Global: **{claims['retrieval_r5_relative']:.2f}** "
             f"(target >= {r5_target:.2f}: {_verdict(claims['retrieval_r5_relative'], r5_target)}).",
             "",
@@ -687,8 +763,9 @@ def _file_scores(detector: Any, path: Path, vocabulary: list[str], duration_s: f
 
 def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
     """One model on a real SED dataset (`flam_core.evaluation.tsv.SedDataset`): every label of
-    the dataset is a prompt for every file. Frame AUROC, PSDS1/2, event and segment F1 at the
-    detector's threshold."""
+    the dataset is a prompt for every file. Frame AUROC, PSDS1/2 (`psds1`, `psds2`: DCASE,
+    alpha_st = 1; `psds1_alpha_st0`, `psds2_alpha_st0`: alpha_st = 0, as open-vocabulary SED
+    papers report PSDS on AudioSet-Strong), event and segment F1 at the detector's threshold."""
     from flam_core.evaluation.sed import event_f1, median_filter_frames, psds, segment_f1
 
     vocabulary = [
@@ -715,8 +792,7 @@ def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
         "frame_auroc_macro": round(auroc["macro"], 4),
         "frame_auroc_micro": round(auroc["micro"], 4),
         "frame_auroc_per_label": _per_label(auroc, vocabulary),
-        "psds1": round(psds(scores, *args, durations=durations, scenario=1)["psds"], 4),
-        "psds2": round(psds(scores, *args, durations=durations, scenario=2)["psds"], 4),
+        **_both_psds(lambda n: psds(scores, *args, durations=durations, scenario=n)),
         "event_f1_macro": round(event_f1(decided, *args, threshold=detector.threshold)["f1_macro"], 4),
         "segment_f1_macro": round(segment_f1(decided, *args, threshold=detector.threshold)["f1_macro"], 4),
         "threshold": detector.threshold,

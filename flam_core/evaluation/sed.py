@@ -1,4 +1,5 @@
-"""SED metrics of frame scores: PSDS (DCASE scenarios 1 and 2), collar-based event F1 and
+"""SED metrics of frame scores: PSDS (DCASE scenarios 1 and 2, with DCASE's alpha_st = 1 and
+with alpha_st = 0 as open-vocabulary SED papers report it), collar-based event F1 and
 segment-based F1.
 
 Frame scores `[M, K, L]` (mixture, vocabulary label, frame) become sed_scores_eval score
@@ -227,15 +228,27 @@ def psds(
     ground_truth: GroundTruth,
     durations: Mapping[str, float],
     scenario: int = 1,
+    alpha_st: float | None = None,
 ) -> dict:
     """PSDS of DCASE scenario 1 or 2 (`PSDS_SCENARIOS`), exact over all thresholds.
 
-    Returns {"psds", "per_label" (single-class PSDS), "scenario", "params", "etpr", "efpr"}
-    where etpr/efpr are the PSD-ROC (effective TP ratio vs effective FP per hour).
+    `alpha_st` weighs the spread of the per-class true-positive rates subtracted from their
+    mean (None: the scenario's DCASE value, 1). The same scenario with alpha_st = 0, the
+    setting of open-vocabulary SED papers, comes with every result: it is the area under the
+    mean per-class TPR vs eFPR curve, read from the same per-class PSD-ROCs, so it costs no
+    second pass over the scores.
+
+    Returns {"psds", "psds_alpha_st0", "per_label" (single-class PSDS), "scenario", "params"
+    (the settings used, alpha_st included), "etpr", "efpr"} where etpr/efpr are the PSD-ROC at
+    the chosen alpha_st (effective TP ratio vs effective FP per hour).
     """
     if scenario not in PSDS_SCENARIOS:
         raise DataError(f"PSDS scenario must be one of {sorted(PSDS_SCENARIOS)}, got {scenario!r}")
-    params = PSDS_SCENARIOS[scenario]
+    params = dict(PSDS_SCENARIOS[scenario])
+    if alpha_st is not None:
+        if not _is_number(alpha_st) or not math.isfinite(alpha_st) or alpha_st < 0:
+            raise DataError(f"alpha_st must be a non-negative number (DCASE: 1), got {alpha_st!r}")
+        params["alpha_st"] = float(alpha_st)
     scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
     if params["alpha_ct"] and len(vocabulary) < 2:
         raise DataError(
@@ -247,18 +260,24 @@ def psds(
     truth = _check_ground_truth(
         ground_truth, list(vocabulary), list(audio_ids), checked_durations, float(hop_s)
     )
-    value, per_label, (etpr, efpr), _ = intersection_based.psds(
+    value, per_label, (etpr, efpr), class_rocs = intersection_based.psds(
         scores=scores,
         ground_truth=truth,
         audio_durations=checked_durations,
         unit_of_time="hour",
         **params,
     )
+    # The per-class PSD-ROCs do not depend on alpha_st: only their combination does.
+    mean_tpr, mean_efpr = intersection_based.multi_class_psd_roc_from_single_class_psd_rocs(
+        class_rocs, alpha_st=0.0, max_efpr=params["max_efpr"]
+    )
+    value_st0 = intersection_based.psds_from_psd_roc(mean_tpr, mean_efpr, params["max_efpr"])
     return {
         "psds": float(value),
+        "psds_alpha_st0": float(value_st0),
         "per_label": {label: float(v) for label, v in per_label.items()},
         "scenario": scenario,
-        "params": dict(params),
+        "params": params,
         "etpr": np.asarray(etpr),
         "efpr": np.asarray(efpr),
     }

@@ -118,7 +118,7 @@ def decode_file(path: str, sample_rate: int) -> np.ndarray | AudioError | None:
     import soundfile as sf
 
     from flam_core.audio.io import read_audio
-    from flam_core.inference import SILENCE_PEAK
+    from flam_core.inference import check_not_silent
 
     try:
         info = sf.info(path)
@@ -130,8 +130,10 @@ def decode_file(path: str, sample_rate: int) -> np.ndarray | AudioError | None:
         samples, _ = read_audio(path, sample_rate, mono=True)
     except AudioError as exc:
         return exc
-    if float(np.abs(samples).max(initial=0.0)) < SILENCE_PEAK:
-        return SilentAudioError(f"{path} is digital silence: there is nothing to detect")
+    try:
+        check_not_silent(path, float(np.abs(samples).max(initial=0.0)))
+    except SilentAudioError as exc:
+        return exc
     return samples
 
 

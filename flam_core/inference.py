@@ -522,8 +522,14 @@ class _Tally:
             yield block
 
     def check_not_silent(self, name: str) -> None:
-        if self.peak < SILENCE_PEAK:
-            raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
+        check_not_silent(name, self.peak)
+
+
+def check_not_silent(name: str, peak: float) -> None:
+    """Raise `SilentAudioError` for audio named `name` whose highest |sample| is `peak`, when
+    that is digital silence (below `SILENCE_PEAK`)."""
+    if peak < SILENCE_PEAK:
+        raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
 
 
 def plot_detection(detection: Detection, path: Path | str) -> Path:

@@ -13,6 +13,19 @@ def write_params(tmp_path, *overrides: str) -> Artifact:
     return Artifact(uri=str(tmp_path / "params.json"))
 
 
+def run_train(tmp_path, params: Artifact, features, mode: str, gpus: int, **outputs) -> None:
+    """The train component's function on cached features (library and recipes unused)."""
+    train_model.python_func(
+        params=params,
+        library=Dataset(uri=str(tmp_path / "unused-library")),
+        recipes=Dataset(uri=str(tmp_path / "unused-recipes")),
+        features=Dataset(uri=str(features)),
+        mode=mode,
+        gpus=gpus,
+        **outputs,
+    )
+
+
 def test_plan_baselines_leaves_flam_out(tmp_path):
     params = write_params(tmp_path, "evaluation.baselines=[flam, global, no_text_bias]")
     assert plan_baselines.python_func(params=params) == ["global", "no_text_bias"]
@@ -41,16 +54,8 @@ def test_more_than_one_gpu_trains_through_torchrun_and_deepspeed(smoke_features,
     )
     model, report = Model(uri=str(tmp_path / "model")), Dataset(uri=str(tmp_path / "report"))
     metrics = Metrics(uri=str(tmp_path / "metrics"))
-    train_model.python_func(
-        params=params,
-        library=Dataset(uri=str(tmp_path / "unused-library")),
-        recipes=Dataset(uri=str(tmp_path / "unused-recipes")),
-        features=Dataset(uri=str(smoke_features)),
-        mode="global",
-        gpus=2,
-        model=model,
-        train_report=report,
-        metrics=metrics,
+    run_train(
+        tmp_path, params, smoke_features, "global", 2, model=model, train_report=report, metrics=metrics
     )
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["params"]["train"]["mode"] == "global"
@@ -77,16 +82,7 @@ def test_a_retried_task_continues_its_own_run(smoke_features, tmp_path, monkeypa
     results = []
     for attempt in range(2):
         metrics = Metrics(uri=str(tmp_path / f"metrics-{attempt}"))
-        train_model.python_func(
-            params=params,
-            library=Dataset(uri=str(tmp_path / "unused-library")),
-            recipes=Dataset(uri=str(tmp_path / "unused-recipes")),
-            features=Dataset(uri=str(smoke_features)),
-            mode="flam",
-            gpus=0,
-            metrics=metrics,
-            **outputs,
-        )
+        run_train(tmp_path, params, smoke_features, "flam", 0, metrics=metrics, **outputs)
         state = tmp_path / "model" / "checkpoints" / "step-0000004" / "state.pt"
         # The checkpoint file is replaced only by training its steps again.
         results.append({**metrics.metadata, "train_seconds": None, "checkpoint": state.stat().st_ino})

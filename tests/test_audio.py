@@ -216,6 +216,24 @@ def test_a_lying_header_never_allocates_the_declared_size():
         read_audio(io.BytesIO(lying), SR, max_duration_s=0.5)
 
 
+@pytest.mark.parametrize("rate", [22254, 19999])
+def test_rates_whose_ratio_barely_reduces_are_resampled_polyphase(tmp_path, rate):
+    """22254 Hz (a real recording in the sound library) or 19999 Hz to 16 kHz would need a
+    torchaudio kernel of 89M / 320M taps; the polyphase path keeps the tone, the length, and
+    streamed equals whole."""
+    n = int(2.5 * rate)
+    tone = (0.5 * np.sin(2 * np.pi * 1000.0 * np.arange(n) / rate)).astype(np.float32)
+    path = tmp_path / "odd.wav"
+    sf.write(path, tone, rate, subtype="FLOAT")
+    samples, got = read_audio(path, SR)
+    assert got == SR and len(samples) == int(np.ceil(n * SR / rate))
+    np.testing.assert_array_equal(samples, resample(tone, rate, SR))
+    spectrum = np.abs(np.fft.rfft(samples[SR // 4 : -SR // 4]))
+    peak_hz = np.argmax(spectrum) * SR / (len(samples) - 2 * (SR // 4))
+    assert abs(peak_hz - 1000.0) < 2.0
+    assert 0.49 < np.abs(samples[SR // 4 : -SR // 4]).max() < 0.51
+
+
 def test_a_rate_that_cannot_be_resampled_cheaply_is_a_clear_error(tmp_path):
     path = tmp_path / "odd.wav"
     path.write_bytes(wav_header(44101, 1, 16, 2000) + bytes(2000))
@@ -223,3 +241,5 @@ def test_a_rate_that_cannot_be_resampled_cheaply_is_a_clear_error(tmp_path):
         read_audio(path, SR)
     samples, rate = read_audio(path)  # at its own rate nothing needs resampling
     assert rate == 44101 and len(samples) == 1000
+
+

@@ -2,12 +2,14 @@
 
 Files are read with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, MP3); `torchaudio.load`
 needs FFmpeg/torchcodec, which this project does not depend on. Resampling uses
-`torchaudio.functional.resample` (windowed-sinc, deterministic on CPU).
+`torchaudio.functional.resample` (windowed-sinc, deterministic on CPU), and scipy's polyphase
+`resample_poly` for odd rates whose ratio barely reduces (22254 Hz), where torchaudio's kernel
+would take gigabytes.
 
 Memory stays bounded for audio of any length: `iter_audio_blocks` decodes a few seconds at a
 time (never the length a header declares), downmixes each block in float32 and resamples it with
-`StreamingResampler`, whose concatenated output equals `torchaudio.functional.resample` of the
-whole signal. `read_audio` is that stream concatenated.
+`StreamingResampler`, whose concatenated output equals `resample` of the whole signal.
+`read_audio` is that stream concatenated.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ DEFAULT_BLOCK_S = 10.0  # seconds of the file decoded at a time
 MAX_BLOCK_SAMPLES = 1 << 21  # samples of all channels together in one decoded block (8 MB of float32)
 # torchaudio's resampling kernel holds new/g x (orig/g + 2 x width) taps (g = gcd of the rates):
 # 76k for 44.1 -> 16 kHz, 582k for 11025 -> 32000 Hz, but rates whose ratio barely reduces
-# (44101 -> 16000 Hz: 706M taps) would need gigabytes and hours of compute.
+# (22254 -> 16000 Hz: 89M taps; 44101 -> 16000 Hz: 706M) would need gigabytes and hours of
+# compute. Those go through scipy's polyphase resampler instead (`resample_poly`: one windowed
+# sinc of 20 x max(up, down) + 1 taps, ~28 multiply-adds per output sample and ~9 MB for
+# 22254 -> 16000) up to MAX_POLYPHASE_TAPS; rates beyond that (44101 Hz: 882k taps, 35 MB to
+# design the filter) are refused.
 MAX_KERNEL_TAPS = 1 << 20
+MAX_POLYPHASE_TAPS = 1 << 19
 # torchaudio's resampling defaults, to size its kernel before building it.
 _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99
@@ -154,12 +161,45 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling along the last axis (float32 in, float32 out)."""
+    """Band-limited resampling along the last axis (float32 in, float32 out): torchaudio's
+    windowed sinc, or scipy's polyphase filter for rates whose ratio does not reduce."""
     if orig_rate == new_rate:
         return samples.astype(np.float32, copy=False)
+    if _needs_polyphase(int(orig_rate), int(new_rate)):
+        return _polyphase(np.asarray(samples, dtype=np.float32), int(orig_rate), int(new_rate))
     tensor = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     out = _torchaudio_resample(tensor, orig_freq=int(orig_rate), new_freq=int(new_rate))
     return out.numpy()
+
+
+def _reduced(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    gcd = math.gcd(orig_rate, new_rate)
+    return orig_rate // gcd, new_rate // gcd
+
+
+def _needs_polyphase(orig_rate: int, new_rate: int) -> bool:
+    """Whether torchaudio's kernel for these rates is too big to build (MAX_KERNEL_TAPS); raises
+    ValueError when even the polyphase filter is (MAX_POLYPHASE_TAPS)."""
+    orig, new = _reduced(orig_rate, new_rate)
+    width = math.ceil(_LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * _ROLLOFF))
+    if new * (orig + 2 * width) <= MAX_KERNEL_TAPS:
+        return False
+    if 2 * _POLYPHASE_HALF_WIDTH * max(orig, new) + 1 > MAX_POLYPHASE_TAPS:
+        raise ValueError(
+            f"cannot resample {orig_rate} Hz to {new_rate} Hz: the rate ratio does not reduce "
+            f"({orig}/{new}); convert the file to a common rate (16, 44.1 or 48 kHz)"
+        )
+    return True
+
+
+_POLYPHASE_HALF_WIDTH = 10  # scipy's resample_poly: the filter reaches 10 x max(up, down) taps each side
+
+
+def _polyphase(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    orig, new = _reduced(orig_rate, new_rate)
+    return resample_poly(samples, new, orig, axis=-1).astype(np.float32)
 
 
 class StreamingResampler:
@@ -179,19 +219,20 @@ class StreamingResampler:
         if orig_rate <= 0 or new_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {orig_rate} Hz -> {new_rate} Hz")
         self.orig_rate, self.new_rate, self.channels = int(orig_rate), int(new_rate), channels
-        gcd = math.gcd(self.orig_rate, self.new_rate)
-        self.orig, self.new = self.orig_rate // gcd, self.new_rate // gcd
-        width = math.ceil(_LOWPASS_FILTER_WIDTH * self.orig / (min(self.orig, self.new) * _ROLLOFF))
-        if self.orig_rate != self.new_rate and self.new * (self.orig + 2 * width) > MAX_KERNEL_TAPS:
-            raise ValueError(
-                f"cannot resample {self.orig_rate} Hz to {self.new_rate} Hz: the rate ratio does not "
-                f"reduce ({self.orig}/{self.new}); convert the file to a common rate (16, 44.1 or 48 kHz)"
-            )
-        # `torchaudio.functional.resample`'s float32 kernel, computed once (it is costly for 441/320).
+        self.orig, self.new = _reduced(self.orig_rate, self.new_rate)
         self._resample = None
-        if self.orig_rate != self.new_rate:
-            self._resample = Resample(self.orig_rate, self.new_rate, dtype=torch.float32)
-            width = self._resample.width
+        width = 0
+        if self.orig_rate != self.new_rate and _needs_polyphase(self.orig_rate, self.new_rate):
+            # scipy's polyphase filter: output m depends on inputs within its half-width of
+            # m x orig / new, and shifting the input by `orig` samples shifts the output by `new`,
+            # so the same whole-group slicing applies.
+            self._resample = lambda piece: _polyphase(piece, self.orig_rate, self.new_rate)
+            width = math.ceil(_POLYPHASE_HALF_WIDTH * max(self.orig, self.new) / self.new) + 1
+        elif self.orig_rate != self.new_rate:
+            # `torchaudio.functional.resample`'s float32 kernel, computed once (costly for 441/320).
+            kernel = Resample(self.orig_rate, self.new_rate, dtype=torch.float32)
+            self._resample = lambda piece: kernel(torch.from_numpy(np.ascontiguousarray(piece))).numpy()
+            width = kernel.width
         # Whole groups covering the kernel's reach (`width` before, `width + orig` after a group).
         self.context = math.ceil((width + self.orig) / self.orig) * self.orig
         self._buffer = self._empty()
@@ -227,7 +268,7 @@ class StreamingResampler:
         start = max(0, self._next_group * self.orig - self.context)
         piece = self._buffer[..., start - self._buffer_start : stop - self._buffer_start]
         with torch.inference_mode():
-            out = self._resample(torch.from_numpy(np.ascontiguousarray(piece))).numpy()
+            out = self._resample(piece)
         first = (self._next_group - start // self.orig) * self.new
         last = None if end_group is None else (end_group - start // self.orig) * self.new
         if end_group is not None:

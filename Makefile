@@ -56,15 +56,16 @@ $(FLAM_CACHE_DIR)/.debian-ready: scripts/install-debian.sh
 pipeline: install  ## Run the whole pipeline (dvc repro) on the default CPU profile
 	$(BIN)/dvc repro
 
-test: install  ## Run the whole test suite (slow end-to-end tests included)
+test: install lint  ## Lint, then the whole test suite (slow end-to-end tests included)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install  ## Tests without the slow end-to-end ones
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed  ## ruff lint + format check
+lint: $(VENV)/.installed  ## ruff lint + format check + the import architecture (.importlinter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .

@@ -21,9 +21,10 @@ from scipy.interpolate import make_interp_spline
 from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
 from flam_core.evaluation.frames import vocabulary_scores
-from flam_core.evaluation.report import MixtureSplit
-from flam_core.evaluation.sed import median_filter_frames, psds
-from flam_core.inference import load_model
+from flam_core.evaluation.sed import psds
+from flam_core.evaluation.splits import MixtureSplit
+from flam_core.model.folder import load_model
+from flam_core.postprocess import median_filter_frames
 
 
 def interpolate_frames(scores: np.ndarray, up: int) -> np.ndarray:
@@ -50,7 +51,7 @@ def main() -> None:
     split = MixtureSplit(
         params, args.split, Path(params.train.features_dir), mixer, Path(params.synth.out_dir)
     )
-    hop = params.synth.mixture_s / params.frames.n_frames
+    hop = params.frame_hop_s
     scored = {"frame labels": split.truth.astype(np.float32)}
     for folder in args.models:
         model, _, _ = load_model(folder)

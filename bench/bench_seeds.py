@@ -38,7 +38,7 @@ from flam_core.evaluation.frames import (
     vocabulary_scores,
 )
 from flam_core.features import FeatureCache
-from flam_core.inference import load_model
+from flam_core.model.folder import load_model
 
 SPLITS = ("val_unseen", "test_unseen")
 PARTS = ("frame", "clip", "within_clip")

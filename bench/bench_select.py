@@ -19,8 +19,9 @@ from pathlib import Path
 from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
 from flam_core.evaluation.frames import frame_auroc, recognition_and_localisation, vocabulary_scores
-from flam_core.evaluation.report import MixtureSplit, _retrieval
-from flam_core.inference import load_model
+from flam_core.evaluation.report import clip_retrieval
+from flam_core.evaluation.splits import MixtureSplit
+from flam_core.model.folder import load_model
 
 KEYS = ("t2a_R@5", "t2a_mAP@10", "a2t_R@5")
 
@@ -42,7 +43,7 @@ def main() -> None:
         scores = {split.name: vocabulary_scores(model, split.cache, split.vocabulary) for split in splits}
         auroc = {split.name: frame_auroc(split.truth, scores[split.name])["macro"] for split in splits}
         parts = recognition_and_localisation(splits[1].truth, scores["val_unseen"])
-        retrieval = _retrieval(model, splits, params.evaluation.caption_events)
+        retrieval = clip_retrieval(model, splits, params.evaluation.caption_events)
         figures = {
             "val_auroc": round(auroc["val"], 4),
             "val_unseen_auroc": round(auroc["val_unseen"], 4),

@@ -27,13 +27,13 @@ import torch
 
 from flam_core.config import load_params
 from flam_core.train import (
-    _start_runtime,
-    _to_device,
     build_loss,
     build_model,
     compute_loss,
     deepspeed_config,
     resolve_device,
+    start_runtime,
+    to_device,
 )
 
 
@@ -78,14 +78,14 @@ def measure(
     if engine:
         import deepspeed
 
-        device = _start_runtime(params).device
+        device = start_runtime(params).device
         forward, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(params)
         )
     else:
         device = resolve_device(params.train.device)
         forward = model.to(device)
-    data = _to_device(batch(params, n, cached_dim), device)
+    data = to_device(batch(params, n, cached_dim), device)
     model.train()
     timings = []
     for step in range(steps + 1):

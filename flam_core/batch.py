@@ -118,7 +118,7 @@ def decode_file(path: str, sample_rate: int) -> np.ndarray | AudioError | None:
     import soundfile as sf
 
     from flam_core.audio.io import read_audio
-    from flam_core.inference import check_not_silent
+    from flam_core.detection import check_not_silent
 
     try:
         info = sf.info(path)
@@ -398,7 +398,7 @@ def detect_to_folder(
                 summary.done += 1
                 summary.audio_s += result.duration_s
                 if plots:
-                    from flam_core.inference import plot_detection
+                    from flam_core.detection import plot_detection
 
                     plot_detection(result, out_dir / PLOTS / (relative_name(path, root) + ".png"))
             if bar is None or task is None:

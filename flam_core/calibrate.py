@@ -45,7 +45,7 @@ from flam_core.evaluation.frames import (
     rank_correlation,
     vocabulary_scores,
 )
-from flam_core.evaluation.report import MixtureSplit, detector_threshold
+from flam_core.evaluation.splits import MixtureSplit, detector_threshold
 from flam_core.features import FeatureCache
 from flam_core.utils import atomic_write_text
 
@@ -96,8 +96,9 @@ def calibrate(
     """Calibrate the model in `model_dir` on val and val_unseen; writes `calibration.json` there."""
     from scipy.stats import pearsonr
 
-    from flam_core.evaluation.sed import event_f1, median_filter_frames, segment_f1
-    from flam_core.inference import load_model
+    from flam_core.evaluation.sed import event_f1, segment_f1
+    from flam_core.model.folder import load_model
+    from flam_core.postprocess import median_filter_frames
 
     model_dir = Path(model_dir or params.train.out_dir)
     features_dir = Path(features_dir or params.train.features_dir)
@@ -105,7 +106,7 @@ def calibrate(
     recipes_dir = Path(recipes_dir or params.synth.out_dir)
     model, _, _ = load_model(model_dir)
     mixer = Mixer.for_library(params, library_dir)
-    hop = params.synth.mixture_s / params.frames.n_frames
+    hop = params.frame_hop_s
     seen, unseen = (MixtureSplit(params, s, features_dir, mixer, recipes_dir) for s in ("val", "val_unseen"))
     scores = {
         (split.name, kind): vocabulary_scores(model, split.cache, split.vocabulary, kind=kind)
@@ -164,7 +165,7 @@ def _per_label_thresholds(
 
     out = {}
     for k, label in enumerate(vocabulary):
-        mine = {i: [e for e in evs if e[2] == label] for i, evs in events.items()}
+        mine = {i: [e for e in evs if e.label == label] for i, evs in events.items()}
         threshold, _ = best_threshold(scores[:, k : k + 1], hop, [label], ids, mine, criterion="segment")
         out[label] = float(threshold)
     return out

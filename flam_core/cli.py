@@ -3,7 +3,7 @@
 Output: results go to stdout, problems to stderr as one line (`error: ...`, exit code 2).
 `detect`, `index` and `search` check their arguments before any model is imported or loaded, and
 print nothing else: no progress bars, no third-party warnings. Every MLflow use goes to the
-project's one store (`flam_core.registry.tracking_uri`: `$MLFLOW_TRACKING_URI`, else
+project's one store (`flam_core.tracking.tracking_uri`: `$MLFLOW_TRACKING_URI`, else
 `<project>/mlruns.db`), where `flam register` puts the champion that `detect` serves by default.
 """
 
@@ -376,10 +376,10 @@ def _params_file() -> Path | None:
 
 
 def _pin_store() -> str:
-    """The project's MLflow store (`registry.tracking_uri`), exported as `$MLFLOW_TRACKING_URI` so
+    """The project's MLflow store (`tracking.tracking_uri`), exported as `$MLFLOW_TRACKING_URI` so
     every MLflow call of this process and its children uses it, never MLflow's own default
-    (`./mlflow.db`). Experiments are created beside the store (`registry.use_experiment`)."""
-    from flam_core.registry import tracking_uri
+    (`./mlflow.db`). Experiments are created beside the store (`tracking.use_experiment`)."""
+    from flam_core.tracking import tracking_uri
 
     uri = tracking_uri(state.params_path)
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -619,7 +619,7 @@ def _detect_one(
     detector = _detector(_model_uri(model))
     detection = detector.detect(audio, prompts, threshold=threshold)
     if plot is not None:
-        from flam_core.inference import plot_detection
+        from flam_core.detection import plot_detection
 
         try:
             plot_detection(detection, plot)

@@ -357,6 +357,11 @@ class MonitorParams(_Section):
     fail_on_drift: bool = False
 
 
+def frame_hop_s(synth: SynthParams, frames: FrameParams) -> float:
+    """The frame grid's hop: training labels, detection scores and evaluation all use this one."""
+    return synth.mixture_s / frames.n_frames
+
+
 class Params(_Section):
     """All stage parameters. One attribute per `params.yaml` section."""
 
@@ -376,6 +381,11 @@ class Params(_Section):
     evaluation: EvaluationParams = EvaluationParams()
     registry: RegistryParams = RegistryParams()
     monitor: MonitorParams = MonitorParams()
+
+    @property
+    def frame_hop_s(self) -> float:
+        """Seconds per label frame: a mixture's length over its frames (0.3125 s: 10 s, 32 frames)."""
+        return frame_hop_s(self.synth, self.frames)
 
     @property
     def cache_path(self) -> Path:

@@ -17,182 +17,26 @@ registered pyfunc, whose artifacts hold that folder.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import pickle
-import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from flam_core.audio.io import DEFAULT_BLOCK_S, StreamingResampler, iter_audio_blocks, source_name, to_mono
 from flam_core.config import Params
-from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError, SilentAudioError
+from flam_core.detection import Detection, check_not_silent
+from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
+from flam_core.model.folder import load_model, yamnet_weights
+from flam_core.postprocess import segments_from_frames, unbiased_scores
 
 MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
 YAMNET_ARTIFACT = "yamnet"  # the YAMNet weights it carries
-SILENCE_PEAK = 1e-6  # digital silence: nothing to detect, most likely a broken recording
 # A path, a binary file-like object (io.BytesIO of an upload), or samples `[n]` / `[channels, n]`.
 AudioInput = str | Path | BinaryIO | np.ndarray
-
-
-@dataclass
-class Detection:
-    """Frame probabilities `[K, T]` on a `frame_hop_s` grid and per-prompt segments."""
-
-    model: str
-    frame_hop_s: float
-    duration_s: float
-    prompts: list[str]
-    probs: np.ndarray  # [K, T] unbiased frame scores in [0, 1]
-    segments: list[dict[str, Any]]  # {"prompt", "onset", "offset", "score"}, by prompt then onset
-
-    def to_json(self, decimals: int = 4) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "frame_hop_s": self.frame_hop_s,
-            "duration_s": round(self.duration_s, 3),
-            "prompts": list(self.prompts),
-            "probs": np.round(self.probs.astype(np.float64), decimals).tolist(),
-            "segments": [
-                {
-                    "prompt": s["prompt"],
-                    "onset": round(s["onset"], 3),
-                    "offset": round(s["offset"], 3),
-                    "score": round(s["score"], decimals),
-                }
-                for s in self.segments
-            ],
-        }
-
-
-@contextlib.contextmanager
-def yamnet_weights(path: Path | str | None) -> Iterator[None]:
-    """Build models with these YAMNet weights (a registered model carries its own copy)."""
-    if path is None or not Path(path).is_file():
-        yield
-        return
-    previous = os.environ.get("FLAM_YAMNET_WEIGHTS")
-    os.environ["FLAM_YAMNET_WEIGHTS"] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FLAM_YAMNET_WEIGHTS"]
-        else:
-            os.environ["FLAM_YAMNET_WEIGHTS"] = previous
-
-
-def load_model(model_dir: Path) -> tuple[Any, Params, dict[str, Any]]:
-    """A trained model folder -> (FlamModel with its audio encoder, params, calibration).
-
-    A missing, empty, truncated or inconsistent file (`config.json` that is not JSON or has no
-    valid `params`, `model.pt` that does not load or whose tensors do not fit the model
-    `config.json` describes, `calibration.json` that is not JSON) raises `ConfigError` naming
-    the file and what is wrong.
-    """
-    from flam_core.train import _load_trainable_state, build_model
-
-    model_dir = Path(model_dir)
-    for name in ("config.json", "model.pt"):
-        if not (model_dir / name).is_file():
-            raise ConfigError(f"{model_dir} is not a FLAM model folder: {name} is missing (run `flam train`)")
-    params = _read_params(model_dir / "config.json")
-    weights = model_dir / "model.pt"
-    state = _read_weights(weights)
-    # A model always carries its audio encoder at inference, frozen or not during training.
-    model = build_model(params)
-    _check_state(model, state, weights)
-    try:
-        _load_trainable_state(model, state)
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"{weights} does not fit the model config.json describes ({exc}){_DAMAGED}"
-        ) from exc
-    calibration_path = model_dir / "calibration.json"
-    calibration = _read_json(calibration_path) if calibration_path.is_file() else {}
-    return model.eval(), params, calibration
-
-
-_DAMAGED = "; the model folder is damaged or incomplete: copy it again or retrain it (`flam train`)"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}){_DAMAGED}") from exc
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(document).__name__}{_DAMAGED}")
-    return document
-
-
-def _read_params(path: Path) -> Params:
-    config = _read_json(path)
-    if not isinstance(config.get("params"), dict):
-        raise ConfigError(
-            f"{path} has no `params` object (the parameters the model was trained with){_DAMAGED}"
-        )
-    try:
-        return Params.model_validate(config["params"])
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise ConfigError(f"{path}: its params are invalid ({errors}){_DAMAGED}") from None
-
-
-def _read_weights(path: Path) -> Any:
-    if path.stat().st_size == 0:
-        raise ConfigError(f"{path} is empty (0 bytes){_DAMAGED}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        reason = str(exc).split(". ")[0] or type(exc).__name__  # torch's first sentence says what broke
-        raise ConfigError(f"{path} cannot be loaded as PyTorch weights ({reason}){_DAMAGED}") from exc
-
-
-def _check_state(model: Any, state: Any, path: Path) -> None:
-    """Name the missing, unexpected and mis-shaped tensors of a flat `{name: tensor}` state."""
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"{path} holds a {type(state).__name__}, not a mapping of tensors{_DAMAGED}")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        return  # another layout: `_load_trainable_state` checks it
-    parts = {
-        "head.": model.head,
-        "audio_encoder.": model.audio_encoder,
-        "text_encoder.": model.text_encoder.model,
-    }
-    expected = {
-        prefix + key: tuple(value.shape)
-        for prefix, module in parts.items()
-        if module is not None
-        for key, value in module.state_dict().items()
-    }
-    # The head is always saved; an encoder's tensors only when it was trained, and then all of them.
-    saved = {prefix for prefix in parts if any(k.startswith(prefix) for k in state)} | {"head."}
-    missing = sorted(k for k in expected if k not in state and k.startswith(tuple(saved)))
-    unexpected = sorted(k for k in state if k not in expected)
-    shapes = sorted(
-        f"{k} {tuple(v.shape)} instead of {expected[k]}"
-        for k, v in state.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    )
-    problems = [
-        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''} ({len(items)})"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-        if items
-    ]
-    if problems:
-        raise ConfigError(
-            f"{path} does not fit the model config.json describes: {'; '.join(problems)}{_DAMAGED}"
-        )
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
@@ -230,7 +74,7 @@ class FlamDetector:
         self.prompt_thresholds: dict[str, float] = dict(self.calibration.get("per_prompt", {}))
         self.sample_rate = params.audio.sample_rate
         self.window_frames = params.frames.n_frames
-        self.frame_hop_s = params.synth.mixture_s / self.window_frames
+        self.frame_hop_s = params.frame_hop_s
         self.frame_samples = self.frame_hop_s * self.sample_rate
         if abs(self.frame_samples - round(self.frame_samples)) > 1e-9:
             raise ConfigError(f"a frame ({self.frame_hop_s} s) is not a whole number of samples")
@@ -258,7 +102,7 @@ class FlamDetector:
 
         import mlflow
 
-        from flam_core.registry import tracking_uri
+        from flam_core.tracking import tracking_uri
 
         # Into a folder of its own, removed once loaded: downloading into the store's artifact
         # tree would add files there. Everything the model needs is in memory after load_model.
@@ -441,11 +285,9 @@ class FlamDetector:
         """`[T, D]` frame embeddings x prompts -> `[K, T]` frame probabilities."""
         text_emb, alpha, beta = self.prompt_embeddings(prompts)
         cos = torch.from_numpy(frame_emb) @ text_emb.T  # [T, K]
-        logits = alpha * cos + beta
         if not unbiased:
             return torch.sigmoid(alpha * cos).T.numpy()
-        log_p = torch.nn.functional.logsigmoid(logits)
-        return torch.exp(log_p - torch.logaddexp(log_p, torch.nn.functional.logsigmoid(beta))).T.numpy()
+        return unbiased_scores(alpha * cos + beta, beta).T.numpy()
 
     def threshold_for(self, prompt: str) -> float:
         return self.prompt_thresholds.get(prompt, self.threshold)
@@ -466,8 +308,6 @@ class FlamDetector:
         samples. Raises `AudioError` (unreadable or empty input, NaN/inf), `AudioTooLongError`
         (over `max_duration_s`), `SilentAudioError` (digital silence), `DataError` (bad prompts).
         """
-        from flam_core.postprocess import segments_from_frames
-
         prompts = list(prompts)
         self.prompt_embeddings(prompts)  # bad prompts fail before any decoding
         name, blocks = self.audio_blocks(audio, sample_rate, max_duration_s)
@@ -523,43 +363,3 @@ class _Tally:
 
     def check_not_silent(self, name: str) -> None:
         check_not_silent(name, self.peak)
-
-
-def check_not_silent(name: str, peak: float) -> None:
-    """Raise `SilentAudioError` for audio named `name` whose highest |sample| is `peak`, when
-    that is digital silence (below `SILENCE_PEAK`)."""
-    if peak < SILENCE_PEAK:
-        raise SilentAudioError(f"{name} is digital silence: there is nothing to detect")
-
-
-def plot_detection(detection: Detection, path: Path | str) -> Path:
-    """The prompt x time score heatmap with the detected segments drawn over it (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    k, t = detection.probs.shape
-    fig, ax = plt.subplots(figsize=(min(18, 3 + t * detection.frame_hop_s / 4), 1 + 0.5 * k))
-    image = ax.imshow(
-        detection.probs,
-        aspect="auto",
-        vmin=0,
-        vmax=1,
-        cmap="magma",
-        extent=(0, t * detection.frame_hop_s, k, 0),
-        interpolation="nearest",
-    )
-    row = {p: i for i, p in enumerate(detection.prompts)}
-    for seg in detection.segments:
-        y = row[seg["prompt"]]
-        ax.plot([seg["onset"], seg["offset"]], [y + 0.85, y + 0.85], color="cyan", linewidth=3)
-    ax.set_yticks(np.arange(k) + 0.5, detection.prompts)
-    ax.set_xlabel("time (s); cyan: detected segments")
-    fig.colorbar(image, ax=ax, label="unbiased frame score")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

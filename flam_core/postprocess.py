@@ -1,12 +1,17 @@
-"""Frame scores -> segments: the reference post-processing that detection and evaluation share.
+"""Logits -> frame scores -> segments: the reference post-processing that detection and
+evaluation share.
+
+`unbiased_scores` is the one place the detector's score `p / (p + sigmoid(beta))` is computed
+(FLAM_SPEC's logit adjustment: the learned label prior removed, so one threshold serves every
+prompt); training's evaluation, calibration, `flam detect` and `flam search` all call it.
 
 A score track holds one value per frame of `hop_s` seconds (frame l spans `[l * hop, (l + 1) *
 hop)`). The post-processing (FLAM_SPEC) is a median filter over `MEDIAN_FRAMES` frames, then the
 threshold: a frame is active when its filtered score is strictly above the threshold, and each
 run of active frames is one segment, scored by the highest unfiltered score inside it.
 
-This module needs only numpy and scipy, so `flam detect`, `flam search` and the served model do
-not import the metric libraries of `flam_core.evaluation.sed` (which re-exports these names).
+This module needs only numpy, scipy and torch, so `flam detect`, `flam search` and the served
+model do not import the metric libraries of `flam_core.evaluation.sed`.
 """
 
 from __future__ import annotations
@@ -14,13 +19,26 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from scipy.ndimage import median_filter
+from torch.nn import functional as F
 
 from flam_core.errors import DataError
 
 # The reference post-processing (FLAM_SPEC): a median filter over 3 frames, then the
 # threshold. `flam detect` applies it, so thresholds are chosen and F1 is measured after it.
 MEDIAN_FRAMES = 3
+
+
+def unbiased_scores(logits: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """`p / (p + sigmoid(beta))` with `p = sigmoid(logits)`; `beta` broadcasts against `logits`
+    (`[B, K, L]` logits take `beta[None, :, None]`, `[T, K]` logits take `beta` `[K]`).
+
+    In log space, `log s = log p - log(p + sigmoid(beta))`, which stays exact when both p and
+    sigmoid(beta) are tiny (beta around -8 and below).
+    """
+    log_p = F.logsigmoid(logits)
+    return torch.exp(log_p - torch.logaddexp(log_p, F.logsigmoid(beta)))
 
 
 def is_number(value: object) -> bool:

@@ -138,7 +138,8 @@ class FlamPyfunc(mlflow.pyfunc.PythonModel):
     """`flam_core.inference.FlamDetector` behind MLflow's pyfunc interface, with serving limits."""
 
     def load_context(self, context: Any) -> None:
-        from flam_core.inference import FlamDetector, load_model, yamnet_weights
+        from flam_core.inference import FlamDetector
+        from flam_core.model.folder import load_model, yamnet_weights
 
         self.limits = ServingLimits.from_env()
         with yamnet_weights(context.artifacts.get(YAMNET_ARTIFACT)):

@@ -49,10 +49,8 @@ import heapq
 import importlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,7 +63,7 @@ import pandas as pd
 import torch
 
 from flam_core.errors import AudioError, ConfigError, DataError
-from flam_core.utils import AUDIO_EXTENSIONS, atomic_write_text, interactive, scan_audio_files
+from flam_core.utils import AUDIO_EXTENSIONS, atomic_path, atomic_write_text, interactive, scan_audio_files
 
 FORMAT = "flam-search-index"
 FORMAT_VERSION = 1
@@ -153,15 +151,8 @@ def _faiss_threads(n: int) -> Iterator[Any]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        Path(tmp).chmod(0o644)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.save(handle, array)
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:
@@ -413,15 +404,8 @@ class _IndexWriter:
         self.meta["generation"] += 1
         old = self.meta["files_table"]
         name = f"files-{self.meta['generation']:06d}.parquet"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
-        os.close(fd)
-        try:
+        with atomic_path(self.dir / name) as tmp:
             self.files.to_parquet(tmp, index=False)
-            Path(tmp).chmod(0o644)
-            Path(tmp).replace(self.dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self.meta["files_table"] = name
         self.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_text(self.dir / "index.json", json.dumps(self.meta, indent=2))

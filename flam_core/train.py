@@ -51,9 +51,8 @@ from flam_core.data.loader import Collate, IndexedDataset, make_loader
 from flam_core.errors import ConfigError, DataError, FlamError
 from flam_core.features import FeatureCache
 from flam_core.losses import FlamLoss, all_gather_with_grad, gather_texts, remote_labels
-from flam_core.model.audio_encoder import AudioEncoder, audio_encoder_from_params
-from flam_core.model.flam import FlamConfig, FlamHead
-from flam_core.model.text_encoder import TextEncoder
+from flam_core.model.flam import FlamModel, build_model
+from flam_core.model.folder import load_trainable_state, save_model, trainable_state
 from flam_core.utils import atomic_dir, atomic_write_text, interactive
 
 MAX_LOGIT_SCALE = 100.0
@@ -73,69 +72,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-@dataclass
-class Outputs:
-    """What one forward pass gives the loss and the evaluation."""
-
-    frame_emb: torch.Tensor  # [B, L, D]
-    global_emb: torch.Tensor  # [B, D]
-    text_emb: torch.Tensor  # [K, D]
-    alpha: torch.Tensor  # [K]
-    beta: torch.Tensor  # [K]
-
-
-class FlamModel(torch.nn.Module):
-    """The trainable whole: an optional audio encoder (None: cached features), the head, texts."""
-
-    def __init__(self, head: FlamHead, text_encoder: TextEncoder, audio_encoder: AudioEncoder | None) -> None:
-        super().__init__()
-        self.head, self.text_encoder, self.audio_encoder = head, text_encoder, audio_encoder
-
-    def frames(self, batch: dict[str, Any]) -> torch.Tensor:
-        if "frame_features" in batch:
-            return batch["frame_features"]
-        if self.audio_encoder is None:
-            raise DataError("batch has no cached frame features and the model has no audio encoder")
-        return self.audio_encoder(batch["audio"])
-
-    def forward(self, batch: dict[str, Any], texts: list[str]) -> Outputs:
-        # Cached features and cached text embeddings are float32; a bf16 head gets bf16 inputs.
-        dtype = self.head.logit_scale.dtype
-        context = self.head.contextualise(self.frames(batch).to(dtype))
-        text_features = self.text_encoder(texts).to(dtype)
-        alpha, beta = self.head.text_scale_bias(text_features)
-        return Outputs(
-            frame_emb=self.head.frame_embeddings(context),
-            global_emb=self.head.global_embedding(context),
-            text_emb=self.head.text_embeddings(text_features),
-            alpha=alpha,
-            beta=beta,
-        )
-
-
-def build_model(params: Params, audio_dim: int | None = None) -> FlamModel:
-    """Text encoder, audio encoder (unless `audio_dim` is given: cached features) and the head."""
-    model, train = params.model, params.train
-    text_encoder = TextEncoder(model.text_encoder, model.text_max_length, model.train_text_encoder)
-    audio_encoder = None
-    if audio_dim is None:
-        audio_encoder = audio_encoder_from_params(params)
-        audio_dim = audio_encoder.out_dim
-    config = FlamConfig(
-        audio_dim=audio_dim,
-        text_dim=text_encoder.dim,
-        embed_dim=model.embed_dim,
-        context_dim=model.context_dim,
-        context=model.context,
-        context_layers=model.context_layers,
-        context_heads=model.context_heads,
-        dropout=model.dropout,
-        text_scale=train.mode not in ("no_text_scale", "no_text_scale_bias"),
-        text_bias=train.mode not in ("no_text_bias", "no_text_scale_bias"),
-    )
-    return FlamModel(FlamHead(config), text_encoder, audio_encoder)
 
 
 def build_loss(params: Params) -> FlamLoss:
@@ -192,7 +128,7 @@ def compute_loss(
     )
 
 
-def _param_groups(model: FlamModel, lr: float, text_lr: float | None) -> list[dict[str, Any]]:
+def param_groups(model: FlamModel, lr: float, text_lr: float | None) -> list[dict[str, Any]]:
     """Adam's parameter groups: the text encoder at `text_lr` (when trained and set), the rest at `lr`.
 
     A pretrained transformer fine-tuned at the head's learning rate forgets what it knew; the
@@ -280,11 +216,11 @@ def _save_checkpoint(
 ) -> None:
     """`folder/step-NNNNNNN/`, complete or absent: written under a staging name, then renamed."""
     name = f"step-{position.step:07d}"
-    rng = {"rng": _rng_state(runtime.device)}
+    rng = {"rng": rng_state(runtime.device)}
     if runtime.engine is None:
         with atomic_dir(folder / name) as staging:
             state = {
-                "model": _trainable_state(model),
+                "model": trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "position": vars(position).copy(),
@@ -318,7 +254,7 @@ def _load_checkpoint(
     """Restore model, optimiser, schedule and RNG states from `checkpoint`; its data position."""
     if runtime.engine is None:
         state = _safe_load(checkpoint / "state.pt")
-        _load_trainable_state(model, state["model"])
+        load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     else:
@@ -329,7 +265,7 @@ def _load_checkpoint(
             f"{checkpoint} was written by an older version of flam (pickled RNG states): "
             "train again with --overwrite"
         )
-    _set_rng_state(state["rng"], runtime.device)
+    set_rng_state(state["rng"], runtime.device)
     return Position(**{k: int(v) for k, v in state["position"].items()})
 
 
@@ -357,13 +293,13 @@ def _safe_deepspeed_checkpoints(engine: Any) -> None:
     DeepSpeed's default checkpoint engine unpickles them whole, any Python object included. Every
     checkpoint engine's `load` is one `torch.load` of a file, so the engine's `load` is replaced
     by one that admits tensors, plain containers and the few DeepSpeed types that its ZeRO
-    optimizer states hold (`_deepspeed_checkpoint_types`), all plain data.
+    optimizer states hold (`deepspeed_checkpoint_types`), all plain data.
     """
-    engine.checkpoint_engine.load = _load_deepspeed_file
+    engine.checkpoint_engine.load = load_deepspeed_file
 
 
-def _load_deepspeed_file(path: str, map_location: Any = None) -> Any:
-    with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+def load_deepspeed_file(path: str, map_location: Any = None) -> Any:
+    with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -373,7 +309,7 @@ def _load_deepspeed_file(path: str, map_location: Any = None) -> Any:
             ) from exc
 
 
-def _deepspeed_checkpoint_types() -> list[Any]:
+def deepspeed_checkpoint_types() -> list[Any]:
     """The types other than tensors and containers in the ZeRO checkpoints of DeepSpeed: loss
     scalers (numbers and a dtype), fragment addresses (two ints) and the ZeRO stage (an enum)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -383,7 +319,7 @@ def _deepspeed_checkpoint_types() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
     """The RNG states a resumed run needs, as tensors and numbers (loadable with weights_only).
 
     torch's CPU (and the training device's CUDA) generator drive dropout; numpy's global
@@ -405,7 +341,7 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
     key = numpy["key"].numpy().astype(np.uint32)
@@ -418,29 +354,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint folder (`step-*`) in `folder`, if any."""
     found = sorted(Path(folder).glob("step-*"))
     return found[-1] if found else None
-
-
-def _trainable_state(model: FlamModel) -> dict[str, torch.Tensor]:
-    """What training changes (head; audio/text encoders when trained), as float32 CPU tensors."""
-    state = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    if model.audio_encoder is not None and any(p.requires_grad for p in model.audio_encoder.parameters()):
-        state |= {f"audio_encoder.{k}": v for k, v in model.audio_encoder.state_dict().items()}
-    if model.text_encoder.trainable:
-        state |= {f"text_encoder.{k}": v for k, v in model.text_encoder.model.state_dict().items()}
-    return {
-        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()
-    }
-
-
-def _load_trainable_state(model: FlamModel, state: dict[str, torch.Tensor]) -> None:
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-    model.head.load_state_dict(part("head."))
-    if model.audio_encoder is not None and part("audio_encoder."):
-        model.audio_encoder.load_state_dict(part("audio_encoder."))
-    if model.text_encoder.trainable and part("text_encoder."):
-        model.text_encoder.model.load_state_dict(part("text_encoder."))
 
 
 @dataclass
@@ -508,7 +421,7 @@ def deepspeed_config(params: Params, path: Path | None = None) -> dict[str, Any]
     return config
 
 
-def _start_runtime(params: Params) -> Runtime:
+def start_runtime(params: Params) -> Runtime:
     device = resolve_device(params.train.device)
     if params.train.backend == "torch":
         return Runtime(device)
@@ -535,7 +448,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
@@ -576,7 +489,7 @@ def train(
     _check_out_dir(out_dir, resume, overwrite)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    runtime = _start_runtime(params)
+    runtime = start_runtime(params)
     loader = _train_loader(params, features_dir, library_dir, recipes_dir, runtime.rank, runtime.world)
     _check_trainable(loader)
     items = loader.dataset.items  # type: ignore[attr-defined]
@@ -586,10 +499,10 @@ def train(
         model.text_encoder.precompute(_captions(items))
     loss_fn = build_loss(params)
     if cfg.init_from:
-        _load_trainable_state(model, _safe_load(Path(cfg.init_from) / "model.pt"))
+        load_trainable_state(model, _safe_load(Path(cfg.init_from) / "model.pt"))
     model.to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(_param_groups(model, cfg.lr, cfg.text_lr), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.text_lr), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
@@ -624,7 +537,7 @@ def train(
             task = progress.add_task("training", total=stop, completed=position.step)
             while position.step < stop:
                 for _ in range(accumulation):
-                    batch = _to_device(next(batches), runtime.device)
+                    batch = to_device(next(batches), runtime.device)
                     losses = compute_loss(forward, loss_fn, batch, distributed=runtime.world > 1)
                     terms = runtime.mean(torch.stack([v.detach().float() for v in losses.values()]))
                     if not torch.isfinite(terms).all():
@@ -678,7 +591,7 @@ def train(
             if features_dir is not None and position.step >= cfg.steps:
                 metrics |= quick_validation(final, features_dir)
             if position.step >= cfg.steps:
-                _save_model(out_dir, final, params)
+                save_model(out_dir, final, params)
                 atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
                 atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
             if tracker is not None:
@@ -695,11 +608,11 @@ def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtim
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = _trainable_state(model)
+            state = trainable_state(model)
     else:
-        state = _trainable_state(model)
+        state = trainable_state(model)
     final = build_model(params, audio_dim)
-    _load_trainable_state(final, state)
+    load_trainable_state(final, state)
     return final
 
 
@@ -726,31 +639,6 @@ def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
         metrics[f"{split}_labels"] = auroc["n_labels"]
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     return metrics | {"beta_prior_spearman": rank_correlation(learned, prior)}
-
-
-def _save_model(out_dir: Path, model: FlamModel, params: Params) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.pt.tmp"
-    torch.save(_trainable_state(model), tmp)
-    tmp.replace(out_dir / "model.pt")
-    config = {
-        "params": params.model_dump(mode="json"),
-        "head": model.head.config.to_dict(),
-        "audio": {
-            "encoder": params.model.audio_encoder,
-            "frozen": params.model.frozen_audio,
-            "sample_rate": params.audio.sample_rate,
-            "n_frames": params.frames.n_frames,
-            "mixture_s": params.synth.mixture_s,
-        },
-        "text_encoder": {
-            "source": params.model.text_encoder,
-            "dim": model.text_encoder.dim,
-            "max_length": model.text_encoder.max_length,
-            "trained": model.text_encoder.trainable,
-        },
-    }
-    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
 
 
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -887,7 +775,7 @@ class _Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        from flam_core.registry import use_experiment
+        from flam_core.tracking import use_experiment
 
         use_experiment(os.environ.get("FLAM_EXPERIMENT", "flam"))
         self.run = mlflow.start_run(run_name=f"train-{params.train.mode}")

@@ -58,19 +58,32 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str, suffix: str = ".part") -> Iterator[Path]:
+    """A temporary path beside `path` to write; on success it replaces `path` atomically
+    (readable by all, as a normal file), on any error it is removed and `path` is left as it was.
+
+        with atomic_path(out / "model.pt") as tmp:
+            torch.save(state, tmp)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        Path(tmp).chmod(0o644)  # mkstemp makes it owner-only
-        Path(tmp).replace(path)
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it owner-only
+        tmp.replace(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def interactive() -> bool:

@@ -241,5 +241,3 @@ def test_a_rate_that_cannot_be_resampled_cheaply_is_a_clear_error(tmp_path):
         read_audio(path, SR)
     samples, rate = read_audio(path)  # at its own rate nothing needs resampling
     assert rate == 44101 and len(samples) == 1000
-
-

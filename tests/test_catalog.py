@@ -9,7 +9,7 @@ from flam_core.config import DEBIAN_PACKAGES, MidiParams, ProceduralParams, User
 from flam_core.data.catalog.base import RawClip
 from flam_core.data.catalog.debian import MappingRule, PackageMapping, load_mapping, map_files
 from flam_core.data.catalog.folder import folder_clips
-from flam_core.data.catalog.midi import GM_SOUNDS, _plan_slots
+from flam_core.data.catalog.midi import GM_SOUNDS, plan_slots
 from flam_core.data.catalog.procedural import coloured_noise, procedural_clips
 from flam_core.errors import DataError
 
@@ -66,10 +66,10 @@ def test_mapping_file_errors_name_the_file(tmp_path):
 
 def test_midi_plan_is_seeded_and_slots_do_not_overlap():
     params = MidiParams(clips_per_label=3)
-    slots = _plan_slots(params, seed=5)
+    slots = plan_slots(params, seed=5)
     assert len(slots) == 3 * len(GM_SOUNDS)
-    assert slots == _plan_slots(params, seed=5)
-    assert [s.notes for s in slots] != [s.notes for s in _plan_slots(params, seed=6)]
+    assert slots == plan_slots(params, seed=5)
+    assert [s.notes for s in slots] != [s.notes for s in plan_slots(params, seed=6)]
     for before, after in itertools.pairwise(slots):
         assert before.start_s + before.length_s < after.start_s
     labels = [s.label for s in GM_SOUNDS]

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from flam_core.data.recipes import read_recipes
-from flam_core.registry import register, tracking_uri
+from flam_core.registry import register
+from flam_core.tracking import tracking_uri
 from tests.conftest import ROOT, smoke_params
 
 pytestmark = pytest.mark.slow

@@ -15,12 +15,11 @@ from flam_core.evaluation.sed import (
     best_threshold,
     event_f1,
     frame_scores_to_sed_scores,
-    median_filter_frames,
     psds,
     segment_f1,
-    segments_from_frames,
     shortest_decimal_between,
 )
+from flam_core.postprocess import median_filter_frames, segments_from_frames
 
 HOP = 0.3125
 L = 32

@@ -12,9 +12,11 @@ from flam_core.calibrate import calibrate, reliability
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import DataError
 from flam_core.evaluation.frames import vocabulary_scores
-from flam_core.evaluation.report import MixtureSplit, evaluate, frame_truth
-from flam_core.evaluation.sed import median_filter_frames, segment_f1
-from flam_core.inference import load_model
+from flam_core.evaluation.report import evaluate, frame_truth
+from flam_core.evaluation.sed import segment_f1
+from flam_core.evaluation.splits import MixtureSplit
+from flam_core.model.folder import load_model
+from flam_core.postprocess import median_filter_frames
 from tests.conftest import smoke_params
 
 PARAMS = ("evaluation.baselines=[flam, global]",)
@@ -61,9 +63,10 @@ def test_calibration_writes_threshold_ece_and_plots(
 ):
     from flam_core.data.mixer import Mixer
     from flam_core.evaluation.frames import vocabulary_scores
-    from flam_core.evaluation.report import MixtureSplit
-    from flam_core.evaluation.sed import event_f1, median_filter_frames, segment_f1
-    from flam_core.inference import load_model
+    from flam_core.evaluation.sed import event_f1, segment_f1
+    from flam_core.evaluation.splits import MixtureSplit
+    from flam_core.model.folder import load_model
+    from flam_core.postprocess import median_filter_frames
 
     result, report = calibrated
     saved = json.loads((smoke_models / "flam" / "calibration.json").read_text())
@@ -104,7 +107,7 @@ def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):
     recipes, _ = smoke_recipes
     params = smoke_params()
     plan = mixer.plan(read_recipes(recipes / "test_seen.parquet"))
-    hop = params.synth.mixture_s / params.frames.n_frames
+    hop = params.frame_hop_s
     edges = np.arange(params.frames.n_frames + 1) * hop
     for i in range(len(plan)):
         labels = mixer.frame_labels(plan, i)
@@ -298,7 +301,7 @@ def test_learned_bias_tracks_each_labels_frame_prior(smoke_models, smoke_feature
     the 40-step fixture model is too short for beta to settle (Spearman ~0)."""
     from flam_core.evaluation.frames import learned_priors, rank_correlation
     from flam_core.features import FeatureCache
-    from flam_core.inference import load_model
+    from flam_core.model.folder import load_model
     from flam_core.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'runs.db'}")
@@ -320,11 +323,11 @@ def test_learned_bias_tracks_each_labels_frame_prior(smoke_models, smoke_feature
 
 
 def test_a_calibration_without_its_threshold_is_refused(tmp_path):
-    from flam_core.evaluation.report import _calibrated_thresholds
+    from flam_core.evaluation.report import calibrated_thresholds
 
-    assert _calibrated_thresholds(tmp_path) is None  # no calibration: thresholds from validation
+    assert calibrated_thresholds(tmp_path) is None  # no calibration: thresholds from validation
     (tmp_path / "calibration.json").write_text(json.dumps({"threshold_seen": 0.9}))
     with pytest.raises(DataError, match="no 'threshold'"):
-        _calibrated_thresholds(tmp_path)
+        calibrated_thresholds(tmp_path)
     (tmp_path / "calibration.json").write_text(json.dumps({"threshold": 0.52, "threshold_seen": 0.9}))
-    assert _calibrated_thresholds(tmp_path) == {"test_unseen": 0.52, "test_seen": 0.9}
+    assert calibrated_thresholds(tmp_path) == {"test_unseen": 0.52, "test_seen": 0.9}

@@ -19,7 +19,8 @@ import torch
 from flam_core.audio.io import resample
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
-from flam_core.inference import FlamDetector, load_model
+from flam_core.inference import FlamDetector
+from flam_core.model.folder import load_model
 from tests.conftest import ROOT
 
 PROMPTS = ["dog barking", "a bell rings", "speech", "rain"]

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flam_core.config import frame_hop_s
 from flam_core.data.mixer import PEAK_LIMIT, Mixer
 from flam_core.data.recipes import RECIPE_SPLITS, read_recipes
 from flam_core.data.sources import load_manifest
@@ -80,7 +81,7 @@ def test_labels_follow_the_active_spans_not_the_placement_window(mixer, smoke_li
     background = manifest[manifest["kind"] == "background"].iloc[0]
     recipe = one_event_recipe(background, row, onset_s=1.0, gain_db=20.0)
     labels = mixer.frame_labels(mixer.plan(recipe), 0)
-    frame_len = mixer.synth.mixture_s / mixer.frames.n_frames
+    frame_len = frame_hop_s(mixer.synth, mixer.frames)
     centres = (np.arange(mixer.frames.n_frames) + 0.5) * frame_len
     inside = ((centres[:, None] >= spans[:, 0] + 1.0) & (centres[:, None] < spans[:, 1] + 1.0)).any(axis=1)
     far_outside = ~(

@@ -291,7 +291,7 @@ def test_synthetic_index_finds_the_planted_frames_exactly_and_with_pq(tmp_path, 
 def test_windows_of_long_files_give_the_segments_of_whole_file_scoring(tmp_path, detector):
     """Random frames sit around cos 0, i.e. score 0.5, the threshold: runs everywhere, the hardest case
     for growing windows. Search must return exactly the best segments of each whole file's scores."""
-    from flam_core.evaluation.sed import segments_from_frames
+    from flam_core.postprocess import segments_from_frames
     from flam_core.search import WHOLE_FILE_FRAMES
 
     rng = np.random.default_rng(1)

@@ -10,9 +10,10 @@ import torch
 import flam_core.train
 from flam_core.errors import ConfigError, DataError
 from flam_core.features import read_labels, write_labels
-from flam_core.model.flam import FlamConfig, FlamHead
+from flam_core.model.flam import FlamConfig, FlamHead, build_model
 from flam_core.model.text_encoder import TextEncoder
-from flam_core.train import TrainingDiverged, _param_groups, build_model, latest_checkpoint, train
+from flam_core.postprocess import unbiased_scores
+from flam_core.train import TrainingDiverged, latest_checkpoint, param_groups, train
 from tests.conftest import smoke_params
 
 STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.checkpoint_every=8")
@@ -190,15 +191,15 @@ def _ids(parameters) -> set[int]:
 
 def test_text_encoder_trains_at_its_own_rate():
     tuned = build_model(smoke_params("model.train_text_encoder=true", "train.text_lr=2e-5"), audio_dim=16)
-    head_group, text_group = _param_groups(tuned, 5e-4, 2e-5)
+    head_group, text_group = param_groups(tuned, 5e-4, 2e-5)
     assert (head_group["lr"], text_group["lr"]) == (5e-4, 2e-5)
     assert _ids(text_group["params"]) == _ids(tuned.text_encoder.parameters())
     trainable = _ids(p for p in tuned.parameters() if p.requires_grad)
     assert _ids(head_group["params"]) == trainable - _ids(tuned.text_encoder.parameters())
     # Unset, or with a frozen encoder: one group at the head's rate.
-    assert [len(g["params"]) for g in _param_groups(tuned, 5e-4, None)] == [len(trainable)]
+    assert [len(g["params"]) for g in param_groups(tuned, 5e-4, None)] == [len(trainable)]
     frozen = build_model(smoke_params("train.text_lr=2e-5"), audio_dim=16)
-    (group,) = _param_groups(frozen, 5e-4, 2e-5)
+    (group,) = param_groups(frozen, 5e-4, 2e-5)
     assert group["lr"] == 5e-4 and _ids(frozen.text_encoder.parameters()).isdisjoint(_ids(group["params"]))
 
 
@@ -228,12 +229,12 @@ def test_head_initialisation_and_score_forms():
     # Far-negative beta: the unbiased score and the approximate sigmoid(alpha * cos) agree.
     very_negative = torch.full((5,), -20.0)
     logits = head.frame_logits(frame_emb, text_emb, alpha, very_negative)
-    unbiased = head.unbiased_scores(logits, very_negative)
+    unbiased = unbiased_scores(logits, very_negative[None, :, None])
     approximate = head.approximate_scores(frame_emb, text_emb, alpha)
     assert torch.allclose(unbiased, approximate, atol=1e-6)
     # Near the prior the two differ: the unbiased score removes it.
     logits = head.frame_logits(frame_emb, text_emb, alpha, beta * 0)
-    assert not torch.allclose(head.unbiased_scores(logits, beta * 0), approximate, atol=1e-3)
+    assert not torch.allclose(unbiased_scores(logits, (beta * 0)[None, :, None]), approximate, atol=1e-3)
 
 
 def test_ablation_heads_share_one_scale_or_bias():

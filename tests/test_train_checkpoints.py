@@ -8,10 +8,10 @@ import torch
 
 from flam_core.errors import DataError
 from flam_core.train import (
-    _deepspeed_checkpoint_types,
-    _load_deepspeed_file,
-    _rng_state,
-    _set_rng_state,
+    deepspeed_checkpoint_types,
+    load_deepspeed_file,
+    rng_state,
+    set_rng_state,
     train,
 )
 from tests.conftest import smoke_params
@@ -67,11 +67,11 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     torch.manual_seed(3)
     np.random.seed(3)
     np.random.standard_normal()  # numpy caches the second gaussian: has_gauss is set
-    torch.save(_rng_state(torch.device("cpu")), tmp_path / "rng.pt")
+    torch.save(rng_state(torch.device("cpu")), tmp_path / "rng.pt")
     expected = (torch.rand(5), np.random.standard_normal(3), np.random.randint(0, 2**31, 4))
     torch.manual_seed(0)
     np.random.seed(0)
-    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
     again = (torch.rand(5), np.random.standard_normal(3), np.random.randint(0, 2**31, 4))
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and np.array_equal(expected[2], again[2])
@@ -84,7 +84,7 @@ def test_deepspeed_checkpoints_load_their_own_types_and_nothing_else(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    assert set(_deepspeed_checkpoint_types()) == {
+    assert set(deepspeed_checkpoint_types()) == {
         LossScaler,
         DynamicLossScaler,
         ZeroStageEnum,
@@ -105,7 +105,7 @@ def test_deepspeed_checkpoints_load_their_own_types_and_nothing_else(tmp_path):
         "fp32": torch.arange(4.0),
     }
     torch.save(state, tmp_path / "optim_states.pt")
-    loaded = _load_deepspeed_file(str(tmp_path / "optim_states.pt"))
+    loaded = load_deepspeed_file(str(tmp_path / "optim_states.pt"))
     assert loaded["loss_scaler"].cur_scale == 2.0**16 and loaded["loss_scaler"].dtype == torch.float16
     assert loaded["static"].cur_scale == 1.0 and loaded["zero_stage"] is ZeroStageEnum.gradients
     assert loaded["param_slice_mappings"][0]["w"] == fragment_address(numel=6, start=2)
@@ -114,5 +114,5 @@ def test_deepspeed_checkpoints_load_their_own_types_and_nothing_else(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save(state | {"client_state": Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(DataError, match="holds objects other than tensors"):
-        _load_deepspeed_file(str(tmp_path / "evil.pt"))
+        load_deepspeed_file(str(tmp_path / "evil.pt"))
     assert not marker.exists()

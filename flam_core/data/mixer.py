@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from flam_core.config import FrameParams, Params, SynthParams
+from flam_core.config import FrameParams, Params, SynthParams, frame_hop_s
+from flam_core.data.events import Event
 from flam_core.errors import DataError
 
 LOOP_CROSSFADE_S = 0.05
@@ -262,11 +263,11 @@ class Mixer:
         real = end > start
         return rows, start[real], end[real], row_of_span[real]
 
-    def events(self, plan: MixPlan, i: int) -> list[tuple[float, float, str]]:
+    def events(self, plan: MixPlan, i: int) -> list[Event]:
         """Ground-truth events of mixture i: (onset_s, offset_s, label), overlapping or touching
         spans of one label merged, sorted by onset. Exact times, not the frame grid."""
         _, start, end, span_rows = self._active_spans(plan, i)
-        out: list[tuple[float, float, str]] = []
+        out: list[Event] = []
         labels = self.labels[plan.label[span_rows]]
         for label in dict.fromkeys(labels.tolist()):
             mine = labels == label
@@ -276,7 +277,7 @@ class Mixer:
             new = np.r_[True, lo[1:] > np.maximum.accumulate(hi)[:-1]]
             first = np.flatnonzero(new)
             ends = np.maximum.reduceat(hi, first)
-            out += [(float(a), float(b), str(label)) for a, b in zip(lo[first], ends, strict=True)]
+            out += [Event(float(a), float(b), str(label)) for a, b in zip(lo[first], ends, strict=True)]
         return sorted(out)
 
     def frame_labels(self, plan: MixPlan, i: int) -> FrameLabels:
@@ -291,7 +292,7 @@ class Mixer:
         lookup = np.full(len(self.labels), -1, dtype=np.int64)
         lookup[label_ids] = np.arange(len(label_ids))
         k_of_span = lookup[plan.label[span_rows]]
-        frame_len = self.synth.mixture_s / self.frames.n_frames
+        frame_len = frame_hop_s(self.synth, self.frames)
         edges = np.arange(self.frames.n_frames + 1) * frame_len
         overlap = np.clip(
             np.minimum(end[:, None], edges[None, 1:]) - np.maximum(start[:, None], edges[None, :-1]),

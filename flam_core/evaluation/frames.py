@@ -9,19 +9,18 @@ that have both positive and negative frames).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from flam_core.errors import DataError
+from flam_core.features import FeatureCache
+from flam_core.model.flam import FlamModel
+from flam_core.postprocess import unbiased_scores
 
 ScoreKind = Literal["unbiased", "approximate", "posterior"]
-
-if TYPE_CHECKING:
-    from flam_core.features import FeatureCache
-    from flam_core.train import FlamModel
 
 
 def truth_matrix(cache: FeatureCache, vocabulary: Sequence[str]) -> np.ndarray:
@@ -59,7 +58,8 @@ def vocabulary_scores(
         frames = torch.from_numpy(np.asarray(cache.features[start : start + batch_size], dtype=np.float32))
         frame_emb = head.frame_embeddings(head.contextualise(frames))
         if kind == "unbiased":
-            scores.append(head.unbiased_scores(head.frame_logits(frame_emb, text_emb, alpha, beta), beta))
+            logits = head.frame_logits(frame_emb, text_emb, alpha, beta)
+            scores.append(unbiased_scores(logits, beta[None, :, None]))
         elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
         elif kind == "posterior":

@@ -35,22 +35,18 @@ import torch
 
 from flam_core.config import Params
 from flam_core.data.mixer import Mixer
-from flam_core.data.recipes import read_recipes
 from flam_core.data.sources import load_manifest
 from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import (
-    event_vocabulary,
     frame_auroc,
     macro_gain_interval,
     recognition_and_localisation,
-    truth_matrix,
     vocabulary_scores,
 )
-from flam_core.features import FeatureCache
+from flam_core.evaluation.splits import VALIDATION_OF, MixtureSplit, detector_threshold
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
 
 TEST_SPLITS = ("test_seen", "test_unseen")
-VALIDATION_OF = {"test_unseen": "val_unseen", "test_seen": "val"}  # where thresholds are chosen
 # results.md column labels of the PSDS keys: DCASE's convention and the one of open-vocabulary
 # SED papers, so that either can be set beside published tables.
 PSDS_COLUMNS = {
@@ -69,44 +65,9 @@ NAMES = {
 }
 
 
-class MixtureSplit:
-    """One mixture split: cached features, vocabulary, frame truth and exact events."""
-
-    def __init__(
-        self, params: Params, name: str, features_dir: Path, mixer: Mixer, recipes_dir: Path
-    ) -> None:
-        self.name = name
-        self.cache = FeatureCache(features_dir, name)
-        self.ids, self.events, self.vocabulary = split_events(mixer, recipes_dir, name, self.cache)
-        self.durations = dict.fromkeys(self.ids, params.synth.mixture_s)
-        self.truth = truth_matrix(self.cache, self.vocabulary)
-
-
-def split_events(
-    mixer: Mixer, recipes_dir: Path, split: str, cache: FeatureCache
-) -> tuple[list[str], dict[str, list[tuple[float, float, str]]], list[str]]:
-    """(mixture ids, exact events per mixture, vocabulary) of a split whose features are cached.
-
-    The vocabulary is every event label of the split with at least one event (a piece whose
-    active part falls outside the mixture leaves its label without one); events of other
-    labels (backgrounds) are left out.
-    """
-    plan = mixer.plan(read_recipes(Path(recipes_dir) / f"{split}.parquet"))
-    ids = [str(int(m)) for m in plan.mixture_ids]
-    if ids != [str(m) for m, _ in cache.labels]:
-        raise DataError(
-            f"the cached features do not hold the {split} mixtures of {recipes_dir}: rebuild them"
-        )
-    labels = set(event_vocabulary(cache))
-    events = {ids[i]: [e for e in mixer.events(plan, i) if e[2] in labels] for i in range(len(plan))}
-    vocabulary = sorted({e[2] for evs in events.values() for e in evs})
-    if not vocabulary:
-        raise DataError(f"the {split} split has no event to evaluate")
-    return ids, events, vocabulary
-
-
 def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
-    from flam_core.evaluation.sed import event_f1, median_filter_frames, psds, segment_f1
+    from flam_core.evaluation.sed import event_f1, psds, segment_f1
+    from flam_core.postprocess import median_filter_frames
 
     args = (hop, split.vocabulary, split.ids, split.events)
     auroc = frame_auroc(split.truth, scores)
@@ -170,7 +131,7 @@ def _text_embeddings(model: Any, texts: list[str]) -> np.ndarray:
     return model.head.text_embeddings(model.text_encoder(texts)).numpy()
 
 
-def _retrieval(model: Any, splits: list[MixtureSplit], caption_events: int) -> dict[str, float]:
+def clip_retrieval(model: Any, splits: list[MixtureSplit], caption_events: int) -> dict[str, float]:
     from flam_core.evaluation.retrieval import retrieval_metrics
 
     features, captions = [], []
@@ -197,7 +158,7 @@ class _Clips:
         clips = manifest[(manifest["split"] == "test") & (manifest["kind"] == "event")].reset_index(drop=True)
         encoder = audio_encoder_from_params(params, frozen=True).eval()
         sr, length = params.audio.sample_rate, int(round(params.synth.mixture_s * params.audio.sample_rate))
-        hop = params.synth.mixture_s / params.frames.n_frames
+        hop = params.frame_hop_s
         features, n_valid = [], []
         with torch.no_grad():
             for start in range(0, len(clips), 32):
@@ -237,7 +198,7 @@ def _zero_shot(model: Any, clips: _Clips) -> dict[str, Any]:
     return out
 
 
-def _calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
+def calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
     """The thresholds of `flam calibrate` per test split: test_unseen gets the one chosen on
     held-out labels (`threshold`), test_seen the one chosen on training labels
     (`threshold_seen`). None for a model without `calibration.json`."""
@@ -249,16 +210,6 @@ def _calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
         raise DataError(f"{path} has no 'threshold': rerun `flam calibrate --model {model_dir}`")
     unseen = float(calibration["threshold"])
     return {"test_unseen": unseen, "test_seen": float(calibration.get("threshold_seen", unseen))}
-
-
-def detector_threshold(scores: np.ndarray, split: MixtureSplit, hop: float) -> tuple[float, float]:
-    """The rule for a detector's shared threshold, used by `flam calibrate` and for uncalibrated
-    baselines: the threshold that maximises macro segment F1 of `split`'s scores after the
-    detector's median filter (what it thresholds), and that F1."""
-    from flam_core.evaluation.sed import best_threshold, median_filter_frames
-
-    args = (hop, split.vocabulary, split.ids, split.events)
-    return best_threshold(median_filter_frames(scores), *args, criterion="segment")
 
 
 def validation_thresholds(model: Any, validation: dict[str, MixtureSplit], hop: float) -> dict[str, float]:
@@ -282,7 +233,7 @@ def evaluate(
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every baseline in `<models_dir>/<mode>/`; writes metrics.json, results.md, plots."""
-    from flam_core.inference import load_model
+    from flam_core.model.folder import load_model
 
     cfg = params.evaluation
     models_dir = Path(models_dir or cfg.models_dir)
@@ -296,13 +247,13 @@ def evaluate(
     mixer = Mixer.for_library(params, library_dir)
     splits = [MixtureSplit(params, name, features_dir, mixer, recipes_dir) for name in TEST_SPLITS]
     clips = _Clips(params, library_dir)
-    hop = params.synth.mixture_s / params.frames.n_frames
+    hop = params.frame_hop_s
     results: dict[str, Any] = {}
     scores_of: dict[str, dict[str, np.ndarray]] = {}
     validation: dict[str, MixtureSplit] = {}
     for mode in cfg.baselines:
         model, _, _ = load_model(models_dir / mode)
-        thresholds = _calibrated_thresholds(models_dir / mode)
+        thresholds = calibrated_thresholds(models_dir / mode)
         entry: dict[str, Any] = {"threshold_source": "calibration"}
         if thresholds is None:
             if not validation:
@@ -321,7 +272,7 @@ def evaluate(
             if mode == "flam":
                 approx = vocabulary_scores(model, split.cache, split.vocabulary, kind="approximate")
                 entry[f"{split.name}_approximate"] = _sed_metrics(split, approx, hop, threshold)
-        entry["retrieval"] = _retrieval(model, splits, cfg.caption_events)
+        entry["retrieval"] = clip_retrieval(model, splits, cfg.caption_events)
         entry["zero_shot"] = _zero_shot(model, clips)
         results[mode] = entry
     flam = results["flam"]
@@ -465,7 +416,7 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         "```",
         "",
         f"Test set hash: `{metrics['test_set_hash']}`. "
-        f"Frame hop {params.synth.mixture_s / params.frames.n_frames} s. "
+        f"Frame hop {params.frame_hop_s} s. "
         "`test_unseen` holds only labels never seen in training (open vocabulary); `test_seen` holds "
         "training labels in new clips and backgrounds.",
         "",
@@ -552,7 +503,7 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
     )
     if targets:
         u, s = targets["test_unseen"], targets["test_seen"]
-        hop_s = params.synth.mixture_s / params.frames.n_frames
+        hop_s = params.frame_hop_s
         lines += [
             "",
             "The ground-truth frame labels (the training targets), scored as a model, reach PSDS1 "
@@ -766,10 +717,13 @@ def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
     the dataset is a prompt for every file. Frame AUROC, PSDS1/2 (`psds1`, `psds2`: DCASE,
     alpha_st = 1; `psds1_alpha_st0`, `psds2_alpha_st0`: alpha_st = 0, as open-vocabulary SED
     papers report PSDS on AudioSet-Strong), event and segment F1 at the detector's threshold."""
-    from flam_core.evaluation.sed import event_f1, median_filter_frames, psds, segment_f1
+    from flam_core.evaluation.sed import event_f1, psds, segment_f1
+    from flam_core.postprocess import median_filter_frames
 
     vocabulary = [
-        v for v in dataset.vocabulary if any(e[2] == v for evs in dataset.ground_truth.values() for e in evs)
+        v
+        for v in dataset.vocabulary
+        if any(e.label == v for evs in dataset.ground_truth.values() for e in evs)
     ]
     if not vocabulary:
         raise DataError("the dataset names no event")

@@ -29,20 +29,10 @@ import pandas as pd
 from sed_scores_eval import collar_based, intersection_based, segment_based
 from sed_scores_eval.base_modules.scores import create_score_dataframe
 
+from flam_core.data.events import Event
 from flam_core.errors import DataError
+from flam_core.postprocess import check_hop, is_number
 
-# The shared post-processing lives in flam_core.postprocess (no metric libraries); it is
-# re-exported here for the callers of this module.
-from flam_core.postprocess import (  # noqa: F401 - re-exported
-    MEDIAN_FRAMES,
-    active_runs,
-    median_filter_frames,
-    segments_from_frames,
-)
-from flam_core.postprocess import check_hop as _check_hop
-from flam_core.postprocess import is_number as _is_number
-
-Event = tuple[float, float, str]
 GroundTruth = Mapping[str, Sequence[Event]]
 
 PSDS_SCENARIOS: dict[int, dict[str, float | None]] = {
@@ -103,7 +93,7 @@ def _check_scores(
             f"frame scores hold {int(bad.sum())} NaN/inf value(s), first at audio {audio_ids[m]!r}, "
             f"label {vocabulary[k]!r}, frame {frame}"
         )
-    _check_hop(hop_s)
+    check_hop(hop_s)
     for name, values in (("vocabulary", vocabulary), ("audio ids", audio_ids)):
         if not all(isinstance(v, str) and v for v in values):
             raise DataError(f"{name} must be non-empty strings, got {_show(values)}")
@@ -164,7 +154,7 @@ def _check_ground_truth(
                 raise DataError(
                     f"{audio_id}: event {event!r} ends after the audio ({durations[audio_id]:.3f} s)"
                 )
-            events.append((onset, offset, label))
+            events.append(Event(onset, offset, label))
         by_label: dict[str, list[tuple[float, float]]] = {}
         for onset, offset, label in events:
             by_label.setdefault(label, []).append((onset, offset))
@@ -198,7 +188,7 @@ def _check_durations(
     out = {}
     for audio_id in audio_ids:
         value = durations[audio_id]
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not is_number(value) or not math.isfinite(value) or value <= 0:
             raise DataError(f"{audio_id}: duration must be a positive number of seconds, got {value!r}")
         if value > span_s + hop_s:
             raise DataError(
@@ -246,7 +236,7 @@ def psds(
         raise DataError(f"PSDS scenario must be one of {sorted(PSDS_SCENARIOS)}, got {scenario!r}")
     params = dict(PSDS_SCENARIOS[scenario])
     if alpha_st is not None:
-        if not _is_number(alpha_st) or not math.isfinite(alpha_st) or alpha_st < 0:
+        if not is_number(alpha_st) or not math.isfinite(alpha_st) or alpha_st < 0:
             raise DataError(f"alpha_st must be a non-negative number (DCASE: 1), got {alpha_st!r}")
         params["alpha_st"] = float(alpha_st)
     scores = frame_scores_to_sed_scores(probs, hop_s, vocabulary, audio_ids)
@@ -296,7 +286,7 @@ def _check_threshold(threshold: float | Mapping[str, float], vocabulary: Sequenc
     else:
         values = {"threshold": threshold}
     for name, value in values.items():
-        if not _is_number(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise DataError(f"threshold for {name!r} must be a finite number, got {value!r}")
     if isinstance(threshold, Mapping):
         return {label: float(v) for label, v in values.items()}
@@ -310,7 +300,7 @@ def _collar_args(onset_collar: float, offset_collar: float, offset_collar_rate: 
         "offset_collar_rate": offset_collar_rate,
     }
     for name, value in args.items():
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or not math.isfinite(value) or value < 0:
             raise DataError(f"{name} must be a non-negative number, got {value!r}")
     return {name: float(value) for name, value in args.items()}
 
@@ -378,7 +368,7 @@ def event_f1(
 
 def _segment_args(probs: np.ndarray, hop_s: float, audio_ids: Sequence[str], segment_length: float) -> dict:
     """Every clip lasts the frames' span (mixtures, or clips padded to one width)."""
-    if not _is_number(segment_length) or not math.isfinite(segment_length) or segment_length <= 0:
+    if not is_number(segment_length) or not math.isfinite(segment_length) or segment_length <= 0:
         raise DataError(f"segment_length must be a positive number of seconds, got {segment_length!r}")
     span_s = float(np.shape(probs)[2] * hop_s)
     return {

@@ -12,17 +12,16 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import soundfile as sf
 
+from flam_core.data.events import Event
 from flam_core.errors import AudioError, DataError
+from flam_core.utils import atomic_path
 
 COLUMNS = ("filename", "onset", "offset", "event_label")
-
-Event = tuple[float, float, str]
 
 
 def _parse_time(value: str, what: str, where: str) -> float:
@@ -73,7 +72,7 @@ def read_sed_tsv(path: str | os.PathLike) -> dict[str, list[Event]]:
                 raise DataError(f"{where}: onset {start:g} s is after offset {end:g} s")
             if start == end:
                 raise DataError(f"{where}: zero-length event at {start:g} s")
-            events.append((start, end, label))
+            events.append(Event(start, end, label))
     if not truth:
         raise DataError(f"{path}: no rows below the header")
     for events in truth.values():
@@ -102,18 +101,10 @@ def write_sed_tsv(path: str | os.PathLike, ground_truth: Mapping[str, Sequence[E
             if not isinstance(label, str) or not label or any(c in label for c in "\t\r\n"):
                 raise DataError(f"{filename}: event label {label!r} is empty or holds a tab/newline")
             rows.append((filename, repr(onset), repr(offset), label))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
-            writer.writerow(COLUMNS)
-            writer.writerows(rows)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
     return path
 
 

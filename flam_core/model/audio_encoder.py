@@ -23,16 +23,7 @@ from torch import nn
 from flam_core.audio.features import LogMel
 from flam_core.config import FeatureParams, Params
 from flam_core.errors import ConfigError
-
-
-class AudioEncoder(nn.Module):
-    """Base class: `forward(waveform [B, n]) -> [B, L, out_dim]`."""
-
-    out_dim: int
-    sample_rate: int
-
-    def n_frames(self, n_samples: int) -> int:
-        raise NotImplementedError
+from flam_core.model.base import AudioEncoder
 
 
 class YamnetEncoder(AudioEncoder):

@@ -1,4 +1,5 @@
-"""The FLAM head: frame and global audio embeddings, text embeddings, per-text scale and bias.
+"""The FLAM model: the head (frame and global audio embeddings, text embeddings, per-text scale
+and bias) and `FlamModel`, the head with its text and audio encoders, built from params.
 
 Shapes: B audios, L frames, Da audio feature size, K texts, Dt text feature size, D the
 shared embedding size (512 in the paper).
@@ -24,11 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from flam_core.config import Params
+from flam_core.errors import DataError
+from flam_core.model.audio_encoder import audio_encoder_from_params
+from flam_core.model.base import AudioEncoder
+from flam_core.model.text_encoder import TextEncoder
 
 
 @dataclass(frozen=True)
@@ -146,20 +153,72 @@ class FlamHead(nn.Module):
         return alpha[None, :, None] * cos + beta[None, :, None]
 
     @staticmethod
-    def unbiased_scores(logits: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """`p / (p + sigmoid(beta))` with `p = sigmoid(logits)`; `[B, K, L]`, `[K]` -> `[B, K, L]`.
-
-        In log space, `log s = log p - log(p + sigmoid(beta))`, which stays exact when both p
-        and sigmoid(beta) are tiny (beta around -8 and below).
-        """
-        log_p = F.logsigmoid(logits)
-        log_prior = F.logsigmoid(beta)[None, :, None]
-        return torch.exp(log_p - torch.logaddexp(log_p, log_prior))
-
-    @staticmethod
     def approximate_scores(
         frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor
     ) -> torch.Tensor:
         """`sigmoid(alpha * cos)`: `[B, K, L]`; equals the unbiased score when beta << -10."""
         cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
         return torch.sigmoid(alpha[None, :, None] * cos)
+
+
+@dataclass
+class Outputs:
+    """What one forward pass gives the loss and the evaluation."""
+
+    frame_emb: torch.Tensor  # [B, L, D]
+    global_emb: torch.Tensor  # [B, D]
+    text_emb: torch.Tensor  # [K, D]
+    alpha: torch.Tensor  # [K]
+    beta: torch.Tensor  # [K]
+
+
+class FlamModel(torch.nn.Module):
+    """The trainable whole: an optional audio encoder (None: cached features), the head, texts."""
+
+    def __init__(self, head: FlamHead, text_encoder: TextEncoder, audio_encoder: AudioEncoder | None) -> None:
+        super().__init__()
+        self.head, self.text_encoder, self.audio_encoder = head, text_encoder, audio_encoder
+
+    def frames(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "frame_features" in batch:
+            return batch["frame_features"]
+        if self.audio_encoder is None:
+            raise DataError("batch has no cached frame features and the model has no audio encoder")
+        return self.audio_encoder(batch["audio"])
+
+    def forward(self, batch: dict[str, Any], texts: list[str]) -> Outputs:
+        # Cached features and cached text embeddings are float32; a bf16 head gets bf16 inputs.
+        dtype = self.head.logit_scale.dtype
+        context = self.head.contextualise(self.frames(batch).to(dtype))
+        text_features = self.text_encoder(texts).to(dtype)
+        alpha, beta = self.head.text_scale_bias(text_features)
+        return Outputs(
+            frame_emb=self.head.frame_embeddings(context),
+            global_emb=self.head.global_embedding(context),
+            text_emb=self.head.text_embeddings(text_features),
+            alpha=alpha,
+            beta=beta,
+        )
+
+
+def build_model(params: Params, audio_dim: int | None = None) -> FlamModel:
+    """Text encoder, audio encoder (unless `audio_dim` is given: cached features) and the head."""
+    model, train = params.model, params.train
+    text_encoder = TextEncoder(model.text_encoder, model.text_max_length, model.train_text_encoder)
+    audio_encoder = None
+    if audio_dim is None:
+        audio_encoder = audio_encoder_from_params(params)
+        audio_dim = audio_encoder.out_dim
+    config = FlamConfig(
+        audio_dim=audio_dim,
+        text_dim=text_encoder.dim,
+        embed_dim=model.embed_dim,
+        context_dim=model.context_dim,
+        context=model.context,
+        context_layers=model.context_layers,
+        context_heads=model.context_heads,
+        dropout=model.dropout,
+        text_scale=train.mode not in ("no_text_scale", "no_text_scale_bias"),
+        text_bias=train.mode not in ("no_text_bias", "no_text_scale_bias"),
+    )
+    return FlamModel(FlamHead(config), text_encoder, audio_encoder)

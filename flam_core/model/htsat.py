@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from flam_core.audio.features import LogMel
 from flam_core.config import FeatureParams
 from flam_core.errors import ConfigError
-from flam_core.model.audio_encoder import AudioEncoder
+from flam_core.model.base import AudioEncoder
 
 PATCH = 4  # patch size and stride of the embedding convolution
 

@@ -164,7 +164,7 @@ class _Slot:
     channel: int
 
 
-def _plan_slots(params: MidiParams, seed: int) -> list[_Slot]:
+def plan_slots(params: MidiParams, seed: int) -> list[_Slot]:
     """Seeded note plans for every (sound, variant) slot, laid out back to back."""
     slots: list[_Slot] = []
     start_s = 0.5
@@ -269,7 +269,7 @@ def render_midi(midi_path: Path, soundfont: Path, sample_rate: int, gain: float)
 def midi_clips(params: MidiParams, sample_rate: int, cache_dir: Path, seed: int) -> list[RawClip]:
     """Render every GM sound `clips_per_label` times and cut the render into clips."""
     soundfont = fetch_package(PACKAGE, cache_dir) / SOUNDFONT
-    slots = _plan_slots(params, seed)
+    slots = plan_slots(params, seed)
     with tempfile.TemporaryDirectory(prefix="flam-midi-") as tmp:
         midi_path = Path(tmp) / "library.mid"
         _write_midi(slots, midi_path)

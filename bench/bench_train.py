@@ -2,12 +2,14 @@
 for each audio encoder, at the default profile's batch (16 mixtures, 80 text slots, 10 s).
 
     python bench/bench_train.py [--steps 5] [--batch 16]
-    python bench/bench_train.py --gpu-profile [--steps 5]     # a GPU machine
+    python bench/bench_train.py --gpu-profile [--steps 5] [--batch 64]     # a GPU machine
 
 `--gpu-profile` measures what `profile: gpu` trains instead: HTSAT-base from the waveform at
-48 kHz, 64 mixtures and 320 text slots a step, MiniLM on the device, once with torch Adam in
-float32 and once through the DeepSpeed engine of `train.backend=deepspeed` (ZeRO-2, bf16,
-`infra/deepspeed/zero2.json`, one process), as `flam train` runs it.
+48 kHz, 64 mixtures and 320 text slots a step, MiniLM on the device, with torch Adam (float32
+weights; the forward pass and loss in float32, then under bf16 autocast) and through the
+DeepSpeed engine of `train.backend=deepspeed` (one process), as `flam train` runs it: the
+profile's `infra/deepspeed/zero2.json` (ZeRO-2, bf16), then copies of it with ZeRO-0 in bf16
+and ZeRO-2 in float32, which tell the cost of ZeRO-2's partitioning from that of bf16.
 
 Encoders:
 - `cached yamnet`: the CPU profile's path: frozen YAMNet's frame features come from the cache,
@@ -20,7 +22,10 @@ Prints one Markdown table row per encoder (the BENCHMARKS.md format).
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,11 +69,14 @@ def measure(
     n: int,
     cached_dim: int | None = None,
     engine: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> None:
     """Print one row: the median seconds of `steps` timed steps after one warm-up step.
 
     `engine`: step through the DeepSpeed engine of `train.backend=deepspeed` (its config from
     `train.deepspeed_config`, completed as `flam train` completes it) instead of torch Adam.
+    `autocast`: run the forward pass and the loss under `torch.autocast` in that dtype (the
+    weights, gradients and Adam states stay float32).
     """
     params = load_params("params.yaml", overrides=[*overrides, f"loader.batch_size={n}"])
     model = build_model(params, cached_dim)
@@ -90,7 +98,8 @@ def measure(
     timings = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        losses = compute_loss(forward, loss_fn, data)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            losses = compute_loss(forward, loss_fn, data)
         if engine:
             forward.backward(losses["loss"])
             forward.step()
@@ -111,12 +120,41 @@ def measure(
         torch.cuda.empty_cache()
 
 
+def deepspeed_variant(base: str, folder: Path, stage: int, bf16: bool) -> str:
+    """The override `train.deepspeed_config=` a copy of the DeepSpeed JSON `base` with ZeRO
+    `stage` and bf16 on or off, written into `folder`."""
+    config = json.loads(Path(base).read_text())
+    config.setdefault("zero_optimization", {})["stage"] = stage
+    config["bf16"] = {"enabled": bf16}
+    path = folder / f"zero{stage}-{'bf16' if bf16 else 'fp32'}.json"
+    path.write_text(json.dumps(config, indent=2))
+    return f"train.deepspeed_config={path}"
+
+
+def gpu_rows(common: list[str], steps: int, n: int) -> None:
+    """The rows of `--gpu-profile`: torch Adam in float32 and under bf16 autocast, then the
+    DeepSpeed engine with the profile's config and two copies of it that change one thing each."""
+    gpu = ["profile=gpu", "model.htsat_size=base", *common]
+    measure("htsat base, torch Adam, float32", gpu, steps, n)
+    measure("htsat base, torch Adam, bf16 autocast", gpu, steps, n, autocast=torch.bfloat16)
+    base = load_params("params.yaml", overrides=gpu).train.deepspeed_config
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        folder = Path(tmp)
+        configs = {
+            "ZeRO-2, bf16": [],  # the profile's own
+            "ZeRO-0, bf16": [deepspeed_variant(base, folder, stage=0, bf16=True)],
+            "ZeRO-2, float32": [deepspeed_variant(base, folder, stage=2, bf16=False)],
+        }
+        for name, config in configs.items():
+            measure(f"htsat base, DeepSpeed {name}", [*gpu, *config], steps, n, engine=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, help="mixtures a step (default 16; 64 with --gpu-profile)")
     parser.add_argument("--gpu-profile", action="store_true", help="the GPU profile's model and batch")
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="key=value for every row")
     args = parser.parse_args()
@@ -125,21 +163,20 @@ def main() -> None:
     print("| encoder | trainable parameters | s/step (median) | clips/s | device |")
     print("|---|---|---|---|---|")
     if args.gpu_profile:
-        gpu = ["profile=gpu", "model.htsat_size=base", *common]
-        measure("htsat base, torch Adam, float32", gpu, args.steps, 64)
-        measure("htsat base, DeepSpeed ZeRO-2, bf16", gpu, args.steps, 64, engine=True)
+        gpu_rows(common, args.steps, args.batch or 64)
         return
-    measure("cached yamnet (default CPU profile)", common, args.steps * 4, args.batch, cached_dim=1024)
-    measure("yamnet (frozen, on the fly)", common, args.steps, args.batch)
-    measure("yamnet (fine-tuned)", ["model.frozen_audio=false", *common], args.steps, args.batch)
+    n = args.batch or 16
+    measure("cached yamnet (default CPU profile)", common, args.steps * 4, n, cached_dim=1024)
+    measure("yamnet (frozen, on the fly)", common, args.steps, n)
+    measure("yamnet (fine-tuned)", ["model.frozen_audio=false", *common], args.steps, n)
     cnn = ["model.audio_encoder=cnn", "model.frozen_audio=false", *common]
-    measure("cnn (from scratch)", cnn, args.steps, args.batch)
+    measure("cnn (from scratch)", cnn, args.steps, n)
     for size in ("tiny", "base"):
         measure(
             f"htsat {size} (48 kHz, from scratch)",
             ["profile=gpu", f"model.htsat_size={size}", "model.train_text_encoder=false", *common],
             max(2, args.steps // 2),
-            args.batch // 2 if size == "base" else args.batch,
+            n // 2 if size == "base" else n,
         )
 
 

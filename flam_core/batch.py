@@ -6,7 +6,12 @@
     -> `<out>/detections.jsonl` (one line per file), `<out>/segments.tsv` (DCASE format),
        `<out>/failed.jsonl` (files that could not be decoded), optional `<out>/plots/*.png`
 
-A run is resumable: files already in `detections.jsonl` (by absolute path) are skipped, new
+Inputs may be S3 objects and prefixes (``s3://bucket/key``, ``s3://bucket/prefix/``): a prefix
+gives its audio objects as a folder does, and each object is downloaded into a temporary folder
+when the run reaches it and deleted once detected (`storage.Staging`). Records, the TSV and
+`failed.jsonl` name it by its URI.
+
+A run is resumable: files already in `detections.jsonl` (by absolute path or URI) are skipped, new
 ones are appended line by line as they are detected, so a crash loses at most the line being
 written (dropped on the next run). Files that fail are not recorded as done: the next run
 retries them. `segments.tsv` is regenerated whole from `detections.jsonl` at the end of a run.
@@ -18,6 +23,7 @@ import contextlib
 import glob
 import json
 import os
+import posixpath
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from flam_core import storage
 from flam_core.errors import AudioError, DataError, SilentAudioError
+from flam_core.storage import ObjectInfo
 from flam_core.utils import AUDIO_EXTENSIONS, atomic_write_text, scan_audio_files
 
 DETECTIONS = "detections.jsonl"
@@ -43,21 +51,29 @@ STREAM_LONGER_THAN_S = 600.0
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+AudioItem = Path | ObjectInfo  # a local file, or an S3 object downloaded when its turn comes
+
+
 def collect_audio_files(
     inputs: Sequence[str | Path], skip: Path | None = None, extensions: Sequence[str] | None = None
-) -> list[Path]:
-    """Files, folders (searched recursively for audio files) and glob patterns -> absolute files.
+) -> list[AudioItem]:
+    """Files, folders (searched recursively for audio files), glob patterns, S3 objects and S3
+    prefixes -> absolute files and `ObjectInfo`s.
 
-    A file is taken whatever its extension; a folder gives the audio files under it (the
-    extensions `flam index` scans), except those under `skip` (the output folder). Order: inputs
-    in turn, each folder sorted; a file reached twice appears once. Raises `DataError` for an
-    input that does not exist, a pattern that matches nothing, or a name holding a tab or newline
-    (it could not be written to the TSV).
+    A file or S3 object is taken whatever its extension; a folder or an S3 prefix gives the audio
+    files under it (the extensions `flam index` scans), except those under `skip` (the output
+    folder). Order: inputs in turn, each folder sorted; a file reached twice appears once. Raises
+    `DataError` for an input that does not exist, a pattern that matches nothing, or a name holding
+    a tab or newline (it could not be written to the TSV); `storage.StorageError` when S3 cannot be
+    listed. S3 URIs are taken literally, not as glob patterns.
     """
-    expanded: list[Path] = []
+    suffixes = tuple(extensions or AUDIO_EXTENSIONS)
+    expanded: list[Path | list[ObjectInfo]] = []
     for item in inputs:  # every input is checked before any folder is scanned
         text = str(item)
-        if Path(text).exists():
+        if storage.is_s3(text):
+            expanded.append(storage.input_objects(text, suffixes))
+        elif Path(text).exists():
             expanded.append(Path(text))
         elif glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))  # noqa: PTH207 - absolute patterns too
@@ -66,20 +82,30 @@ def collect_audio_files(
             expanded.extend(Path(m) for m in matches)
         else:
             raise DataError(f"no such file or folder: {text}")
-    seen: dict[Path, None] = {}
-    for path in expanded:
-        if not path.is_dir():
-            seen.setdefault(path.resolve(), None)
-            continue
-        suffixes = tuple(extensions or AUDIO_EXTENSIONS)
-        for _, found, _, _ in scan_audio_files(path, suffixes, skip.resolve() if skip else None):
-            seen.setdefault(found.resolve(), None)
-    bad = [str(p) for p in seen if any(c in str(p) for c in "\t\r\n")]
+    seen: dict[str, AudioItem] = {}
+    for entry in expanded:
+        if isinstance(entry, list):
+            for obj in entry:
+                seen.setdefault(obj.uri, obj)
+        elif not entry.is_dir():
+            seen.setdefault(str(entry.resolve()), entry.resolve())
+        else:
+            for _, found, _, _ in scan_audio_files(entry, suffixes, skip.resolve() if skip else None):
+                seen.setdefault(str(found.resolve()), found.resolve())
+    bad = [name for name in seen if any(c in name for c in "\t\r\n")]
     if bad:
         raise DataError(
             f"{bad[0]!r}: file names with a tab or newline cannot be written to the TSV; rename it"
         )
-    return list(seen)
+    return list(seen.values())
+
+
+def item_name(item: AudioItem | str) -> str:
+    """How records name an input: a local file by its absolute path, an S3 object by its URI."""
+    if isinstance(item, ObjectInfo):
+        return item.uri
+    text = str(item)
+    return text if storage.is_s3(text) else str(Path(text).resolve())
 
 
 def read_list_file(path: Path) -> list[str]:
@@ -91,19 +117,33 @@ def read_list_file(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def common_folder(files: Iterable[Path | str]) -> Path | None:
-    """The deepest folder holding every file, or None when only the file-system root does."""
-    parents = [str(Path(f).absolute().parent) for f in files]
-    if not parents:
+def common_folder(files: Iterable[Path | str]) -> Path | str | None:
+    """The deepest folder holding every file, or None when only the file-system root does.
+
+    For S3 URIs, the deepest prefix (``s3://bucket/a/b``) holding every object, None when they lie
+    in different buckets or some files are local.
+    """
+    names = [str(f) for f in files]
+    if not names:
         return None
+    remote = [storage.is_s3(n) for n in names]
+    if any(remote):
+        if not all(remote):
+            return None
+        common = posixpath.commonpath([posixpath.dirname(n.removeprefix(storage.S3_SCHEME)) for n in names])
+        return storage.S3_SCHEME + common if common else None
+    parents = [str(Path(n).absolute().parent) for n in names]
     common = Path(os.path.commonpath(parents))
     return None if common == Path(common.anchor) else common
 
 
-def relative_name(file: Path | str, root: Path | None) -> str:
-    """`file` relative to `root` (POSIX separators), or its absolute path without a root."""
-    path = Path(file).absolute()
-    return path.relative_to(root).as_posix() if root is not None else path.as_posix()
+def relative_name(file: Path | str, root: Path | str | None) -> str:
+    """`file` relative to `root` (POSIX separators), or its absolute path (or URI) without a root."""
+    text = str(file)
+    if storage.is_s3(text):
+        return text.removeprefix(f"{root}/") if isinstance(root, str) else text
+    path = Path(text).absolute()
+    return path.relative_to(root).as_posix() if isinstance(root, Path) else path.as_posix()
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -279,7 +319,7 @@ class BatchSummary:
     out_dir: Path
     done: int = 0
     skipped: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, error)
     audio_s: float = 0.0
     seconds: float = 0.0
 
@@ -304,6 +344,12 @@ def _check_same_run(
                 f"threshold {theirs[2]!r}, not {model!r}, {prompts!r}, {threshold!r}: "
                 "use another --out, or the same model, prompts and threshold to resume"
             )
+
+
+def _plot_name(name: str, root: Path | str | None) -> str:
+    """A file's plot path below `plots/`: relative to the common folder, else its whole name (an
+    S3 URI without its scheme, an absolute path without its leading slash), never outside."""
+    return relative_name(name, root).removeprefix(storage.S3_SCHEME).lstrip("/")
 
 
 def available_cores() -> int:
@@ -331,19 +377,20 @@ def _restore_threads(threads: int) -> Iterator[None]:
 
 def detect_to_folder(
     detector: Any,
-    files: Sequence[Path],
+    files: Sequence[AudioItem | str],
     prompts: list[str],
     out_dir: Path,
     threshold: float | None = None,
     workers: int = 1,
     plots: bool = False,
-    on_failure: Callable[[Path, AudioError], None] | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
     progress: bool = True,
 ) -> BatchSummary:
     """Detect `prompts` in `files` into `out_dir` (see the module doc); resumes a previous run.
 
-    `on_failure(path, error)` is called for each file that cannot be decoded, as it happens.
-    The progress bar (stderr, only when interactive) shows files/s and audio-hours/s.
+    `files` are local paths and S3 objects (`collect_audio_files`). `on_failure(name, message)`
+    is called for each file that cannot be decoded, as it happens. The progress bar (stderr,
+    only when interactive) shows files/s and audio-hours/s.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -352,14 +399,16 @@ def detect_to_folder(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [Path(f).resolve() for f in files]  # records are keyed by absolute path
+    # Records are keyed by absolute path or URI.
+    items = [f if isinstance(f, ObjectInfo) else Path(f).resolve() for f in files]
+    names = [item_name(f) for f in items]
     started = time.perf_counter()
     records = read_detections(out_dir)
     _check_same_run(records, detector.source, list(prompts), threshold)
     done = {r["file"] for r in records}
-    todo = [f for f in files if str(f) not in done]
-    summary = BatchSummary(out_dir, skipped=len(files) - len(todo))
-    root = common_folder(files)
+    todo = [(item, name) for item, name in zip(items, names, strict=True) if name not in done]
+    summary = BatchSummary(out_dir, skipped=len(items) - len(todo))
+    root = common_folder(names)
     bar = None
     if progress and interactive():
         bar = Progress(
@@ -370,6 +419,17 @@ def detect_to_folder(
             TimeElapsedColumn(),
             console=Console(stderr=True),
         )
+    remote = any(isinstance(item, ObjectInfo) for item, _ in todo)
+    in_flight: deque[tuple[str, bool]] = deque()  # (name, downloaded) of each file handed on, in order
+
+    def local_files(staging: storage.Staging | None) -> Iterator[Path]:
+        """The files of `todo` as local paths, S3 objects downloaded as the decoders ask for them."""
+        pending = (item for item, _ in todo)
+        fetched = staging.fetch_all(pending) if staging is not None else ((f, f) for f in pending)
+        for item, path in fetched:
+            in_flight.append((item_name(item), isinstance(item, ObjectInfo)))
+            yield path
+
     import torch
 
     threads = torch.get_num_threads()
@@ -378,20 +438,26 @@ def detect_to_folder(
     torch.set_num_threads(scoring_threads(workers))
     with (
         _restore_threads(threads),
+        storage.Staging() if remote else contextlib.nullcontext() as staging,
         (out_dir / FAILED).open("w", encoding="utf-8") as failed_log,
         (out_dir / DETECTIONS).open("a", encoding="utf-8") as log,
         bar if bar is not None else contextlib.nullcontext(),
     ):
         task = bar.add_task("detecting", total=len(todo), files_s=0.0, hours_s=0.0) if bar else None
-        for path, result in detect_many(detector, todo, prompts, threshold, workers):
+        for path, result in detect_many(detector, local_files(staging), prompts, threshold, workers):
+            name, downloaded = in_flight.popleft()
+            if downloaded:
+                staging.release(path)
             if isinstance(result, AudioError):
-                summary.failed.append((path, str(result)))
-                failed_log.write(json.dumps({"file": str(path), "error": str(result)}) + "\n")
+                # A downloaded file's error names its temporary copy: name the object instead.
+                message = str(result).replace(str(path), name) if downloaded else str(result)
+                summary.failed.append((name, message))
+                failed_log.write(json.dumps({"file": name, "error": message}) + "\n")
                 failed_log.flush()
                 if on_failure is not None:
-                    on_failure(path, result)
+                    on_failure(name, message)
             else:
-                record = {"file": str(path), "threshold": threshold, **result.to_json()}
+                record = {"file": name, "threshold": threshold, **result.to_json()}
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a line is either whole on disk or the one a crash cut short
                 records.append(record)
@@ -400,7 +466,7 @@ def detect_to_folder(
                 if plots:
                     from flam_core.detection import plot_detection
 
-                    plot_detection(result, out_dir / PLOTS / (relative_name(path, root) + ".png"))
+                    plot_detection(result, out_dir / PLOTS / (_plot_name(name, root) + ".png"))
             if bar is None or task is None:
                 continue
             elapsed = max(time.perf_counter() - started, 1e-9)

@@ -9,13 +9,14 @@ project's one store (`flam_core.tracking.tracking_uri`: `$MLFLOW_TRACKING_URI`, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -25,6 +26,9 @@ from rich.table import Table
 
 from flam_core.config import Params, find_params_file, load_params
 from flam_core.errors import ConfigError, FlamError
+
+if TYPE_CHECKING:
+    from flam_core.storage import ObjectInfo
 
 # sed_scores_eval imports dcase_util, which imports the deprecated pkg_resources: a warning about
 # a dependency's dependency, not about anything the user can change.
@@ -530,7 +534,8 @@ def detect_command(
     audio: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Audio files (any length, rate, channels), folders (searched recursively) or glob patterns.",
+            help="Audio files (any length, rate, channels), folders (searched recursively), glob patterns, "
+            "or S3 objects and prefixes (s3://bucket/key, s3://bucket/prefix/).",
             show_default=False,
         ),
     ] = None,
@@ -576,13 +581,10 @@ def detect_command(
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
     if len(inputs) == 1 and list_file is None and out is None and not _is_pattern(inputs[0]):
-        if Path(inputs[0]).is_dir():
-            raise ArgumentError(
-                f"{inputs[0]} is not a file: to detect in the audio files under a folder, pass --out DIR"
-            )
+        audio_input = _one_input(inputs[0])
         if plots:
             raise ArgumentError("--plots writes into --out DIR; for one file use --plot FILE.png")
-        _detect_one(Path(inputs[0]), prompts, model, as_json, plot, threshold)
+        _detect_one(audio_input, prompts, model, as_json, plot, threshold)
         return
     if out is None:
         raise ArgumentError(
@@ -598,26 +600,61 @@ def detect_command(
 
 
 def _is_pattern(text: str) -> bool:
-    """A glob pattern (and not a path that exists with `*`, `?` or `[` in its name)."""
+    """A glob pattern (and not a path that exists with `*`, `?` or `[` in its name, nor an S3 URI)."""
     import glob
 
-    return glob.has_magic(text) and not Path(text).exists()
+    from flam_core import storage
+
+    return glob.has_magic(text) and not storage.is_s3(text) and not Path(text).exists()
+
+
+def _one_input(text: str) -> Path | ObjectInfo:
+    """The single input of `detect` without --out: a local path, or the `ObjectInfo` of an S3 object
+    (listed now, before any model loads); a folder or S3 prefix is refused with what to do."""
+    from flam_core import storage
+
+    if not storage.is_s3(text):
+        if Path(text).is_dir():
+            raise ArgumentError(
+                f"{text} is not a file: to detect in the audio files under a folder, pass --out DIR"
+            )
+        return Path(text)
+    found = storage.input_objects(text)
+    if len(found) != 1 or found[0].uri != text:
+        raise ArgumentError(
+            f"{text} is a prefix, not an object: to detect in the audio objects under it, pass --out DIR"
+        )
+    return found[0]
 
 
 def _detect_one(
-    audio: Path,
+    audio: Path | ObjectInfo,
     prompts: list[str],
     model: str | None,
     as_json: bool,
     plot: Path | None,
     threshold: float | None,
 ) -> None:
-    """One file: the segments as a table, or the detection JSON, on stdout."""
-    _check_file(audio, "an audio file")
+    """One file (a local path or an S3 `ObjectInfo`): the segments as a table, or the detection
+    JSON, on stdout. An S3 object is downloaded to a temporary file, removed afterwards."""
+    from flam_core import storage
+    from flam_core.errors import AudioError
+
+    remote = isinstance(audio, storage.ObjectInfo)
+    if not remote:
+        _check_file(audio, "an audio file")
     if plot is not None:
         _check_plot(plot)
     detector = _detector(_model_uri(model))
-    detection = detector.detect(audio, prompts, threshold=threshold)
+    with storage.Staging() if remote else contextlib.nullcontext() as staging:
+        local = staging.fetch(audio) if remote else audio
+        try:
+            detection = detector.detect(local, prompts, threshold=threshold)
+        except AudioError as exc:  # the error names the temporary copy: name the object instead
+            if not remote:
+                raise
+            raise type(exc)(str(exc).replace(str(local), audio.uri)) from None
+    name = audio.uri if remote else audio
     if plot is not None:
         from flam_core.detection import plot_detection
 
@@ -628,7 +665,7 @@ def _detect_one(
     if as_json:
         typer.echo(json.dumps(detection.to_json()))
         return
-    table = Table(title=f"{audio} ({detection.duration_s:.1f} s, model {detection.model})")
+    table = Table(title=f"{name} ({detection.duration_s:.1f} s, model {detection.model})")
     for column in ("prompt", "onset (s)", "offset (s)", "score"):
         table.add_column(column)
     for seg in detection.segments:
@@ -666,11 +703,9 @@ def _detect_many(
     detector = _detector(_model_uri(model))
     from flam_core.batch import detect_to_folder
 
-    def report(path: Path, error: Exception) -> None:
-        message = str(error)  # audio errors name the file; the line must, whatever the error
-        console.print(
-            f"[yellow]failed[/] {message if message.startswith(str(path)) else f'{path}: {message}'}"
-        )
+    def report(name: str, message: str) -> None:
+        # audio errors name the file; the line must, whatever the error
+        console.print(f"[yellow]failed[/] {message if message.startswith(name) else f'{name}: {message}'}")
 
     summary = detect_to_folder(
         detector, files, prompts, out, threshold=threshold, workers=workers, plots=plots, on_failure=report
@@ -683,20 +718,37 @@ def _detect_many(
 
 @app.command("index")
 def index_command(
-    audio_dir: Annotated[Path, typer.Argument(help="Folder of audio files (searched recursively).")],
+    audio_dir: Annotated[
+        str,
+        typer.Argument(
+            help="Folder of audio files (searched recursively), or an S3 prefix s3://bucket/prefix/."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Index folder (created, or updated incrementally).")],
     model: Annotated[
         str | None,
         typer.Option(help="Model folder or MLflow URI (default: the project's models:/flam-sed@champion)."),
     ] = None,
 ) -> None:
-    """Embed a corpus once (frame embeddings, float16); a second run adds only new or changed files."""
-    _check_folder(audio_dir, "a folder of audio files")
+    """Embed a corpus once (frame embeddings, float16); a second run adds only new or changed files.
+
+    An S3 prefix is listed once, before the model loads; only new or changed objects are downloaded.
+    """
+    from flam_core import storage
+    from flam_core.utils import AUDIO_EXTENSIONS
+
+    objects = None
+    if storage.is_s3(audio_dir):
+        objects = storage.list_objects(audio_dir, AUDIO_EXTENSIONS)
+        if not objects:
+            raise ArgumentError(f"{audio_dir} holds no audio objects ({', '.join(AUDIO_EXTENSIONS)})")
+    else:
+        _check_folder(Path(audio_dir), "a folder of audio files")
     _check_writable(out, "--out", folder=True)
     detector = _detector(_model_uri(model))
     from flam_core.search import build_index
 
-    summary = build_index(audio_dir, out, detector)
+    summary = build_index(audio_dir, out, detector, objects=objects)
     typer.echo(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, list | dict)))
     for item in summary.get("skipped", []):
         console.print(f"[yellow]skipped[/] {item}")

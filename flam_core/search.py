@@ -10,8 +10,8 @@ An index folder holds
     index.json                  format version, the model reference, the chunks, the current files
                                 table and the product quantizer (when there is one)
     files-<generation>.parquet  one row per indexed file version: path (relative to the audio
-                                folder), size, mtime_ns, duration_s, n_frames, first_row (global),
-                                chunk, deleted
+                                folder; the object's s3:// URI for an S3 prefix), size, mtime_ns,
+                                duration_s, n_frames, first_row (global), chunk, deleted
     chunks/chunk-<n>.npy        float16 `[rows, D]` unit-norm frame embeddings, memory-mapped
     chunks/chunk-<n>.codes.npy  uint8 `[rows, D / 4]` product-quantizer codes of the same rows
     pq-centroids.npy            float32 `[D / 2, 16, 2]` the product quantizer's codebook
@@ -19,6 +19,10 @@ An index folder holds
 Indexing is incremental and append-only: each run (every `batch_files` files) writes new chunk
 files and a new files table, and never rewrites a chunk. A file whose size or mtime changed gets
 its old rows marked deleted and is embedded again; a file gone from the folder is marked deleted.
+The audio folder may be an S3 prefix (``s3://bucket/recordings/``): its objects' sizes and
+modification times come from the listing, so only new or changed objects are downloaded (into a
+temporary folder, each deleted once embedded: `storage.Staging`), and the index names them by URI,
+the name that reaches them from anywhere.
 Every commit writes the files table under a new name and then `index.json` through an atomic
 rename, so a reader (or a crash) sees either the previous state or the new one.
 
@@ -56,7 +60,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -64,6 +68,9 @@ import torch
 
 from flam_core.errors import AudioError, ConfigError, DataError
 from flam_core.utils import AUDIO_EXTENSIONS, atomic_path, atomic_write_text, interactive, scan_audio_files
+
+if TYPE_CHECKING:
+    from flam_core.storage import ObjectInfo
 
 FORMAT = "flam-search-index"
 FORMAT_VERSION = 1
@@ -460,24 +467,37 @@ def build_index(
     batch_files: int = 1024,
     progress: bool = True,
     pq_min_rows: int = PQ_MIN_ROWS,
+    objects: Sequence[ObjectInfo] | None = None,
 ) -> dict[str, Any]:
     """Index every audio file under `audio_dir` (recursively) into `index_dir`; see the module doc.
 
+    `audio_dir` is a local folder or an S3 prefix; `objects` is the prefix's audio objects when the
+    caller has listed them already (`storage.list_objects`), so a large prefix is listed once.
     Only new or changed files (size or mtime differ) are embedded; files gone from the folder
     are marked deleted. Files that cannot be decoded are skipped and listed in the summary.
     Every `batch_files` files (or `CHUNK_MAX_ROWS` frames) become one new chunk, committed at once.
     """
     from rich.progress import Progress
 
-    audio_dir, index_dir = Path(audio_dir), Path(index_dir)
-    if not audio_dir.is_dir():
-        raise DataError(f"audio folder {audio_dir} does not exist")
+    from flam_core import storage  # boto3 only where an index is built, not where one is searched
+
+    remote = storage.is_s3(audio_dir)
+    index_dir = Path(index_dir)
+    if not remote:
+        audio_dir = Path(audio_dir)
+        if not audio_dir.is_dir():
+            raise DataError(f"audio folder {audio_dir} does not exist")
     if not isinstance(batch_files, int) or batch_files < 1:
         raise ConfigError(f"batch_files must be a positive integer, got {batch_files!r}")
     if isinstance(extensions, str) or not extensions:
         raise ConfigError(f"extensions must be a list of file extensions, got {extensions!r}")
     started = time.perf_counter()
-    found = scan_audio_files(audio_dir, extensions, index_dir.resolve())
+    found: list[tuple[str, Path | ObjectInfo, int, int]]  # (name in the index, file, size, mtime_ns)
+    if remote:
+        listed = storage.list_objects(str(audio_dir), extensions) if objects is None else objects
+        found = [(o.uri, o, o.size, o.mtime_ns) for o in listed]
+    else:
+        found = list(scan_audio_files(Path(audio_dir), extensions, index_dir.resolve()))
     if not found:
         raise DataError(f"{audio_dir} holds no audio files ({', '.join(extensions)})")
     model = model_reference(detector)
@@ -496,20 +516,30 @@ def build_index(
         removed = sorted(set(live.index) - {rel for rel, *_ in found})
         writer.mark_deleted(removed)
         writer.mark_deleted(rel for rel, *_ in todo)  # changed files stay out even if they now fail
-        writer.meta["audio_dir"] = str(audio_dir.resolve())
+        writer.meta["audio_dir"] = str(audio_dir) if remote else str(Path(audio_dir).resolve())
         skipped: list[dict[str, str]] = []
         pending: list[_Pending] = []
         rows = embedded = frames = 0
         audio_s = 0.0
-        with Progress(disable=not (progress and interactive())) as bar:
+        with (
+            Progress(disable=not (progress and interactive())) as bar,
+            storage.Staging() if remote else contextlib.nullcontext() as staging,
+        ):
             task = bar.add_task("indexing", total=len(todo))
-            for rel, path, size, mtime in todo:
+            files = (item for _, item, _, _ in todo)
+            local = staging.fetch_all(files) if remote else ((f, f) for f in files)
+            for (rel, _, size, mtime), (_, path) in zip(todo, local, strict=True):
                 try:
                     samples = detector.load_audio(path)
                 except AudioError as exc:
-                    skipped.append({"file": rel, "error": str(exc)})
+                    # A downloaded file's error names its temporary copy: name the object instead.
+                    message = str(exc).replace(str(path), rel) if remote else str(exc)
+                    skipped.append({"file": rel, "error": message})
                     bar.advance(task)
                     continue
+                finally:
+                    if remote:
+                        staging.release(path)
                 emb = detector.embed(samples)
                 duration = len(samples) / detector.sample_rate
                 pending.append(_Pending(rel, size, mtime, duration, emb.astype(np.float16)))
@@ -772,9 +802,10 @@ def search(
 ) -> list[dict[str, Any]]:
     """The `top` best segments of the corpus for a text query: `{"file", "onset", "offset", "score"}`.
 
-    `file` is the path relative to the indexed folder; `score` the segment's highest unbiased
-    frame score. `threshold` defaults to the detector's calibrated threshold for the query. When
-    no frame passes it, the best frames come back as one-frame segments (scores below threshold).
+    `file` is the path relative to the indexed folder (an object's URI for an S3 prefix); `score`
+    the segment's highest unbiased frame score. `threshold` defaults to the detector's calibrated
+    threshold for the query. When no frame passes it, the best frames come back as one-frame
+    segments (scores below threshold).
     """
     if not isinstance(query, str) or not query.strip():
         raise DataError(f"the query must be a non-empty text, got {query!r}")

@@ -17,30 +17,40 @@ a missing object or bucket as `DataError` naming the URI, anything else as `Stor
 
 Local writes are atomic: a download goes to a temporary sibling that is renamed into place at the end,
 so readers never see a half-written file or folder.
+
+Audio inputs on S3 (`flam detect`, `flam index`, user folders of `flam sources build`): `input_objects`
+and `list_objects` list what a URI names as a local path names files (an object, or the audio objects
+under a prefix), with the size, modification time and ETag of each; `Staging` makes them local files
+for the command that reads them, downloaded as the command reaches them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import boto3
 from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
 
 from flam_core.errors import ConfigError, DataError
-from flam_core.utils import atomic_dir
+from flam_core.utils import AUDIO_EXTENSIONS, atomic_dir, atomic_path
 
 S3Client = Any  # botocore builds the client class at run time
 
@@ -237,7 +247,12 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
 def _translate(exc: BaseException, uri: str, action: str) -> DataError:
     error = _client_error(exc)
     if error is None:
-        return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+        text = f"cannot {action} {uri}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, NoCredentialsError):
+            text += "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        elif isinstance(exc, EndpointConnectionError):
+            text += "; check the endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and the network"
+        return StorageError(text)
     info = error.response.get("Error", {})
     meta = error.response.get("ResponseMetadata", {})
     code = str(info.get("Code", "unknown"))
@@ -293,17 +308,8 @@ def download_file(
     """Download one object to `path`, atomically: on any error `path` is left as it was."""
     bucket, key = _object(uri)
     path = _local(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        with _s3_errors(uri, "download"):
-            _client(client).download_file(bucket, key, tmp, Config=_transfer(transfer))
-        Path(tmp).chmod(0o644)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, _s3_errors(uri, "download"):
+        _client(client).download_file(bucket, key, str(tmp), Config=_transfer(transfer))
     return path
 
 
@@ -449,17 +455,8 @@ def write_bytes(
 ) -> None:
     """Write `data` to an object (multipart above the threshold) or, atomically, to a local file."""
     if not is_s3(uri):
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            Path(tmp).chmod(0o644)
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(_local(uri)) as tmp:
+            tmp.write_bytes(data)
         return
     bucket, key = _object(uri)
     with _s3_errors(uri, "write"):
@@ -488,13 +485,218 @@ def copy(
         source, target = _local(src), _local(dst)
         if not source.is_file():
             raise _missing_local(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
-            Path(tmp).chmod(0o644)
-            Path(tmp).replace(target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+
+
+# --- inputs: S3 objects read as local files -----------------------------------------------------------
+
+DEFAULT_AHEAD = 4
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_NAME_BYTES = 200  # a key segment may be longer than a file name may (255 bytes on most systems)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One S3 object as listed: its URI, size in bytes, last modification (ns since the epoch), ETag.
+
+    Size and modification time play the part of a local file's ``stat`` (`flam index` compares them
+    to find changed files); the ETag names the version that a local copy holds.
+    """
+
+    uri: str
+    size: int
+    mtime_ns: int
+    etag: str
+
+    @property
+    def name(self) -> str:
+        """The key's last segment: the object's file name."""
+        return PurePosixPath(parse_uri(self.uri)[1]).name
+
+
+def _info(bucket: str, key: str, size: Any, modified: datetime, etag: str) -> ObjectInfo:
+    mtime_ns = (modified - _EPOCH) // timedelta(microseconds=1) * 1000  # exact, no float rounding
+    return ObjectInfo(f"{S3_SCHEME}{bucket}/{key}", int(size), mtime_ns, etag.strip('"'))
+
+
+def object_info(uri: str, *, client: S3Client | None = None) -> ObjectInfo:
+    """Size, modification time and ETag of one object; `DataError` naming `uri` when it is missing."""
+    bucket, key = _object(uri)
+    with _s3_errors(uri, "read"):
+        head = _client(client).head_object(Bucket=bucket, Key=key)
+    return _info(bucket, key, head["ContentLength"], head["LastModified"], head["ETag"])
+
+
+def list_objects(
+    uri_prefix: str, extensions: Sequence[str] | None = None, *, client: S3Client | None = None
+) -> list[ObjectInfo]:
+    """The objects under a prefix, by key; with `extensions`, only those whose name ends in one (any case).
+
+    The prefix matches whole path segments (``s3://b/audio`` lists ``audio/...``, not ``audio2/...``),
+    as a folder holds what is below it; folder markers (keys ending in ``/``) are left out. With the
+    extensions of `utils.scan_audio_files`, a prefix gives the files a local folder would.
+    """
+    bucket, key = parse_uri(uri_prefix)
+    suffixes = {"." + e.lower().lstrip(".") for e in extensions or ()}
+    found = []
+    with _s3_errors(uri_prefix, "list"):
+        paginator = _client(client).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=_prefix_key(key)):
+            for item in page.get("Contents", ()):
+                name = item["Key"]
+                if name.endswith("/") or (suffixes and PurePosixPath(name).suffix.lower() not in suffixes):
+                    continue
+                found.append(_info(bucket, name, item["Size"], item["LastModified"], item["ETag"]))
+    return sorted(found, key=lambda o: o.uri)
+
+
+def input_objects(
+    uri: str, extensions: Sequence[str] = AUDIO_EXTENSIONS, *, client: S3Client | None = None
+) -> list[ObjectInfo]:
+    """What an input URI names, read as a local path is: an object, or the audio objects of a prefix.
+
+    An object is taken whatever its name, as a file named on the command line is; a URI that names
+    no object (``s3://b/recordings/``, or ``s3://b/recordings`` without such an object) is a prefix,
+    and its objects with one of `extensions` are taken, as a folder is scanned. Raises `DataError`
+    naming `uri` when it names neither, `StorageError` when S3 cannot be asked.
+    """
+    key = parse_uri(uri)[1]
+    if key and not key.endswith("/"):
+        try:
+            return [object_info(uri, client=client)]
+        except StorageError:
             raise
+        except DataError:
+            pass  # no such object: a prefix, perhaps
+    found = list_objects(uri, extensions, client=client)
+    if not found:
+        what = "no audio object" if not key or key.endswith("/") else "no such object, nor any audio object"
+        raise DataError(f"{uri}: {what} ({', '.join(extensions)}) under it")
+    return found
+
+
+class Staging:
+    """S3 objects as local files for the commands that read audio from S3.
+
+    `fetch` downloads one object, `fetch_all` many in order, with `ahead` downloads running in
+    threads ahead of the consumer so that transfers overlap the model's work. Downloads stream to a
+    temporary sibling file (boto3's transfer manager, multipart above the threshold) that is renamed
+    into place when complete: memory holds a chunk per transfer, never a file, and no half-written
+    file is ever visible under its name. Each object lands in ``<folder>/<hash of URI and ETag>/``
+    under its own file name, so a decoder sees the real suffix and messages the real name.
+
+    Two ways of keeping them:
+
+    - ``Staging()``, for `flam detect` and `flam index`: a temporary folder (under ``$TMPDIR``),
+      removed with everything in it when the ``with`` block ends, however it ends; `release` deletes
+      a file as soon as the command is done with it, so the local disk holds the files in flight,
+      not the prefix. Nothing is kept between runs because these commands record what they have done
+      (``detections.jsonl``; the index's size and modification time of each file) and a second run
+      skips those objects before downloading anything: a cache would only spare the download of
+      files that failed, at the price of a local copy of the bucket.
+    - ``Staging(folder)``, for `flam sources build` with a user folder on S3: a cache that stays.
+      The library is rebuilt from every file of its user folders whenever its parameters change,
+      so a version already in the cache (same URI and ETag, same size) is not downloaded again,
+      and a changed object (new ETag) is, as the Debian packages it reads are cached.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        ahead: int = DEFAULT_AHEAD,
+        client: S3Client | None = None,
+        transfer: TransferConfig | None = None,
+    ) -> None:
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+            raise ConfigError(f"ahead must be a positive number of downloads, got {ahead!r}")
+        self._cache = _local(directory) if directory is not None else None
+        self._folder: Path | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.ahead = ahead
+        self._client = client
+        # `ahead` transfers at once, each in parts above the threshold: together within the
+        # client's connection pool (2 * DEFAULT_MAX_CONCURRENCY).
+        self._transfer = transfer or transfer_config(max_concurrency=max(1, DEFAULT_MAX_CONCURRENCY // ahead))
+
+    def __enter__(self) -> Staging:
+        if self._cache is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="flam-s3-"))
+        else:
+            self._cache.mkdir(parents=True, exist_ok=True)
+            self._folder = self._cache
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Downloads still running (a consumer that stopped early) finish or are cancelled first,
+        # so that none writes into the folder after it is gone.
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._cache is None and self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder = None
+
+    @property
+    def folder(self) -> Path:
+        """Where the local copies are (only inside the ``with`` block)."""
+        if self._folder is None:
+            raise RuntimeError("Staging is used outside its `with` block")
+        return self._folder
+
+    def local_path(self, obj: ObjectInfo) -> Path:
+        """Where `obj` is (or will be) stored: named by its URI and ETag, ending in its file name."""
+        digest = hashlib.sha256(f"{obj.uri}\0{obj.etag}".encode()).hexdigest()[:24]
+        name = obj.name
+        if len(name.encode()) > _MAX_NAME_BYTES or name in ("", ".", ".."):
+            name = "object" + PurePosixPath(name).suffix[:16]
+        return self.folder / digest / name
+
+    def fetch(self, obj: ObjectInfo) -> Path:
+        """The local file of `obj`, downloaded unless this version is already there."""
+        path = self.local_path(obj)
+        if not (path.is_file() and path.stat().st_size == obj.size):
+            download_file(obj.uri, path, client=self._client, transfer=self._transfer)
+        return path
+
+    def fetch_all(self, items: Iterable[ObjectInfo | Path]) -> Iterator[tuple[ObjectInfo | Path, Path]]:
+        """(item, local file) of each item in order; local paths pass through as they are.
+
+        Items are read from `items` only as downloads start, `ahead` at most before the consumer,
+        so a generator of items is consumed lazily. A failed download raises (`DataError` or
+        `StorageError` naming the URI) when the consumer reaches its item.
+        """
+        source = iter(items)
+        pending: deque[tuple[ObjectInfo | Path, Future[Path] | None]] = deque()
+        if self._folder is None:
+            raise RuntimeError("Staging is used outside its `with` block")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.ahead, thread_name_prefix="flam-s3")
+        pool = self._pool
+
+        def submit() -> None:
+            for item in source:
+                future = pool.submit(self.fetch, item) if isinstance(item, ObjectInfo) else None
+                pending.append((item, future))
+                if future is not None:
+                    return
+
+        try:
+            for _ in range(self.ahead):
+                submit()
+            while pending:
+                item, future = pending.popleft()
+                path = future.result() if future is not None else Path(item)  # type: ignore[arg-type]
+                submit()
+                yield item, path
+        finally:
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
+
+    def release(self, path: str | os.PathLike[str]) -> None:
+        """Done with a file `fetch` made: a temporary staging deletes it, a cache keeps it."""
+        path = Path(path)
+        if self._cache is None and self._folder is not None and path.parent.parent == self._folder:
+            shutil.rmtree(path.parent, ignore_errors=True)

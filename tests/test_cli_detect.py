@@ -120,3 +120,43 @@ def test_a_model_folder_outside_any_project_plots_and_prints_only_the_table(smok
     assert "dog barking" in done.stdout
     assert (tmp_path / "plots" / "heat.png").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "recording.wav"]
+
+
+def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_path):
+    """`flam detect` on a model folder loads neither the metric, data-table, tracking nor
+    training libraries: they cost seconds of start-up and detection does not use them. (scipy is
+    left out of the list: transformers imports parts of it.)"""
+    shutil.copy(project / "recording.wav", tmp_path / "recording.wav")
+    heavy = (
+        "pandas",
+        "sklearn",
+        "sed_scores_eval",
+        "mlflow",
+        "deepspeed",
+        "matplotlib",
+        "evidently",
+        "boto3",
+    )
+    argv = [
+        "flam",
+        "detect",
+        "recording.wav",
+        "-p",
+        "dog barking",
+        "--model",
+        str(smoke_models / "flam"),
+        "--json",
+    ]
+    probe = (
+        "import json, sys\n"
+        "from flam_core.cli import run\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n    run()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prompts"] == ["dog barking"]
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == []

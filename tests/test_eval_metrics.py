@@ -400,6 +400,21 @@ def test_segments_threshold_is_strict_like_sed_scores_eval():
     assert segments_from_frames(track, HOP, 0.49, median_frames=1) == [(4 * HOP, 8 * HOP, 0.5)]
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7])
+def test_median_filter_frames_equals_scipys_median_filter(k):
+    """The numpy rank selection gives exactly scipy.ndimage.median_filter's values (edges repeated,
+    even sizes included), ties and constant runs too."""
+    from scipy.ndimage import median_filter
+
+    rng = np.random.default_rng(k)
+    for shape in [(9,), (3, 40), (2, 5, 33), (1, 1)]:
+        probs = rng.random(shape).astype(np.float32)
+        probs[..., ::4] = 0.5
+        expected = median_filter(probs, size=(1,) * (probs.ndim - 1) + (k,), mode="nearest")
+        got = median_filter_frames(probs, k)
+        assert got.dtype == probs.dtype and np.array_equal(got, expected), (shape, k)
+
+
 def test_median_filter_frames_acts_on_the_frame_axis_only():
     probs = np.zeros((2, 3, L))
     probs[1, 2, 7] = 1.0

@@ -198,7 +198,7 @@ def gather_raw_clips(params: Params, base_dir: Path) -> tuple[list[RawClip], lis
     if sources.procedural.enabled:
         generated += procedural_clips(sources.procedural, rate, seed)
     for folder in sources.user_folders:
-        generated += folder_clips(folder, base_dir)
+        generated += folder_clips(folder, base_dir, params.cache_path)
     for package, count in sorted(Counter(c.source_package for c in generated).items()):
         reports.append(BuildReport(package=package, mapped=count))
     clips += generated

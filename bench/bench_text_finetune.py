@@ -21,12 +21,11 @@ import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from flam_core.config import Params, load_params
-from flam_core.train import train
+from flam_core.train import TrainResult, train
 
 
 def parse_run(spec: str) -> tuple[str, list[str]]:
@@ -35,18 +34,19 @@ def parse_run(spec: str) -> tuple[str, list[str]]:
 
 
 @contextlib.contextmanager
-def trained(params: Params, features: Path) -> Iterator[tuple[dict[str, Any], Path]]:
+def trained(params: Params, features: Path) -> Iterator[tuple[TrainResult, Path]]:
     """Train `params` on the cached `features` into a temporary folder, without an MLflow run;
     yields the final metrics and the model folder, removed on exit."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = train(
+        result = train(
             params,
             features_dir=features,
             out_dir=Path(tmp) / "model",
             report_dir=Path(tmp) / "reports",
             track=False,
         )
-        yield metrics, Path(tmp) / "model"
+        assert result is not None  # one process
+        yield result, Path(tmp) / "model"
 
 
 def device_name() -> str:
@@ -73,9 +73,9 @@ def main() -> None:
             row = {
                 "run": name,
                 "overrides": overrides,
-                "val_auroc": metrics["val_frame_auroc_macro"],
-                "val_unseen_auroc": metrics["val_unseen_frame_auroc_macro"],
-                "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 4),
+                "val_auroc": metrics.validation["val_frame_auroc_macro"],
+                "val_unseen_auroc": metrics.validation["val_unseen_frame_auroc_macro"],
+                "s_per_step": round(metrics.train_seconds / metrics.steps, 4),
                 "device": device_name(),
             }
         rows.append(row)

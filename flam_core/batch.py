@@ -20,7 +20,9 @@ retries them. `segments.tsv` is regenerated whole from `detections.jsonl` at the
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
 import json
 import os
 import posixpath
@@ -299,17 +301,20 @@ def segments_tsv(records: Sequence[dict[str, Any]]) -> str:
     segments that round to zero length (the last frame cut by the end of the file) are left out.
     """
     root = common_folder(r["file"] for r in records)
-    rows = ["\t".join(TSV_COLUMNS)]
+    text = io.StringIO()
+    # no quoting, as `read_sed_tsv` reads it: a quote in a prompt is text, a tab cannot be written
+    writer = csv.writer(text, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None)
+    writer.writerow(TSV_COLUMNS)
     for record in sorted(records, key=lambda r: relative_name(r["file"], root)):
         name = relative_name(record["file"], root)
         segments = [s for s in record.get("segments", []) if s["offset"] > s["onset"]]
         if not segments:
-            rows.append(f"{name}\t\t\t\t")
-        for seg in segments:
-            rows.append(
-                f"{name}\t{seg['onset']:.3f}\t{seg['offset']:.3f}\t{seg['prompt']}\t{seg['score']:.4f}"
-            )
-    return "\n".join(rows) + "\n"
+            writer.writerow([name, "", "", "", ""])
+        writer.writerows(
+            [name, f"{seg['onset']:.3f}", f"{seg['offset']:.3f}", seg["prompt"], f"{seg['score']:.4f}"]
+            for seg in segments
+        )
+    return text.getvalue()
 
 
 @dataclass

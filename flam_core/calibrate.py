@@ -32,6 +32,7 @@ Output: `<model>/calibration.json` (read by the detector), `metrics.json` and pl
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,41 @@ from flam_core.utils import atomic_write_text
 
 N_BINS = 15
 KINDS = ("posterior", "unbiased")  # the model's posterior p, and s with the learned prior removed
+# Calibration fields whose key in the JSON is no Python name
+JSON_KEYS = {"segment_f1_macro_at_0_5": "segment_f1_macro_at_0.5"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `calibrate` measured and chose; `to_json()` is the model's `calibration.json`.
+
+    The ECE maps are keyed by score kind (`KINDS`), `per_prompt` by training label.
+    """
+
+    split: str  # where `threshold` was chosen: val_unseen
+    threshold: float  # for any prompt without its own threshold
+    threshold_segment_f1_macro: float
+    segment_f1_macro_at_0_5: float  # key "segment_f1_macro_at_0.5" in the JSON
+    threshold_event_f1_macro: float
+    threshold_seen: float  # the optimum over the training labels (val)
+    threshold_seen_segment_f1_macro: float
+    per_prompt: dict[str, float]  # each training label's own threshold
+    ece_balanced: dict[str, float]
+    ece_plain: dict[str, float]
+    ece_balanced_unseen: dict[str, float]
+    beta_prior_spearman: float | None  # None: one shared bias (no ranking to compare)
+    beta_prior_pearson: float | None
+    n_labels: int  # of val_unseen
+    n_mixtures: int
+    n_labels_seen: int  # of val
+    n_mixtures_seen: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {JSON_KEYS.get(k, k): v for k, v in asdict(self).items()}
+
+    def metrics(self) -> dict[str, Any]:
+        """The report's `metrics.json`: everything but the per-prompt thresholds."""
+        return {k: v for k, v in self.to_json().items() if k != "per_prompt"}
 
 
 def reliability(scores: np.ndarray, truth: np.ndarray, balanced: bool, bins: int = N_BINS) -> dict[str, Any]:
@@ -92,7 +128,7 @@ def calibrate(
     library_dir: Path | None = None,
     recipes_dir: Path | None = None,
     report_dir: Path = Path("reports/calibration"),
-) -> dict[str, Any]:
+) -> Calibration:
     """Calibrate the model in `model_dir` on val and val_unseen; writes `calibration.json` there."""
     from scipy.stats import pearsonr
 
@@ -130,31 +166,30 @@ def calibrate(
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     spearman = rank_correlation(learned, prior)
     pearson = None if spearman is None else round(float(pearsonr(learned, prior).statistic), 4)
-    calibration = {
-        "split": "val_unseen",
-        "threshold": float(threshold),  # already short: see best_threshold
-        "threshold_segment_f1_macro": round(float(f1), 4),
-        "segment_f1_macro_at_0.5": round(float(at_half["f1_macro"]), 4),
-        "threshold_event_f1_macro": round(float(event["f1_macro"]), 4),
-        "threshold_seen": float(threshold_seen),
-        "threshold_seen_segment_f1_macro": round(float(f1_seen), 4),
-        "per_prompt": per_label,
-        "ece_balanced": {k: round(v["ece"], 4) for k, v in curves.items()},
-        "ece_plain": {k: round(v, 4) for k, v in plain.items()},
-        "ece_balanced_unseen": {k: round(v["ece"], 4) for k, v in unseen_curves.items()},
-        "beta_prior_spearman": spearman,
-        "beta_prior_pearson": pearson,
-        "n_labels": len(unseen.vocabulary),
-        "n_mixtures": len(unseen.ids),
-        "n_labels_seen": len(seen.vocabulary),
-        "n_mixtures_seen": len(seen.ids),
-    }
-    atomic_write_text(model_dir / "calibration.json", json.dumps(calibration, indent=2))
+    calibration = Calibration(
+        split="val_unseen",
+        threshold=float(threshold),  # already short: see best_threshold
+        threshold_segment_f1_macro=round(float(f1), 4),
+        segment_f1_macro_at_0_5=round(float(at_half["f1_macro"]), 4),
+        threshold_event_f1_macro=round(float(event["f1_macro"]), 4),
+        threshold_seen=float(threshold_seen),
+        threshold_seen_segment_f1_macro=round(float(f1_seen), 4),
+        per_prompt=per_label,
+        ece_balanced={k: round(v["ece"], 4) for k, v in curves.items()},
+        ece_plain={k: round(v, 4) for k, v in plain.items()},
+        ece_balanced_unseen={k: round(v["ece"], 4) for k, v in unseen_curves.items()},
+        beta_prior_spearman=spearman,
+        beta_prior_pearson=pearson,
+        n_labels=len(unseen.vocabulary),
+        n_mixtures=len(unseen.ids),
+        n_labels_seen=len(seen.vocabulary),
+        n_mixtures_seen=len(seen.ids),
+    )
+    atomic_write_text(model_dir / "calibration.json", json.dumps(calibration.to_json(), indent=2))
     report_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in calibration.items() if k != "per_prompt"}
-    atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(report_dir / "metrics.json", json.dumps(calibration.metrics(), indent=2))
     _plot_reliability(curves | {"unbiased_unseen": unseen_curves["unbiased"]}, report_dir / "reliability.png")
-    _plot_beta_prior(prior, learned, calibration["beta_prior_spearman"], report_dir / "beta_prior.png")
+    _plot_beta_prior(prior, learned, calibration.beta_prior_spearman, report_dir / "beta_prior.png")
     return calibration
 
 

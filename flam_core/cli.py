@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flam_core.config import Params, find_params_file, load_params
+from flam_core.config import Params, find_params_file, load_params, read_resolved_params
 from flam_core.errors import ConfigError, FlamError
 
 if TYPE_CHECKING:
@@ -50,8 +50,11 @@ class _State:
     params_path: Path | None = None
     profile: str | None = None
     overrides: list[str] = []  # noqa: RUF012 - replaced per invocation
+    resolved: Path | None = None
 
     def params(self) -> Params:
+        if self.resolved is not None:
+            return read_resolved_params(self.resolved)
         return load_params(self.params_path, self.profile, self.overrides)
 
 
@@ -67,8 +70,26 @@ def main(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", "-S", help="Override a parameter: -S sources.splits.seed=3")
     ] = None,
+    resolved: Annotated[
+        Path | None,
+        typer.Option(
+            "--resolved",
+            help="A JSON file of fully resolved parameters (the pipeline's params artifact), used as it "
+            "is: no --params, --profile or --set with it.",
+        ),
+    ] = None,
 ) -> None:
+    if resolved is not None:
+        options = (("--params", params), ("--profile", profile), ("--set", overrides))
+        given = [name for name, value in options if value]
+        if given:
+            raise ArgumentError(
+                f"--resolved {resolved} holds parameters already resolved: {', '.join(given)} cannot change "
+                "them (resolve again with the overrides, or drop --resolved)"
+            )
+        _check_file(resolved, "a JSON file of resolved parameters")
     state.params_path, state.profile, state.overrides = params, profile, list(overrides or [])
+    state.resolved = resolved
 
 
 @config_app.command("show")
@@ -91,14 +112,14 @@ def sources_build(
     if skip_bad:
         params = params.model_copy(update={"sources": params.sources.model_copy(update={"skip_bad": True})})
     summary = build_source_library(params, out_dir=out)
-    stats = summary["stats"]
-    for item in summary["skipped_bad_files"]:
+    stats = summary.stats
+    for item in summary.skipped_bad_files:
         console.print(f"[yellow]skipped[/] {item['clip']}: {item['error']}")
     console.print(
         f"source library: {stats['n_event_clips']} event clips, {stats['n_event_labels']} event labels, "
         f"{stats['n_backgrounds']} backgrounds, {len(stats['heldout_labels'])} held-out labels; "
-        f"{len(summary['rejected'])} rejected, {len(summary['skipped_bad_files'])} skipped; "
-        f"manifest {summary['manifest_hash'][:12]}"
+        f"{len(summary.rejected)} rejected, {len(summary.skipped_bad_files)} skipped; "
+        f"manifest {summary.manifest_hash[:12]}"
     )
 
 
@@ -147,7 +168,7 @@ def synth_recipes(
     from flam_core.data.recipes import build_recipes
 
     summary = build_recipes(state.params(), library_dir=library, out_dir=out)
-    for split, info in summary["splits"].items():
+    for split, info in summary.splits.items():
         console.print(
             f"{split}: {info['n_mixtures']} mixtures, {info['n_event_pieces']} event pieces, "
             f"{info['n_event_labels']} labels, {info['bytes'] / 1e6:.1f} MB"
@@ -176,7 +197,7 @@ def synth_shards(
         recipes or Path(params.synth.out_dir),
         out_dir=out,
     )
-    for split, info in summary["splits"].items():
+    for split, info in summary.splits.items():
         console.print(
             f"{split}: {info['n_mixtures']} mixtures in {info['n_shards']} shard(s), "
             f"{info['bytes'] / 1e6:.0f} MB"
@@ -227,8 +248,7 @@ def features(
         out or Path(params.train.features_dir),
     )
     console.print(
-        f"features ({summary['encoder']}, {summary['dim']}-d x {summary['n_frames']} frames): "
-        f"{summary['shapes']}"
+        f"features ({summary.encoder}, {summary.dim}-d x {summary.n_frames} frames): {summary.shapes}"
     )
 
 
@@ -253,11 +273,11 @@ def train_command(
 
     params = state.params()
     _pin_store()
-    metrics = train(
+    result = train(
         params, out_dir=out, resume=resume, overwrite=overwrite, max_steps=max_steps, report_dir=reports
     )
-    if metrics:
-        console.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+    if result is not None:  # rank 0 of a data-parallel run reports
+        console.print(" ".join(f"{k}={v}" for k, v in result.to_json().items()))
 
 
 @app.command("calibrate")
@@ -270,11 +290,11 @@ def calibrate_command(
 
     result = calibrate(state.params(), model_dir=model, report_dir=reports)
     console.print(
-        f"threshold {result['threshold']} for novel prompts (val_unseen macro segment F1 "
-        f"{result['threshold_segment_f1_macro']}), {result['threshold_seen']} over training labels (val); "
+        f"threshold {result.threshold} for novel prompts (val_unseen macro segment F1 "
+        f"{result.threshold_segment_f1_macro}), {result.threshold_seen} over training labels (val); "
         "balanced ECE "
-        f"posterior {result['ece_balanced']['posterior']} -> unbiased {result['ece_balanced']['unbiased']}; "
-        f"sigmoid(beta) vs frame prior: Spearman {result['beta_prior_spearman']}"
+        f"posterior {result.ece_balanced['posterior']} -> unbiased {result.ece_balanced['unbiased']}; "
+        f"sigmoid(beta) vs frame prior: Spearman {result.beta_prior_spearman}"
     )
 
 
@@ -307,8 +327,7 @@ def evaluate_command(
         return
     from flam_core.evaluation.report import evaluate
 
-    metrics = evaluate(params, models_dir=models, out_dir=out)
-    claims = metrics["claims"]
+    claims = evaluate(params, models_dir=models, out_dir=out).claims
     if claims:
         low, high = claims["unseen_auroc_gain_ci95_low"], claims["unseen_auroc_gain_ci95_high"]
         console.print(
@@ -454,7 +473,8 @@ def _model_uri(model: str | None, origin: str = "--model") -> str:
             f"--model is required outside a project ({Path.cwd()} has no params.yaml in it or its parents, "
             "and MLFLOW_TRACKING_URI is not set): pass --model models/flam or an MLflow model URI"
         )
-    name = (state.params() if params_file is not None else Params()).registry.model_name
+    in_project = params_file is not None or state.resolved is not None
+    name = (state.params() if in_project else Params()).registry.model_name
     store = _read_store()
     if not _has_champion(store, name):
         raise ConfigError(

@@ -476,6 +476,18 @@ def find_params_file(start: Path | None = None) -> Path:
     raise ConfigError(f"no params.yaml in {here} or its parents; pass --params PATH")
 
 
+def read_resolved_params(path: str | Path) -> Params:
+    """Parameters already resolved (`Params.model_dump_json()`: params.yaml, profile and overrides
+    applied), read back as they are: no file or profile is overlaid on them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"resolved parameters not found: {path}")
+    try:
+        return Params.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_format_errors(exc, {})}") from None
+
+
 def load_params(
     path: str | Path | None = None,
     profile: str | None = None,

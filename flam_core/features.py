@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,23 @@ from flam_core.utils import atomic_dir, atomic_write_text, interactive
 SCHEMA_VERSION = 2  # 2: labels as arrays (<split>.labels.npz) instead of a pickle
 
 
+@dataclass(frozen=True)
+class FeatureCacheSummary:
+    """What `build_feature_cache` wrote; `to_json()` is the cache's `summary.json`."""
+
+    schema_version: int
+    encoder: str  # model.audio_encoder
+    dim: int  # feature width Da
+    n_frames: int  # frames per mixture L
+    shapes: dict[str, list[int]]  # per split: [M, L, Da]
+    recipes_params_hash: str | None  # of the recipes the mixtures came from
+    sources_manifest_hash: str | None
+    params_hash: str  # of the audio, frames and model sections
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def build_feature_cache(
     params: Params,
     library_dir: Path,
@@ -42,7 +60,7 @@ def build_feature_cache(
     out_dir: Path,
     splits: Sequence[str] = RECIPE_SPLITS,
     batch_size: int = 32,
-) -> dict[str, Any]:
+) -> FeatureCacheSummary:
     """Encode every mixture of `splits` with the frozen encoder named in `model.audio_encoder`."""
     if not params.model.frozen_audio:
         raise DataError("the feature cache needs a frozen audio encoder (model.frozen_audio=true)")
@@ -71,17 +89,17 @@ def build_feature_cache(
             del features
             write_labels(staging / f"{split}.labels.npz", labels, n_frames)
             shapes[split] = [n, n_frames, dim]
-        summary = {
-            "schema_version": SCHEMA_VERSION,
-            "encoder": params.model.audio_encoder,
-            "dim": encoder.out_dim,
-            "n_frames": params.frames.n_frames,
-            "shapes": shapes,
-            "recipes_params_hash": recipes_summary.get("params_hash"),
-            "sources_manifest_hash": recipes_summary.get("sources_manifest_hash"),
-            "params_hash": params.section_hash("audio", "frames", "model"),
-        }
-        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+        summary = FeatureCacheSummary(
+            schema_version=SCHEMA_VERSION,
+            encoder=params.model.audio_encoder,
+            dim=encoder.out_dim,
+            n_frames=params.frames.n_frames,
+            shapes=shapes,
+            recipes_params_hash=recipes_summary.get("params_hash"),
+            sources_manifest_hash=recipes_summary.get("sources_manifest_hash"),
+            params_hash=params.section_hash("audio", "frames", "model"),
+        )
+        atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

@@ -57,8 +57,10 @@ PIP_REQUIREMENTS = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Decision:
+    """The champion gate's verdict on one model version (also `decision.json`, with the tags)."""
+
     model: str
     version: int
     promoted: bool

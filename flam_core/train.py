@@ -38,7 +38,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,45 @@ log = logging.getLogger("flam.train")
 
 class TrainingDiverged(FlamError):
     """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The final metrics of a training run; `to_json()` is its `metrics.json`.
+
+    `validation` holds `quick_validation`'s figures (`val_frame_auroc_micro`, ...), present only
+    when the run completed `train.steps` on cached features; `to_json()` puts them beside the
+    fixed keys, as metrics.json and MLflow have them.
+    """
+
+    steps: int
+    train_seconds: float
+    final_loss: float  # mean loss of the last `train.log_every` steps
+    first_loss: float  # mean loss of the first `train.log_every` steps
+    validation: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "train_seconds": self.train_seconds,
+            "final_loss": self.final_loss,
+            "first_loss": self.first_loss,
+        } | self.validation
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> TrainResult:
+        """The result of a `metrics.json` (`to_json()`'s output)."""
+        fixed = ("steps", "train_seconds", "final_loss", "first_loss")
+        missing = [key for key in fixed if key not in record]
+        if missing:
+            raise DataError(f"training metrics without {missing}: not a metrics.json of `flam train`")
+        return cls(
+            steps=int(record["steps"]),
+            train_seconds=float(record["train_seconds"]),
+            final_loss=float(record["final_loss"]),
+            first_loss=float(record["first_loss"]),
+            validation={k: v for k, v in record.items() if k not in fixed},
+        )
 
 
 @dataclass
@@ -465,8 +504,9 @@ def train(
     max_steps: int | None = None,
     track: bool = True,
     overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train with `params.train` on the train split; returns the final metrics.
+) -> TrainResult | None:
+    """Train with `params.train` on the train split; returns the final metrics (None on the
+    ranks other than 0 of a data-parallel run, which write nothing).
 
     `features_dir` (default `train.features_dir` when `model.frozen_audio`) holds the cached
     frame features; `max_steps` stops early (the schedule still spans `train.steps`), which is
@@ -572,7 +612,7 @@ def train(
                 progress.advance(task)
         history.flush()
         final = _final_model(params, model, audio_dim, runtime)
-        metrics: dict[str, Any] = {}
+        result: TrainResult | None = None
         if runtime.main:
             rows = history.rows
             if [int(r["step"]) for r in rows] != list(range(1, position.step + 1)):
@@ -582,22 +622,26 @@ def train(
                     history.path,
                     position.step,
                 )
-            metrics = {
-                "steps": position.step,
-                "train_seconds": round(time.perf_counter() - started, 1),
-                "final_loss": float(np.mean([r["loss"] for r in rows[-cfg.log_every :]])),
-                "first_loss": float(np.mean([r["loss"] for r in rows[: cfg.log_every]])),
-            }
-            if features_dir is not None and position.step >= cfg.steps:
-                metrics |= quick_validation(final, features_dir)
-            if position.step >= cfg.steps:
+            complete = position.step >= cfg.steps
+            validation: dict[str, float | None] = {}
+            if features_dir is not None and complete:
+                validation = quick_validation(final, features_dir)
+            result = TrainResult(
+                steps=position.step,
+                train_seconds=round(time.perf_counter() - started, 1),
+                final_loss=float(np.mean([r["loss"] for r in rows[-cfg.log_every :]])),
+                first_loss=float(np.mean([r["loss"] for r in rows[: cfg.log_every]])),
+                validation=validation,
+            )
+            if complete:
                 save_model(out_dir, final, params)
-                atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-                atomic_write_text(report_dir / "metrics.json", json.dumps(metrics, indent=2))
+                text = json.dumps(result.to_json(), indent=2)
+                atomic_write_text(out_dir / "metrics.json", text)
+                atomic_write_text(report_dir / "metrics.json", text)
             if tracker is not None:
-                tracker.finish(metrics, report_dir / "loss.csv")
+                tracker.finish(result.to_json(), report_dir / "loss.csv")
     runtime.barrier()
-    return metrics
+    return result
 
 
 def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtime: Runtime) -> FlamModel:
@@ -616,7 +660,7 @@ def _final_model(params: Params, model: FlamModel, audio_dim: int | None, runtim
     return final
 
 
-def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
+def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float | None]:
     """Frame AUROC on the val split (seen labels, label as prompt) and on val_unseen (held-out
     labels, never trained on: the figure for model selection on novel prompts), and how well
     sigmoid(beta) of each training label tracks its frame prior (Spearman correlation)."""
@@ -629,7 +673,7 @@ def quick_validation(model: FlamModel, features_dir: Path) -> dict[str, float]:
         vocabulary_scores,
     )
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     for split in ("val", "val_unseen"):
         cache = FeatureCache(features_dir, split)
         vocabulary = event_vocabulary(cache)
@@ -725,10 +769,14 @@ class LossLog:
 
     def _lines(self, rows: list[dict[str, float]], header: bool) -> str:
         assert self.fields is not None
-        lines = [",".join(self.fields)] if header else []
-        # repr of a float round-trips exactly: a resumed file is byte-equal to an uninterrupted one
-        lines += [",".join(repr(row[f]) for f in self.fields) for row in rows]
-        return "".join(line + "\n" for line in lines)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        if header:
+            writer.writerow(self.fields)
+        # csv writes a float as its repr, which round-trips exactly: a resumed file is
+        # byte-equal to an uninterrupted one
+        writer.writerows([row[f] for f in self.fields] for row in rows)
+        return text.getvalue()
 
 
 def read_loss_csv(path: Path) -> list[dict[str, float]]:

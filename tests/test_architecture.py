@@ -31,6 +31,9 @@ STAGE_ENTRIES = {
     "register": "flam_core.registry",
     "monitor": "flam_core.monitor",
 }
+# What a stage's code reads from the package besides modules, which the import graph cannot
+# show: the template `results_markdown` renders results.md from.
+STAGE_DATA = {"evaluate": {Path("flam_core/evaluation/templates")}}
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -118,7 +121,7 @@ def test_every_stage_depends_on_the_code_it_imports():
     assert set(stages) == set(STAGE_ENTRIES), "a dvc.yaml stage without its entry module here, or the reverse"
     problems = []
     for name, stage in stages.items():
-        code = stage_code(graph, STAGE_ENTRIES[name])
+        code = stage_code(graph, STAGE_ENTRIES[name]) | STAGE_DATA.get(name, set())
         listed = [d for d in _stage_deps(stage) if d.startswith("flam_core")]
         missing = sorted(
             str(f) for f in code if not any(f == Path(d) or Path(d) in f.parents for d in listed)

@@ -115,3 +115,52 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("audio: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def flam(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """The console entry point in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from flam_core.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["flam", *args])
+    with pytest.raises(SystemExit) as stop:
+        run()
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_resolved_parameters_are_used_as_they_are(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the project: no params.yaml or profile is read
+    resolved = load_params(PARAMS, profile="smoke", overrides=["train.steps=7", "train.mode=global"])
+    (tmp_path / "params.json").write_text(resolved.model_dump_json())
+    code, out, _ = flam(["--resolved", str(tmp_path / "params.json"), "config", "show"], capsys, monkeypatch)
+    assert code == 0 and Params.model_validate(yaml.safe_load(out)) == resolved
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["--params", str(PARAMS)], "--params"),
+        (["--profile", "smoke"], "--profile"),
+        (["-S", "a.b=3"], "--set"),
+    ],
+)
+def test_resolved_parameters_refuse_anything_that_would_change_them(
+    tmp_path, capsys, monkeypatch, extra, option
+):
+    (tmp_path / "params.json").write_text(Params().model_dump_json())
+    code, out, err = flam(
+        [*extra, "--resolved", str(tmp_path / "params.json"), "config", "show"], capsys, monkeypatch
+    )
+    assert code == 2 and out == ""
+    resolved = tmp_path / "params.json"
+    assert f"error: --resolved {resolved} holds parameters already resolved: {option} cannot" in err
+
+
+def test_resolved_parameters_must_be_a_valid_file(tmp_path, capsys, monkeypatch):
+    code, _, err = flam(["--resolved", str(tmp_path / "none.json"), "config", "show"], capsys, monkeypatch)
+    assert code == 2 and "no such file" in err
+    (tmp_path / "bad.json").write_text('{"train": {"steps": -1}}')
+    code, _, err = flam(["--resolved", str(tmp_path / "bad.json"), "config", "show"], capsys, monkeypatch)
+    assert code == 2 and "train.steps" in err and "bad.json" in err

@@ -70,8 +70,11 @@ def test_calibration_writes_threshold_ece_and_plots(
 
     result, report = calibrated
     saved = json.loads((smoke_models / "flam" / "calibration.json").read_text())
-    assert saved == result
-    assert 0.0 < result["threshold"] < 1.0 and 0.0 < result["threshold_seen"] < 1.0
+    assert saved == result.to_json()
+    assert json.loads((report / "metrics.json").read_text()) == {
+        k: v for k, v in saved.items() if k != "per_prompt"
+    }
+    assert 0.0 < result.threshold < 1.0 and 0.0 < result.threshold_seen < 1.0
     # The detector's threshold is the segment-F1 optimum over the held-out labels of
     # val_unseen (none of which is a test_unseen label), on the median-filtered scores the
     # detector thresholds.
@@ -80,7 +83,7 @@ def test_calibration_writes_threshold_ece_and_plots(
     mixer = Mixer.for_library(smoke_params(*PARAMS), library)
     split = MixtureSplit(smoke_params(*PARAMS), "val_unseen", smoke_features, mixer, recipes)
     cache, ids, events, vocabulary = split.cache, split.ids, split.events, split.vocabulary
-    assert result["n_labels"] == len(vocabulary) and result["split"] == "val_unseen"
+    assert result.n_labels == len(vocabulary) and result.split == "val_unseen"
     model, _, _ = load_model(smoke_models / "flam")
     scores = vocabulary_scores(model, cache, vocabulary)
     test_recipes = read_recipes(recipes / "test_unseen.parquet")
@@ -88,17 +91,18 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert not set(vocabulary) & test_labels
     args = (median_filter_frames(scores, 3), 10.0 / 32, vocabulary, ids, events)
     f1 = {t: segment_f1(*args, threshold=t)["f1_macro"] for t in (0.3, 0.5, 0.7)}
-    chosen = segment_f1(*args, threshold=result["threshold"])["f1_macro"]
-    assert chosen == pytest.approx(result["threshold_segment_f1_macro"], abs=1e-4)
+    chosen = segment_f1(*args, threshold=result.threshold)["f1_macro"]
+    assert chosen == pytest.approx(result.threshold_segment_f1_macro, abs=1e-4)
     assert chosen >= max(f1.values()) - 1e-9
-    assert result["segment_f1_macro_at_0.5"] == pytest.approx(f1[0.5], abs=1e-4)
-    event = event_f1(*args, threshold=result["threshold"])["f1_macro"]
-    assert result["threshold_event_f1_macro"] == pytest.approx(event, abs=1e-4)
-    assert set(result["ece_balanced"]) == {"posterior", "unbiased"}
-    assert set(result["ece_balanced_unseen"]) == {"posterior", "unbiased"}
-    assert all(0.0 <= v <= 1.0 for v in result["ece_balanced"].values())
-    assert -1.0 <= result["beta_prior_spearman"] <= 1.0
-    assert result["per_prompt"] and all(0.0 < t < 1.0 for t in result["per_prompt"].values())
+    assert result.segment_f1_macro_at_0_5 == pytest.approx(f1[0.5], abs=1e-4)
+    assert saved["segment_f1_macro_at_0.5"] == result.segment_f1_macro_at_0_5
+    event = event_f1(*args, threshold=result.threshold)["f1_macro"]
+    assert result.threshold_event_f1_macro == pytest.approx(event, abs=1e-4)
+    assert set(result.ece_balanced) == {"posterior", "unbiased"}
+    assert set(result.ece_balanced_unseen) == {"posterior", "unbiased"}
+    assert all(0.0 <= v <= 1.0 for v in result.ece_balanced.values())
+    assert result.beta_prior_spearman is not None and -1.0 <= result.beta_prior_spearman <= 1.0
+    assert result.per_prompt and all(0.0 < t < 1.0 for t in result.per_prompt.values())
     for name in ("reliability.png", "beta_prior.png", "metrics.json"):
         assert (report / name).stat().st_size > 0
 
@@ -131,7 +135,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     library, _ = smoke_library
     recipes, _ = smoke_recipes
     out = tmp_path / "eval"
-    metrics = evaluate(
+    result = evaluate(
         smoke_params(*PARAMS),
         models_dir=smoke_models,
         features_dir=smoke_features,
@@ -139,8 +143,8 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         recipes_dir=recipes,
         out_dir=out,
     )
-    assert set(metrics["models"]) == {"flam", "global"}
-    flam = metrics["models"]["flam"]
+    assert set(result.models) == {"flam", "global"}
+    flam = result.models["flam"]
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
         for key in (
             "frame_auroc_macro",
@@ -165,9 +169,9 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     # FLAM uses its calibrated thresholds (novel prompts / training labels); the uncalibrated
     # baseline gets thresholds by calibrate's rule: the segment-F1 optimum of its
     # median-filtered scores on the matching validation split.
-    assert flam["test_unseen"]["threshold"] == calibrated[0]["threshold"]
-    assert flam["test_seen"]["threshold"] == calibrated[0]["threshold_seen"]
-    glob = metrics["models"]["global"]
+    assert flam["test_unseen"]["threshold"] == calibrated[0].threshold
+    assert flam["test_seen"]["threshold"] == calibrated[0].threshold_seen
+    glob = result.models["global"]
     assert (flam["threshold_source"], glob["threshold_source"]) == ("calibration", "validation")
     model, _, _ = load_model(smoke_models / "global")
     hop = 10.0 / 32
@@ -184,13 +188,13 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         assert glob[test]["segment_f1_macro_at_0.5"] == pytest.approx(at_half["f1_macro"], abs=1e-4)
     assert 0.0 <= flam["retrieval"]["t2a_R@5"] <= 1.0 and flam["retrieval"]["n_pairs"] > 10
     assert {"seen", "unseen"} <= set(flam["zero_shot"])
-    assert metrics["gate"]["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
+    assert result.gate["test_unseen.frame_auroc_macro"] == flam["test_unseen"]["frame_auroc_macro"]
     # Each prompt's AUROC is kept; their mean is the macro AUROC, and the claim's interval over
     # the held-out prompts brackets FLAM's gain over FLAM-Global.
     unseen = flam["test_unseen"]["frame_auroc_per_label"]
     assert len(unseen) >= 2
     assert np.mean(list(unseen.values())) == pytest.approx(flam["test_unseen"]["frame_auroc_macro"], abs=1e-4)
-    claims = metrics["claims"]
+    claims = result.claims
     assert claims["unseen_auroc_gain_ci95_low"] <= claims["unseen_auroc_gain"]
     assert claims["unseen_auroc_gain"] <= claims["unseen_auroc_gain_ci95_high"]
     # Every claim is one number: the KFP component logs each as a metric.
@@ -210,13 +214,13 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
     # tolerances cost them the short events.
     for split in ("test_seen", "test_unseen"):
-        targets = metrics["frame_label_psds"][split]
+        targets = result.frame_label_psds[split]
         assert targets["psds2"] > 0.8 and targets["psds2"] > flam[split]["psds2"] + 0.3
         assert targets["psds1"] <= targets["psds2"]
         for n in (1, 2):
             assert targets[f"psds{n}"] <= targets[f"psds{n}_alpha_st0"] <= 1.0
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["test_set_hash"] == metrics["test_set_hash"]
+    assert (out / "metrics.json").read_text() == json.dumps(result.to_json(), indent=2)
+    assert result.test_set_hash
     results = (out / "results.md").read_text()
     headings = (
         "Sound event detection",
@@ -246,7 +250,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert table == [
         f"| FLAM | {cells(flam)} |",
         f"| FLAM-Global | {cells(glob)} |",
-        f"| ground-truth frame labels (ceiling) | {cells(metrics['frame_label_psds'])} |",
+        f"| ground-truth frame labels (ceiling) | {cells(result.frame_label_psds)} |",
     ]
     # ... and in the inference ablation's table.
     assert (

@@ -155,6 +155,31 @@ def test_order_of_rendering_does_not_matter(mixer, plans):
     assert forward == backward
 
 
+def test_pieces_cover_the_active_spans_inside_their_placement(mixer, plans):
+    plan = plans["train"]
+    checked = 0
+    for i in range(16):
+        pieces = mixer.pieces(plan, i)
+        assert pieces == sorted(pieces)
+        rows = {r for _, _, r in pieces}
+        assert len(rows) == len(pieces) and all(plan.row_start[i] <= r < plan.row_start[i + 1] for r in rows)
+        for onset, offset, row in pieces:  # within the window the piece was placed in
+            placed = plan.onset_s[row], plan.onset_s[row] + plan.duration_s[row]
+            assert placed[0] - 1e-6 <= onset < offset <= placed[1] + 1e-6
+        for onset, offset, label in mixer.events(plan, i):
+            # each event (active spans of one label, merged) lies within the merged extents of
+            # that label's pieces
+            merged: list[list[float]] = []
+            for a, b in sorted((a, b) for a, b, r in pieces if mixer.labels[plan.label[r]] == label):
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            assert any(a - 1e-9 <= onset and offset <= b + 1e-9 for a, b in merged), (i, label)
+            checked += 1
+    assert checked > 30
+
+
 def test_missing_clip_fails_with_its_id(mixer, smoke_recipes):
     recipes_dir, _ = smoke_recipes
     recipe = read_recipes(recipes_dir / "val.parquet")

@@ -45,7 +45,8 @@ def test_merged_shards_equal_build_recipes(smoke_library, tmp_path, n_shards):
     shard_dirs = [tmp_path / f"s{shard}" for shard in range(len(plan_recipe_shards(params, n_shards)))]
     for shard, folder in enumerate(shard_dirs):
         info = build_recipe_shard(params, shard, n_shards, library_dir=library, out_dir=folder)
-        assert info["shard"] == shard and info["units"]
+        assert info.shard == shard and info.units
+        assert json.loads((folder / "shard.json").read_text()) == info.to_json()
     merged = merge_recipe_shards(params, shard_dirs[::-1], library_dir=library, out_dir=tmp_path / "merged")
     assert merged == reference
     for name in [f"{split}.parquet" for split in RECIPE_SPLITS] + ["summary.json"]:
@@ -69,7 +70,8 @@ def test_merge_rejects_missing_duplicate_and_foreign_shards(smoke_library, tmp_p
     broken = tmp_path / "broken"
     shutil.copytree(dirs[1], broken)
     info = json.loads((broken / "shard.json").read_text())
-    (broken / f"{info['units'][0][0]}-{info['units'][0][1]:06d}.arrow").unlink()
+    split, index = info["units"][0]
+    (broken / f"{split}-{index:06d}.arrow").unlink()
     with pytest.raises(DataError, match="recipe shard file not found"):
         merge_recipe_shards(params, [dirs[0], broken], library_dir=library, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

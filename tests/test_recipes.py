@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -120,7 +122,7 @@ def test_smoke_recipes_respect_the_splits(smoke_library, smoke_recipes):
     labels_of = {}
     for split in RECIPE_SPLITS:
         table = read_recipes(recipes_dir / f"{split}.parquet")
-        assert table["mixture_id"].nunique() == summary["splits"][split]["n_mixtures"]
+        assert table["mixture_id"].nunique() == summary.splits[split]["n_mixtures"]
         clips = manifest.loc[table["clip_id"].astype(str)]
         event_labels = set(clips.loc[clips["kind"] == "event", "label"])
         expected_source = "test" if split.startswith("test") else split.removesuffix("_unseen")
@@ -133,7 +135,8 @@ def test_smoke_recipes_respect_the_splits(smoke_library, smoke_recipes):
     # The labels the novel-prompt threshold is chosen on are not the labels it is tested on.
     assert labels_of["val_unseen"] and labels_of["test_unseen"]
     assert not labels_of["val_unseen"] & labels_of["test_unseen"]
-    assert summary["sources_manifest_hash"]
+    assert summary.sources_manifest_hash
+    assert json.loads((recipes_dir / "summary.json").read_text()) == summary.to_json()
 
 
 def test_streamed_chunks_make_row_groups(smoke_library, tmp_path):

@@ -45,17 +45,17 @@ def test_shards_read_back_exactly_what_on_the_fly_mixing_yields(mixer, smoke_rec
 def test_summary_counts_match_the_recipes(smoke_recipes, written):
     _, recipes_summary = smoke_recipes
     out, summary = written
-    assert json.loads((out / "summary.json").read_text()) == summary
-    assert summary["params_hash"] == recipes_summary["params_hash"]
-    assert set(summary["splits"]) == set(SPLITS)
+    assert json.loads((out / "summary.json").read_text()) == summary.to_json()
+    assert summary.params_hash == recipes_summary.params_hash
+    assert set(summary.splits) == set(SPLITS)
     for split in SPLITS:
-        entry = summary["splits"][split]
-        assert entry["n_mixtures"] == recipes_summary["splits"][split]["n_mixtures"]
+        entry = summary.splits[split]
+        assert entry["n_mixtures"] == recipes_summary.splits[split]["n_mixtures"]
         assert entry["shards"] == [p.name for p in shard_paths(out, split)]
         assert entry["n_shards"] == len(entry["shards"]) == 1
         assert entry["bytes"] == sum((out / name).stat().st_size for name in entry["shards"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["summary.json", *(name for s in SPLITS for name in summary["splits"][s]["shards"])]
+        ["summary.json", *(name for s in SPLITS for name in summary.splits[s]["shards"])]
     )
 
 
@@ -64,9 +64,9 @@ def test_tiny_max_shard_mb_splits_a_split_into_several_shards(smoke_library, smo
     recipes, recipes_summary = smoke_recipes
     params = smoke_params("shards.max_shard_mb=0.5")  # each sample holds ~0.64 MB of audio
     summary = write_shards(params, library, recipes, out_dir=tmp_path / "shards", splits=["val"])
-    n_mixtures = recipes_summary["splits"]["val"]["n_mixtures"]
+    n_mixtures = recipes_summary.splits["val"]["n_mixtures"]
     paths = shard_paths(tmp_path / "shards", "val")
-    assert summary["splits"]["val"]["n_shards"] == len(paths) == n_mixtures > 1
+    assert summary.splits["val"]["n_shards"] == len(paths) == n_mixtures > 1
     assert [p.name for p in paths] == [f"val-{n:06d}.tar" for n in range(n_mixtures)]
     assert [m.mixture_id for m in iter_shards(paths)] == list(range(n_mixtures))
 

@@ -47,7 +47,8 @@ def test_manifest_contract(smoke_library):
         assert (spans[:, 0] >= 0).all() and (spans[:, 1] <= row.duration_s + 1e-6).all()
         assert (spans[:, 1] > spans[:, 0]).all() and (spans[1:, 0] > spans[:-1, 1]).all()
         assert row.captions[0] == row.label and len(set(row.captions)) == len(row.captions) >= 2
-    assert summary["manifest_hash"] and summary["stats"] == library_stats(manifest)
+    assert summary.manifest_hash and summary.stats == library_stats(manifest)
+    assert json.loads((folder / "summary.json").read_text()) == summary.to_json()
 
 
 def test_clips_are_conditioned(smoke_library):
@@ -65,7 +66,7 @@ def test_heldout_labels_never_reach_train_and_split_by_label(smoke_library):
     folder, summary = smoke_library
     manifest = load_manifest(folder)
     events = manifest[manifest["kind"] == "event"]
-    heldout = set(summary["heldout_labels"])
+    heldout = set(summary.heldout_labels)
     assert len(heldout) / events["label"].nunique() >= 0.15
     assert set(events.loc[events["heldout"], "label"]) == heldout
     # Each held-out label lies whole in val (val_unseen) or whole in test (test_unseen), and
@@ -82,16 +83,16 @@ def test_heldout_labels_never_reach_train_and_split_by_label(smoke_library):
 
 def test_every_package_file_is_accounted_for(smoke_library):
     _, summary = smoke_library
-    packages = {p["package"]: p for p in summary["packages"]}
+    packages = {p.package: p for p in summary.packages}
     assert {"scratch", "sound-theme-freedesktop", "fluid-soundfont-gm", "espeak-ng", "procedural"} <= set(
         packages
     )
     scratch = packages["scratch"]
-    assert scratch["mapped"] >= 40 and scratch["unmapped"] == 0
+    assert scratch.mapped >= 40 and scratch.unmapped == 0
     # mapped + excluded + unmapped + sampled out = every audio file under the mapping's root
     root = fetch_package("scratch", smoke_params().cache_path) / load_mapping("scratch").root
     n_files = sum(1 for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-    assert scratch["mapped"] + scratch["excluded"] + scratch["unmapped"] + scratch["sampled_out"] == n_files
+    assert scratch.mapped + scratch.excluded + scratch.unmapped + scratch.sampled_out == n_files
 
 
 def test_split_sizes_follow_the_fractions():
@@ -128,11 +129,11 @@ def test_build_is_deterministic(tmp_path):
     )
     first = build_source_library(smoke_params(*overrides), out_dir=tmp_path / "a", base_dir=ROOT)
     second = build_source_library(smoke_params(*overrides), out_dir=tmp_path / "b", base_dir=ROOT)
-    assert first["manifest_hash"] == second["manifest_hash"]
+    assert first.manifest_hash == second.manifest_hash
     other = build_source_library(
         smoke_params(*overrides, "sources.splits.seed=1"), out_dir=tmp_path / "c", base_dir=ROOT
     )
-    assert other["manifest_hash"] != first["manifest_hash"]
+    assert other.manifest_hash != first.manifest_hash
 
 
 def make_user_folder(root: Path, broken: bytes | None) -> str:
@@ -169,7 +170,7 @@ def test_a_failed_rebuild_keeps_the_previous_library(tmp_path):
     bad = make_user_folder(tmp_path / "bad", b"junk")
     with pytest.raises(AudioError):
         build_source_library(smoke_params(*USER_ONLY, bad), out_dir=out, base_dir=ROOT)
-    assert json.loads((out / "summary.json").read_text())["manifest_hash"] == summary["manifest_hash"]
+    assert json.loads((out / "summary.json").read_text())["manifest_hash"] == summary.manifest_hash
 
 
 def test_skip_bad_skips_and_reports_the_file(tmp_path):
@@ -177,9 +178,9 @@ def test_skip_bad_skips_and_reports_the_file(tmp_path):
     summary = build_source_library(
         smoke_params(*USER_ONLY, folder, "sources.skip_bad=true"), out_dir=tmp_path / "library", base_dir=ROOT
     )
-    assert [Path(s["clip"]).name for s in summary["skipped_bad_files"]] == ["broken.wav"]
-    assert "cannot decode" in summary["skipped_bad_files"][0]["error"]
-    assert summary["stats"]["per_label"]["door knocking"] == 4
+    assert [Path(s["clip"]).name for s in summary.skipped_bad_files] == ["broken.wav"]
+    assert "cannot decode" in summary.skipped_bad_files[0]["error"]
+    assert summary.stats["per_label"]["door knocking"] == 4
 
 
 def test_a_library_without_events_is_refused(tmp_path):
@@ -200,7 +201,7 @@ def test_cli_stats_json(smoke_library):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["unreadable_clips"] == []
-    assert stats["n_event_labels"] == summary["stats"]["n_event_labels"]
+    assert stats["n_event_labels"] == summary.stats["n_event_labels"]
 
 
 def test_cli_skip_bad_reports_the_file(tmp_path):

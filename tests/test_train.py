@@ -13,7 +13,7 @@ from flam_core.features import read_labels, write_labels
 from flam_core.model.flam import FlamConfig, FlamHead, build_model
 from flam_core.model.text_encoder import TextEncoder
 from flam_core.postprocess import unbiased_scores
-from flam_core.train import TrainingDiverged, latest_checkpoint, param_groups, train
+from flam_core.train import TrainingDiverged, TrainResult, latest_checkpoint, param_groups, train
 from tests.conftest import smoke_params
 
 STEPS = ("train.steps=24", "train.warmup_steps=4", "train.log_every=4", "train.checkpoint_every=8")
@@ -50,9 +50,11 @@ def losses(tmp_path, name):
 
 def test_training_lowers_the_loss_and_writes_the_model(feature_cache, tmp_path):
     metrics = run(feature_cache, tmp_path, "model")
-    assert metrics["steps"] == 24 and metrics["final_loss"] < metrics["first_loss"]
-    assert 0.0 <= metrics["val_frame_auroc_micro"] <= 1.0
+    assert metrics.steps == 24 and metrics.final_loss < metrics.first_loss
+    assert 0.0 <= metrics.validation["val_frame_auroc_micro"] <= 1.0
     out = tmp_path / "model"
+    assert json.loads((out / "metrics.json").read_text()) == metrics.to_json()
+    assert TrainResult.from_json(metrics.to_json()) == metrics
     config = json.loads((out / "config.json").read_text())
     assert config["text_encoder"]["dim"] == 384 and config["audio"]["encoder"] == "yamnet"
     state = torch.load(out / "model.pt", weights_only=True)
@@ -95,7 +97,7 @@ def test_crashed_and_resumed_run_matches_an_uninterrupted_one(feature_cache, tmp
     metrics = run(feature_cache, tmp_path, "split", resume=True)
     assert report.read_text() == whole_csv  # every row bit-identical, none twice, none missing
     for key in ("first_loss", "final_loss", "val_frame_auroc_micro"):
-        assert metrics[key] == whole_metrics[key]
+        assert metrics.to_json()[key] == whole_metrics.to_json()[key]
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -127,7 +129,7 @@ def test_every_ablation_trains_to_a_model(feature_cache, tmp_path, mode):
         assert -1.0 <= saved["beta_prior_spearman"] <= 1.0
     else:  # one shared bias: no per-label ranking to correlate
         assert saved["beta_prior_spearman"] is None
-    assert metrics["steps"] == 8
+    assert metrics.steps == 8
 
 
 def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
@@ -167,7 +169,7 @@ def test_untracked_run_writes_the_model_and_no_mlflow_store(feature_cache, tmp_p
     stale = tmp_path / "untracked" / "checkpoints" / "step-0000004"
     stale.mkdir(parents=True)
     metrics = run(feature_cache, tmp_path, "untracked", "train.steps=2", track=False, overwrite=True)
-    assert metrics["steps"] == 2 and not stale.exists()
+    assert metrics.steps == 2 and not stale.exists()
     assert json.loads((tmp_path / "untracked" / "metrics.json").read_text())["steps"] == 2
     assert losses(tmp_path, "untracked")[0][:, 0].tolist() == [1.0, 2.0]
 

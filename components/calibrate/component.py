@@ -38,16 +38,16 @@ def calibrate_model(
         recipes_dir=Path(recipes.path),
         report_dir=Path(calibration_report.path),
     )
-    keys = (
-        "threshold",
-        "threshold_segment_f1_macro",
-        "threshold_event_f1_macro",
-        "threshold_seen",
-        "beta_prior_spearman",
-    )
-    for key in keys:
-        if result[key] is not None:
-            metrics.log_metric(key, float(result[key]))
-    for kind, value in result["ece_balanced"].items():
+    logged = {
+        "threshold": result.threshold,
+        "threshold_segment_f1_macro": result.threshold_segment_f1_macro,
+        "threshold_event_f1_macro": result.threshold_event_f1_macro,
+        "threshold_seen": result.threshold_seen,
+        "beta_prior_spearman": result.beta_prior_spearman,
+    }
+    for key, value in logged.items():
+        if value is not None:
+            metrics.log_metric(key, float(value))
+    for kind, value in result.ece_balanced.items():
         metrics.log_metric(f"ece_balanced.{kind}", float(value))
-    calibrated.metadata.update(dict(model.metadata) | {"threshold": result["threshold"]})
+    calibrated.metadata.update(dict(model.metadata) | {"threshold": result.threshold})

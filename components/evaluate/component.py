@@ -45,8 +45,8 @@ def evaluate_models(
             out_dir=Path(evaluation.path),
         )
     shutil.copyfile(Path(evaluation.path) / "results.md", results.path)
-    for key, value in result["gate"].items():
+    for key, value in result.gate.items():
         metrics.log_metric(key, float(value))
-    for key, value in result["claims"].items():
+    for key, value in result.claims.items():
         metrics.log_metric(f"claims.{key}", float(value))
-    evaluation.metadata["test_set_hash"] = result["test_set_hash"]
+    evaluation.metadata["test_set_hash"] = result.test_set_hash

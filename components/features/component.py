@@ -18,4 +18,4 @@ def build_features(
 
     resolved = Params.model_validate_json(Path(params.path).read_text())
     summary = build_feature_cache(resolved, Path(library.path), Path(recipes.path), Path(features.path))
-    features.metadata.update({key: summary[key] for key in ("encoder", "dim", "shapes")})
+    features.metadata.update({"encoder": summary.encoder, "dim": summary.dim, "shapes": summary.shapes})

@@ -37,7 +37,7 @@ def sample_recipe_shard(
     info = build_recipe_shard(
         resolved, int(shard), int(n_shards), library_dir=Path(library.path), out_dir=Path(recipe_shard.path)
     )
-    recipe_shard.metadata["units"] = [f"{split}/{index}" for split, index in info["units"]]
+    recipe_shard.metadata["units"] = [f"{split}/{index}" for split, index in info.units]
 
 
 @dsl.component(base_image=FLAM_IMAGE, install_kfp_package=False)
@@ -58,7 +58,7 @@ def merge_recipe_shards(
     summary = merge_recipe_shards(
         resolved, [Path(s.path) for s in shards], library_dir=Path(library.path), out_dir=Path(recipes.path)
     )
-    for split, info in summary["splits"].items():
+    for split, info in summary.splits.items():
         metrics.log_metric(f"{split}.n_mixtures", info["n_mixtures"])
         metrics.log_metric(f"{split}.n_event_pieces", info["n_event_pieces"])
-    recipes.metadata["params_hash"] = summary["params_hash"]
+    recipes.metadata["params_hash"] = summary.params_hash

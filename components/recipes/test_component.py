@@ -24,5 +24,5 @@ def test_plan_sample_merge_equals_build_recipes(smoke_library, tmp_path):
     reference = build_recipes(params, library_dir=library_dir, out_dir=tmp_path / "reference")
     for name in [f"{split}.parquet" for split in RECIPE_SPLITS] + ["summary.json"]:
         assert (tmp_path / "recipes" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
-    assert metrics.metadata["train.n_mixtures"] == reference["splits"]["train"]["n_mixtures"]
-    assert merged.metadata["params_hash"] == reference["params_hash"]
+    assert metrics.metadata["train.n_mixtures"] == reference.splits["train"]["n_mixtures"]
+    assert merged.metadata["params_hash"] == reference.params_hash

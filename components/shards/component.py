@@ -28,5 +28,5 @@ def write_shards(
         shards.metadata["enabled"] = False
         return
     summary = write_shards(resolved, Path(library.path), Path(recipes.path), out_dir=out)
-    n_shards = sum(split["n_shards"] for split in summary["splits"].values())
+    n_shards = sum(split["n_shards"] for split in summary.splits.values())
     shards.metadata.update({"enabled": True, "n_shards": n_shards})

@@ -16,9 +16,9 @@ def build_sources(params: Input[Artifact], library: Output[Dataset], metrics: Ou
 
     resolved = Params.model_validate_json(Path(params.path).read_text())
     summary = build_source_library(resolved, out_dir=Path(library.path), base_dir=Path.cwd())
-    stats = summary["stats"]
+    stats = summary.stats
     for key in ("n_clips", "n_event_clips", "n_event_labels", "n_backgrounds"):
         metrics.log_metric(key, stats[key])
-    metrics.log_metric("n_heldout_labels", len(stats["heldout_labels"]))
-    metrics.log_metric("n_rejected", len(summary["rejected"]))
-    library.metadata["manifest_hash"] = summary["manifest_hash"]
+    metrics.log_metric("n_heldout_labels", len(summary.heldout_labels))
+    metrics.log_metric("n_rejected", len(summary.rejected))
+    library.metadata["manifest_hash"] = summary.manifest_hash

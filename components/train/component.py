@@ -1,8 +1,10 @@
 """Stage `train`: one model per `evaluation.baselines` mode, on the GPU pool (CUDA image).
 
-With more than one visible GPU the component starts DeepSpeed data-parallel training through
-`torchrun --standalone --nproc_per_node N -m flam_core.cli ... -S train.backend=deepspeed train`;
-with one GPU or none it calls `flam_core.train.train` in-process. Either way it resumes: the
+The task's settings (`train.mode`, the data folders of its input artifacts and, for DeepSpeed,
+`train.backend`) are applied to the resolved parameters in Python. With more than one visible GPU
+the component writes them to a JSON file and starts DeepSpeed data-parallel training through
+`torchrun --standalone --nproc_per_node N -m flam_core.cli --resolved FILE train`; with one GPU
+or none it calls `flam_core.train.train` in-process. Either way it resumes: the
 model folder is this task's own output, so checkpoints found there are those of an earlier
 attempt of the same task (a retried pod on mounted storage), which it continues.
 """
@@ -40,7 +42,8 @@ def train_model(
     train_report: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """`flam_core.train.train(params with train.mode=mode, ...)` -> model folder + loss curve.
+    """`flam_core.train.train(params with train.mode=mode and the artifacts' folders)` -> model folder
+    + loss curve.
 
     `gpus` is what the pipeline asked the scheduler for; the process count is the number of GPUs
     the container sees (`torch.cuda.device_count()`).
@@ -54,22 +57,26 @@ def train_model(
 
     import torch
 
-    from flam_core.config import Params
-    from flam_core.train import train
+    from flam_core.config import Params, deep_merge
+    from flam_core.train import TrainResult, train
 
-    raw = json.loads(Path(params.path).read_text())
-    raw["train"]["mode"] = mode
-    resolved = Params.model_validate(raw)
-    out, reports = Path(model.path), Path(train_report.path)
     n_gpus = torch.cuda.device_count()
     print(f"train {mode}: {n_gpus} visible GPU(s), {gpus} requested", flush=True)
+    # Every setting of this task in the parameters themselves, so that the model's config.json
+    # (and each torchrun process) sees exactly what ran.
+    settings: dict = {
+        "train": {"mode": mode, "features_dir": features.path},
+        "sources": {"out_dir": library.path},
+        "synth": {"out_dir": recipes.path},
+    }
+    if n_gpus > 1:
+        settings["train"]["backend"] = "deepspeed"
+    resolved = Params.model_validate(deep_merge(json.loads(Path(params.path).read_text()), settings))
+    out, reports = Path(model.path), Path(train_report.path)
     if n_gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
-            # The parameters are already resolved: the profile overlay is empty.
-            params_file = Path(tmp) / "params.yaml"
-            params_file.write_text(json.dumps(raw))
-            (Path(tmp) / "profiles").mkdir()
-            (Path(tmp) / "profiles" / f"{resolved.profile}.yaml").write_text("{}\n")
+            resolved_file = Path(tmp) / "params.json"
+            resolved_file.write_text(resolved.model_dump_json())
             launcher = [shutil.which("torchrun") or sys.executable]
             if launcher[0] == sys.executable:
                 launcher.extend(["-m", "torch.distributed.run"])
@@ -79,16 +86,8 @@ def train_model(
                 f"--nproc_per_node={n_gpus}",
                 "-m",
                 "flam_core.cli",
-                "--params",
-                str(params_file),
-                "-S",
-                "train.backend=deepspeed",
-                "-S",
-                f"train.features_dir={features.path}",
-                "-S",
-                f"sources.out_dir={library.path}",
-                "-S",
-                f"synth.out_dir={recipes.path}",
+                "--resolved",
+                str(resolved_file),
                 "train",
                 "--out",
                 str(out),
@@ -98,18 +97,10 @@ def train_model(
             ]
             print(" ".join(command), flush=True)
             subprocess.run(command, check=True)
-        result = json.loads((reports / "metrics.json").read_text())
+        result = TrainResult.from_json(json.loads((reports / "metrics.json").read_text()))
     else:
-        result = train(
-            resolved,
-            library_dir=Path(library.path),
-            recipes_dir=Path(recipes.path),
-            features_dir=Path(features.path),
-            out_dir=out,
-            report_dir=reports,
-            resume=True,
-        )
-    for key, value in result.items():
+        result = train(resolved, out_dir=out, report_dir=reports, resume=True)
+    for key, value in result.to_json().items():
         if isinstance(value, int | float):
             metrics.log_metric(key, float(value))
     model.metadata.update({"mode": mode, "framework": "pytorch", "processes": max(n_gpus, 1)})

@@ -280,6 +280,21 @@ class Mixer:
             out += [Event(float(a), float(b), str(label)) for a, b in zip(lo[first], ends, strict=True)]
         return sorted(out)
 
+    def pieces(self, plan: MixPlan, i: int) -> list[tuple[float, float, int]]:
+        """Where each piece of mixture i sounds (the background's too): (onset_s, offset_s, plan
+        row), from the start of its first active span to the end of its last, in mixture time,
+        the silences inside the piece included; a piece with no active part is left out. Sorted
+        by onset. Exact times: the extent of each placed sound, where `events` gives the active
+        spans of each label."""
+        _, start, end, span_rows = self._active_spans(plan, i)
+        if not len(span_rows):
+            return []
+        order = np.argsort(span_rows, kind="stable")
+        rows, bounds = np.unique(span_rows[order], return_index=True)
+        onsets = np.minimum.reduceat(start[order], bounds)
+        offsets = np.maximum.reduceat(end[order], bounds)
+        return sorted(zip(onsets.tolist(), offsets.tolist(), rows.tolist(), strict=True))
+
     def frame_labels(self, plan: MixPlan, i: int) -> FrameLabels:
         rows, start, end, span_rows = self._active_spans(plan, i)
         # distinct labels: events by first onset, then the background (rows are in that order)

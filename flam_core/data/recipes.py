@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,23 @@ class ClipPool:
             background_labels=backgrounds["label"].to_numpy(str),
             background_durations=backgrounds["duration_s"].to_numpy(float),
         )
+
+
+@dataclass(frozen=True)
+class RecipesSummary:
+    """What `build_recipes` (or `merge_recipe_shards`) wrote; `to_json()` is the folder's `summary.json`."""
+
+    schema_version: int
+    profile: str
+    params_hash: str  # of the synth section
+    sources_manifest_hash: str  # the library's manifest hash the recipes were sampled from
+    mixture_s: float
+    # per recipe split: n_mixtures, n_rows, n_event_pieces, n_event_labels, n_event_clips,
+    # n_background_clips, bytes (of the Parquet file), sha256
+    splits: dict[str, dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _to_grid(seconds: np.ndarray) -> np.ndarray:
@@ -360,20 +377,20 @@ def _load_library(params: Params, library_dir: Path) -> tuple[pd.DataFrame, dict
 
 def _recipes_summary(
     params: Params, sources_summary: dict[str, Any], splits: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "profile": params.profile,
-        "params_hash": params.section_hash("synth"),
-        "sources_manifest_hash": sources_summary["manifest_hash"],
-        "mixture_s": params.synth.mixture_s,
-        "splits": splits,
-    }
+) -> RecipesSummary:
+    return RecipesSummary(
+        schema_version=SCHEMA_VERSION,
+        profile=params.profile,
+        params_hash=params.section_hash("synth"),
+        sources_manifest_hash=sources_summary["manifest_hash"],
+        mixture_s=params.synth.mixture_s,
+        splits=splits,
+    )
 
 
 def build_recipes(
     params: Params, library_dir: Path | None = None, out_dir: Path | None = None
-) -> dict[str, Any]:
+) -> RecipesSummary:
     """Sample every recipe split into `synth.out_dir`; returns the summary (also `summary.json`)."""
     synth = params.synth
     library_dir = Path(library_dir or params.sources.out_dir)
@@ -387,7 +404,7 @@ def build_recipes(
             splits[split] = write_split(pool, synth, split, n, staging / f"{split}.parquet", progress)
             splits[split]["sha256"] = file_sha256(staging / f"{split}.parquet")
         summary = _recipes_summary(params, sources_summary, splits)
-        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 
@@ -399,6 +416,21 @@ def build_recipes(
 # Parquet writer, so its folder is byte-identical to `build_recipes`' output.
 
 SHARD_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RecipeShard:
+    """One sampled shard of the recipes; `to_json()` is its `shard.json`."""
+
+    schema_version: int
+    shard: int
+    n_shards: int  # shards in the plan (at most the n_shards asked for)
+    units: list[tuple[str, int]]  # (split, chunk index) sampled into this shard, in plan order
+    params_hash: str  # of the synth section
+    sources_manifest_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"units": [list(unit) for unit in self.units]}
 
 
 def recipe_units(params: Params) -> list[tuple[str, int]]:
@@ -440,11 +472,11 @@ def build_recipe_shard(
     n_shards: int,
     library_dir: Path | None = None,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> RecipeShard:
     """Sample shard `shard` of `plan_recipe_shards(params, n_shards)` into `out_dir`.
 
     Writes one Arrow IPC file per unit and `shard.json` (the units, the synth hash and the
-    library's manifest hash); returns that manifest.
+    library's manifest hash); returns what it holds.
     """
     library_dir = Path(library_dir or params.sources.out_dir)
     if out_dir is None:
@@ -463,15 +495,15 @@ def build_recipe_shard(
             path = staging / _unit_file(split, index)
             with pa.ipc.new_file(path, RECIPE_SCHEMA, options=options) as writer:
                 writer.write_table(table)
-        info = {
-            "schema_version": SHARD_SCHEMA_VERSION,
-            "shard": shard,
-            "n_shards": len(plan),
-            "units": [[split, index] for split, index in plan[shard]],
-            "params_hash": params.section_hash("synth"),
-            "sources_manifest_hash": sources_summary["manifest_hash"],
-        }
-        atomic_write_text(staging / "shard.json", json.dumps(info, indent=2))
+        info = RecipeShard(
+            schema_version=SHARD_SCHEMA_VERSION,
+            shard=shard,
+            n_shards=len(plan),
+            units=list(plan[shard]),
+            params_hash=params.section_hash("synth"),
+            sources_manifest_hash=sources_summary["manifest_hash"],
+        )
+        atomic_write_text(staging / "shard.json", json.dumps(info.to_json(), indent=2))
     return info
 
 
@@ -485,7 +517,7 @@ def merge_recipe_shards(
     shard_dirs: Sequence[Path],
     library_dir: Path | None = None,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> RecipesSummary:
     """Merge `build_recipe_shard` folders into the recipe folder `build_recipes` would write.
 
     Raises `DataError` when a shard was sampled with other synth parameters or from another
@@ -529,7 +561,7 @@ def merge_recipe_shards(
             splits[split] = _split_summary(pool, n, n_rows, n_events, path)
             splits[split]["sha256"] = file_sha256(path)
         summary = _recipes_summary(params, sources_summary, splits)
-        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

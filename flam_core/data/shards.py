@@ -32,6 +32,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,6 +59,23 @@ PREVIEW_MEMBER = "flac"
 BYTES_PER_MB = 1_000_000
 TAR_MTIME = 0.0  # fixed member times: the same recipes give byte-identical shards
 _JSON_KEYS = ("mixture_id", "labels", "captions", "is_event", "frames", "n_frames", "n_samples")
+
+
+@dataclass(frozen=True)
+class ShardsSummary:
+    """What `write_shards` wrote; `to_json()` is the folder's `summary.json`."""
+
+    schema_version: int
+    params_hash: str  # the recipes' (synth section)
+    shards_params_hash: str  # of the audio, synth, frames and shards sections
+    sample_rate: int
+    n_frames: int
+    audio_member: str
+    flac_preview: bool
+    splits: dict[str, dict[str, Any]]  # per split: `write_split_shards`' summary
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -208,7 +226,7 @@ def write_shards(
     out_dir: Path | None = None,
     splits: Sequence[str] | None = None,
     flac_preview: bool | None = None,
-) -> dict[str, Any]:
+) -> ShardsSummary:
     """Materialise recipe splits (default `shards.splits`) as tar shards in `out_dir`.
 
     `out_dir` defaults to `shards.out_dir`; `flac_preview` (default `shards.flac_preview`) adds a
@@ -256,17 +274,17 @@ def write_shards(
                 n_mixtures=expected,
                 flac_preview=flac_preview,
             )
-        summary = {
-            "schema_version": SCHEMA_VERSION,
-            "params_hash": recipes_hash,
-            "shards_params_hash": params.section_hash("audio", "synth", "frames", "shards"),
-            "sample_rate": params.audio.sample_rate,
-            "n_frames": params.frames.n_frames,
-            "audio_member": AUDIO_MEMBER,
-            "flac_preview": flac_preview,
-            "splits": written,
-        }
-        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+        summary = ShardsSummary(
+            schema_version=SCHEMA_VERSION,
+            params_hash=recipes_hash,
+            shards_params_hash=params.section_hash("audio", "synth", "frames", "shards"),
+            sample_rate=params.audio.sample_rate,
+            n_frames=params.frames.n_frames,
+            audio_member=AUDIO_MEMBER,
+            flac_preview=flac_preview,
+            splits=written,
+        )
+        atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

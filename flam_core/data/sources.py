@@ -93,6 +93,24 @@ class SourceClip:
     sha256: str
 
 
+@dataclass(frozen=True)
+class SourceLibrarySummary:
+    """What `build_source_library` built; `to_json()` is the library's `summary.json`."""
+
+    schema_version: int
+    profile: str
+    params_hash: str  # of the audio, sources and captions sections
+    manifest_hash: str  # `manifest_hash(manifest)`
+    heldout_labels: list[str]
+    packages: list[BuildReport]  # per-package accounting, in build order
+    rejected: list[dict[str, str]]  # {"clip", "reason"}: valid audio, unusable (silent, short, copy)
+    skipped_bad_files: list[dict[str, str]]  # {"clip", "error"}: undecodable, with `sources.skip_bad`
+    stats: dict[str, Any]  # `library_stats(manifest)`
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Rejected(Exception):
     """A clip that is valid audio but unusable (silent, too short); counted, not fatal."""
 
@@ -276,7 +294,7 @@ def _plain(value: Any) -> Any:
 
 def build_source_library(
     params: Params, out_dir: Path | None = None, base_dir: Path = Path(), workers: int | None = None
-) -> dict[str, Any]:
+) -> SourceLibrarySummary:
     """Build the library into `out_dir` (default `sources.out_dir`); returns the summary.
 
     With `sources.skip_bad`, undecodable files are skipped and listed in the summary;
@@ -326,18 +344,18 @@ def build_source_library(
         table["captions"] = table["label"].map(captions)
         manifest = table[list(MANIFEST_COLUMNS)]
         manifest.to_parquet(staging / "manifest.parquet", index=False)
-        summary = {
-            "schema_version": SCHEMA_VERSION,
-            "profile": params.profile,
-            "params_hash": params.section_hash("audio", "sources", "captions"),
-            "manifest_hash": manifest_hash(manifest),
-            "heldout_labels": heldout,
-            "packages": [asdict(r) for r in reports],
-            "rejected": rejected,
-            "skipped_bad_files": skipped,
-            "stats": library_stats(manifest),
-        }
-        atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2))
+        summary = SourceLibrarySummary(
+            schema_version=SCHEMA_VERSION,
+            profile=params.profile,
+            params_hash=params.section_hash("audio", "sources", "captions"),
+            manifest_hash=manifest_hash(manifest),
+            heldout_labels=heldout,
+            packages=reports,
+            rejected=rejected,
+            skipped_bad_files=skipped,
+            stats=library_stats(manifest),
+        )
+        atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

@@ -24,12 +24,15 @@ over the ground truth).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import torch
 
@@ -63,6 +66,20 @@ NAMES = {
     "no_text_scale_bias": "FLAM w/o per-text scale and bias",
     "no_prior_loss": "FLAM w/o prior loss",
 }
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `evaluate` measured; `to_json()` is `metrics.json` (and what `results_markdown` reads)."""
+
+    models: dict[str, Any]  # per mode: SED metrics per test split, retrieval, zero_shot, thresholds' source
+    gate: dict[str, float]  # FLAM's flat metrics the registry's champion gate compares
+    test_set_hash: str  # of the test splits' recipe files: results are comparable when equal
+    claims: dict[str, float | int]  # FLAM against FLAM-Global ({} without the global baseline)
+    frame_label_psds: dict[str, dict[str, float]]  # per test split: PSDS of the frame labels
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _sed_metrics(split: MixtureSplit, scores: np.ndarray, hop: float, threshold: float) -> dict[str, float]:
@@ -231,7 +248,7 @@ def evaluate(
     library_dir: Path | None = None,
     recipes_dir: Path | None = None,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Evaluate every baseline in `<models_dir>/<mode>/`; writes metrics.json, results.md, plots."""
     from flam_core.model.folder import load_model
 
@@ -278,13 +295,14 @@ def evaluate(
     flam = results["flam"]
     gate = {f"{s}.{k}": v for s in TEST_SPLITS for k, v in flam[s].items() if isinstance(v, float)}
     gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items() if isinstance(v, float)}
-    metrics = {
-        "models": results,
-        "gate": gate,
-        "test_set_hash": _test_set_hash(recipes_dir),
-        "claims": _claims(results),
-        "frame_label_psds": {split.name: _frame_label_psds(split, hop) for split in splits},
-    }
+    result = EvaluationResult(
+        models=results,
+        gate=gate,
+        test_set_hash=_test_set_hash(recipes_dir),
+        claims=_claims(results),
+        frame_label_psds={split.name: _frame_label_psds(split, hop) for split in splits},
+    )
+    metrics = result.to_json()
     with atomic_dir(out_dir) as staging:
         atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2))
         atomic_write_text(staging / "results.md", results_markdown(metrics, params))
@@ -292,7 +310,7 @@ def evaluate(
             splits[1], {m: s["test_unseen"] for m, s in scores_of.items()}, staging / "roc_test_unseen.png"
         )
         _plot_heatmaps(splits[1], scores_of, cfg.heatmaps, hop, staging / "heatmaps")
-    return metrics
+    return result
 
 
 def _frame_label_psds(split: MixtureSplit, hop: float) -> dict[str, float]:
@@ -357,270 +375,81 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _psds_shortfall(metrics: dict[str, Any], claims: dict[str, Any]) -> list[str]:
-    """Why FLAM's unseen PSDS1 is zero, from the figures that decide it (nothing when it is not)."""
-    flam, glob = (metrics["models"][mode]["test_unseen"] for mode in ("flam", "global"))
+def _psds_shortfall(metrics: dict[str, Any], claims: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures that explain why FLAM's unseen PSDS1 is zero: FLAM's and FLAM-Global's
+    `test_unseen` results and the ground-truth frame labels' PSDS (`truth`, None without them).
+    None when FLAM's unseen PSDS1 is above zero or above FLAM-Global's: nothing to explain."""
+    flam, baseline = (metrics["models"][mode]["test_unseen"] for mode in ("flam", "global"))
     if claims["unseen_psds1_gain"] > 0 or flam["psds1"] > 0:
-        return []
-    text = (
-        "PSDS1 subtracts the spread of the true-positive rate over the labels (alpha_st = 1), so a "
-        "model that finds some held-out labels and misses others scores zero. Each label scored "
-        f"alone, FLAM's PSDS1 is {flam['psds1_class_mean']:.3f} +- {flam['psds1_class_std']:.3f} "
-        f"against FLAM-Global's {glob['psds1_class_mean']:.3f} +- {glob['psds1_class_std']:.3f}; "
-        "the means are the PSDS1 with alpha_st = 0 (as open-vocabulary SED papers report it)."
-    )
+        return None
     truth = metrics.get("frame_label_psds", {}).get("test_unseen")
-    if truth:
-        text += (
-            f" The ground-truth frame labels themselves reach {truth['psds1']:.3f}: PSDS1's 0.7 "
-            "tolerances on this frame grid leave little room."
-        )
-    return [text, ""]
+    return {"flam": flam, "baseline": baseline, "truth": truth or None}
 
 
-def _verdict(value: float, target: float) -> str:
-    """'met' for a value at or above its target, else by how much it falls short."""
-    return "met" if value >= target else f"missed by {target - value:.3f}"
+def _model_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One table row per model, in the order evaluated: (its display name, its results)."""
+    return [(NAMES.get(mode, mode), r) for mode, r in results.items()]
 
 
-def _model_rows(results: dict[str, Any], cells: Callable[[dict[str, Any]], str]) -> list[str]:
-    """One Markdown table row per model: its display name, then `cells(its results)`."""
-    return [f"| {NAMES.get(mode, mode)} | {cells(r)} |" for mode, r in results.items()]
+def _number(value: float, spec: str = ".3f") -> str:
+    """The template's `num` filter: `format(value, spec)`, as an f-string formats it."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises UndefinedError naming the missing key, not a TypeError
+    return format(value, spec)
 
 
-def _scenario_settings() -> str:
-    """PSDS1's and PSDS2's settings other than alpha_st, as `PSDS_SCENARIOS` holds them."""
-    from flam_core.evaluation.sed import PSDS_SCENARIOS
-
-    parts = []
-    for n, p in PSDS_SCENARIOS.items():
-        cross = f"cttc {p['cttc_threshold']:g}, " if p["cttc_threshold"] is not None else ""
-        parts.append(
-            f"PSDS{n} dtc {p['dtc_threshold']:g}, gtc {p['gtc_threshold']:g}, {cross}"
-            f"alpha_ct {p['alpha_ct']:g}, eFPR up to {p['max_efpr']:g} per hour"
-        )
-    return "; ".join(parts)
+@functools.cache
+def _results_template() -> jinja2.Template:
+    """`templates/results.md.j2`, loaded once. A key missing from the metrics fails the
+    rendering (StrictUndefined) instead of leaving an empty cell; no HTML escaping: Markdown."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("flam_core.evaluation", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["num"] = _number
+    return env.get_template("results.md.j2")
 
 
 def results_markdown(metrics: dict[str, Any], params: Params) -> str:
+    """`results.md`: the tables of `metrics` (as `evaluate` builds it) rendered from
+    `templates/results.md.j2`. Here the rows are chosen and ordered; the template lays them out."""
+    from flam_core.evaluation.sed import PSDS_SCENARIOS
+
     results = metrics["models"]
-    command = "dvc repro evaluate" + ("" if params.profile == "default" else f"  # profile: {params.profile}")
-    lines = [
-        "# Evaluation: FLAM and its baselines",
-        "",
-        "Same data (recipes and frozen-encoder features) and the same training budget "
-        f"(`train.steps` = {params.train.steps}) for every model. Reproduce with:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Test set hash: `{metrics['test_set_hash']}`. "
-        f"Frame hop {params.frame_hop_s} s. "
-        "`test_unseen` holds only labels never seen in training (open vocabulary); `test_seen` holds "
-        "training labels in new clips and backgrounds.",
-        "",
-        "## Sound event detection (unbiased detector)",
-        "",
-        "| model | unseen AUROC macro | unseen AUROC micro | seen AUROC macro | seen AUROC micro |",
-        "|---|---|---|---|---|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{r[split][key]:.3f}"
-            for split in ("test_unseen", "test_seen")
-            for key in ("frame_auroc_macro", "frame_auroc_micro")
-        ),
-    )
-    psds_keys = list(PSDS_COLUMNS)
-    targets = metrics.get("frame_label_psds")
-    lines += [
-        "",
-        "PSDS in two conventions. DCASE's (alpha_st = 1) subtracts the standard deviation of the "
-        "true-positive rate across classes from its mean; with alpha_st = 0 it is the area under "
-        "the mean per-class TPR vs eFPR curve, the PSDS open-vocabulary SED papers report (e.g. "
-        "PSDS1 on AudioSet-Strong): compare published figures with the alpha_st=0 columns. Both "
-        f"keep the scenario's other settings: {_scenario_settings()}."
-        + (" The last row scores the ground-truth frame labels as a model (the ceiling)." if targets else ""),
-        "",
-        "| model | "
-        + " | ".join(f"{split} {PSDS_COLUMNS[key]}" for split in ("unseen", "seen") for key in psds_keys)
-        + " |",
-        "|---" * (1 + 2 * len(psds_keys)) + "|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{r[split][key]:.3f}" for split in ("test_unseen", "test_seen") for key in psds_keys
-        ),
-    )
-    if targets:
-        lines.append(
-            "| ground-truth frame labels (ceiling) | "
-            + " | ".join(
-                f"{targets[split][key]:.3f}" for split in ("test_unseen", "test_seen") for key in psds_keys
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "Detection at a threshold, on the detector's output (scores after the 3-frame median "
-        "filter). FLAM's thresholds are those of `flam calibrate`; a model without calibration "
-        "gets its thresholds here, by the same rule (the macro segment-F1 optimum on `val_unseen` "
-        "for `test_unseen`, on `val` for `test_seen`). The columns at 0.5 read every model at one "
-        "fixed threshold, the setting the logit adjustment is meant to make work for every prompt.",
-        "",
-        "| model | unseen threshold | unseen segment F1 | unseen segment F1 at 0.5 | unseen event F1 "
-        "| seen threshold | seen segment F1 | seen segment F1 at 0.5 | seen event F1 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{r[split]['threshold']:.2f} | {r[split]['segment_f1_macro']:.3f} | "
-            f"{r[split]['segment_f1_macro_at_0.5']:.3f} | {r[split]['event_f1_macro']:.3f}"
-            for split in ("test_unseen", "test_seen")
-        ),
-    )
-    lines += [
-        "",
-        "PSDS (DCASE) subtracts the standard deviation of the true-positive rate across classes "
-        "(alpha_st = 1), so a model that detects some classes well and others not at all can score "
-        "0. Single-class PSDS, mean +- std over the labels (the mean is the alpha_st = 0 PSDS):",
-        "",
-        "| model | unseen single-class PSDS1 | unseen single-class PSDS2 "
-        "| seen single-class PSDS1 | seen single-class PSDS2 |",
-        "|---|---|---|---|---|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{r[split][f'psds{n}_class_mean']:.3f} +- {r[split][f'psds{n}_class_std']:.3f}"
-            for split in ("test_unseen", "test_seen")
-            for n in (1, 2)
-        ),
-    )
-    if targets:
-        u, s = targets["test_unseen"], targets["test_seen"]
-        hop_s = params.frame_hop_s
-        lines += [
-            "",
-            "The ground-truth frame labels (the training targets), scored as a model, reach PSDS1 "
-            f"{u['psds1']:.3f} / PSDS2 {u['psds2']:.3f} on `test_unseen` ({s['psds1']:.3f} / "
-            f"{s['psds2']:.3f} on `test_seen`; with alpha_st = 0: {u['psds1_alpha_st0']:.3f} / "
-            f"{u['psds2_alpha_st0']:.3f} and {s['psds1_alpha_st0']:.3f} / {s['psds2_alpha_st0']:.3f}): "
-            f"on a {hop_s} s frame grid an event shorter than about 1.5 frames cannot meet PSDS1's "
-            "0.7 detection and ground-truth tolerances.",
-        ]
-    lines += [
-        "",
-        "## Inference: unbiased vs approximate (FLAM)",
-        "",
-        "| detector | unseen AUROC macro "
-        + "".join(f"| unseen {PSDS_COLUMNS[k]} " for k in ("psds1", "psds1_alpha_st0"))
-        + "| seen AUROC macro "
-        + "".join(f"| seen {PSDS_COLUMNS[k]} " for k in ("psds1", "psds1_alpha_st0"))
-        + "|",
-        "|---|---|---|---|---|---|---|",
-    ]
     flam = results["flam"]
-    for label, suffix in (
-        ("unbiased p / (p + sigmoid(beta))", ""),
-        ("approximate sigmoid(alpha cos)", "_approximate"),
-    ):
-        u, s = flam[f"test_unseen{suffix}"], flam[f"test_seen{suffix}"]
-        lines.append(
-            f"| {label} | {u['frame_auroc_macro']:.3f} | {u['psds1']:.3f} | {u['psds1_alpha_st0']:.3f} | "
-            f"{s['frame_auroc_macro']:.3f} | {s['psds1']:.3f} | {s['psds1_alpha_st0']:.3f} |"
-        )
-    lines += [
-        "",
-        "## Retrieval (test mixtures; caption = first events' captions)",
-        "",
-        "| model | T2A R@1 | T2A R@5 | T2A R@10 | T2A mAP@10 | A2T R@1 | A2T R@5 | A2T R@10 | A2T mAP@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{r['retrieval'][f'{d}_{k}']:.3f}"
-            for d in ("t2a", "a2t")
-            for k in ("R@1", "R@5", "R@10", "mAP@10")
-        ),
-    )
-    lines += [
-        "",
-        "## Zero-shot classification (single test clips of the source library)",
-        "",
-        "| model | seen top-1 | unseen top-1 |",
-        "|---|---|---|",
-    ]
-    lines += _model_rows(
-        results,
-        lambda r: " | ".join(
-            f"{z[k]['top1']:.3f} ({z[k]['n_clips']} clips, {z[k]['n_classes']} classes)" if k in z else "-"
-            for z in (r["zero_shot"],)
-            for k in ("seen", "unseen")
-        ),
-    )
-    claims = metrics.get("claims") or {}
+    claims = metrics.get("claims") or None
+    prompts = []
     if claims:
-        low, high = claims["unseen_auroc_gain_ci95_low"], claims["unseen_auroc_gain_ci95_high"]
-        auroc_target, r5_target = claims["unseen_auroc_gain_target"], claims["retrieval_r5_relative_target"]
-        lines += [
-            "",
-            "## The claim, on this data",
-            "",
-            f"- Unseen frame AUROC (macro), FLAM minus FLAM-Global: **{claims['unseen_auroc_gain']:+.3f}** "
-            f"(target >= +{auroc_target:.2f}: {_verdict(claims['unseen_auroc_gain'], auroc_target)}; "
-            f"paper: 91.0 vs 67.8). 95% interval over the {claims['unseen_auroc_labels']} held-out "
-            f"prompts (BCa bootstrap over labels): [{low:+.3f}, {high:+.3f}]; FLAM is ahead on "
-            f"{claims['unseen_auroc_labels_better']} of them.",
-            f"- Unseen PSDS1, FLAM minus FLAM-Global: **{claims['unseen_psds1_gain']:+.3f}** "
-            f"(target > 0: {'met' if claims['unseen_psds1_gain'] > 0 else 'missed'}). "
-            f"On `test_seen` (closed set, where the paper reports PSDS): {claims['seen_psds1_gain']:+.3f}. "
-            "With alpha_st = 0 (the PSDS1 of open-vocabulary SED papers): "
-            f"{claims['unseen_psds1_alpha_st0_gain']:+.3f} on `test_unseen`, "
-            f"{claims['seen_psds1_alpha_st0_gain']:+.3f} on `test_seen`.",
-            f"- Retrieval T2A R@5, FLAM / FLAM-Global: **{claims['retrieval_r5_relative']:.2f}** "
-            f"(target >= {r5_target:.2f}: {_verdict(claims['retrieval_r5_relative'], r5_target)}).",
-            "",
-            *_psds_shortfall(metrics, claims),
-            "The frame AUROC mixes two abilities: recognising whether the prompt's sound is in a clip "
-            "(clip AUROC: each clip's highest frame score against the label's presence) and placing it "
-            "in time (within-clip AUROC: only the frames of the clips in which the label sounds; a score "
-            "constant over the clip gives 0.5). On the held-out prompts FLAM gains "
-            f"**{claims['unseen_clip_auroc_gain']:+.3f}** in recognition and "
-            f"**{claims['unseen_within_clip_auroc_gain']:+.3f}** in localisation over FLAM-Global. "
-            "Recognising a novel prompt rests on the text side both models share (the text "
-            "encoder and the training vocabulary); localisation is what the frame objective adds.",
-            "",
-            "| model | unseen clip AUROC | unseen within-clip AUROC "
-            "| seen clip AUROC | seen within-clip AUROC |",
-            "|---|---|---|---|---|",
-            *_model_rows(
-                results,
-                lambda r: " | ".join(
-                    f"{r[split][key]:.3f}"
-                    for split in ("test_unseen", "test_seen")
-                    for key in ("clip_auroc_macro", "within_clip_auroc_macro")
-                ),
-            ),
-            "",
-            "Frame AUROC of each held-out prompt (`test_unseen`), largest gain first:",
-            "",
-            "| prompt | FLAM | FLAM-Global | gain |",
-            "|---|---|---|---|",
-        ]
-        ours = results["flam"]["test_unseen"]["frame_auroc_per_label"]
+        ours = flam["test_unseen"]["frame_auroc_per_label"]
         theirs = results["global"]["test_unseen"]["frame_auroc_per_label"]
-        for label in sorted(ours, key=lambda k: (theirs[k] - ours[k], k)):
-            lines.append(
-                f"| {label} | {ours[label]:.3f} | {theirs[label]:.3f} | {ours[label] - theirs[label]:+.3f} |"
+        prompts = [
+            (label, ours[label], theirs[label], ours[label] - theirs[label])
+            for label in sorted(ours, key=lambda k: (theirs[k] - ours[k], k))
+        ]
+    return _results_template().render(
+        train_steps=params.train.steps,
+        profile=params.profile,
+        frame_hop_s=params.frame_hop_s,
+        test_set_hash=metrics["test_set_hash"],
+        psds_columns=PSDS_COLUMNS,
+        psds_scenarios=PSDS_SCENARIOS,
+        models=_model_rows(results),
+        targets=metrics.get("frame_label_psds") or None,
+        detectors=[
+            (label, (flam[f"test_unseen{suffix}"], flam[f"test_seen{suffix}"]))
+            for label, suffix in (
+                ("unbiased p / (p + sigmoid(beta))", ""),
+                ("approximate sigmoid(alpha cos)", "_approximate"),
             )
-    lines.append("")
-    return "\n".join(lines)
+        ],
+        claims=claims,
+        shortfall=_psds_shortfall(metrics, claims) if claims else None,
+        prompts=prompts,
+    )
 
 
 def _plot_roc(split: MixtureSplit, scores: dict[str, np.ndarray], path: Path) -> None:

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
+
+from components.evaluate.component import evaluate_models
+from flam_core.errors import DataError
+from tests.conftest import smoke_params
+
+
+def run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, baselines: list[str]):
+    (tmp_path / "params.json").write_text(
+        smoke_params("evaluation.baselines=[flam, global]").model_dump_json()
+    )
+    outputs = {
+        "evaluation": Dataset(uri=str(tmp_path / "evaluation")),
+        "results": Markdown(uri=str(tmp_path / "results.md")),
+        "metrics": Metrics(uri=str(tmp_path / "metrics")),
+    }
+    evaluate_models.python_func(
+        params=Artifact(uri=str(tmp_path / "params.json")),
+        flam_model=Model(uri=str(smoke_models / "flam")),
+        baseline_models=[Model(uri=str(smoke_models / mode)) for mode in baselines],
+        library=Dataset(uri=str(smoke_library[0])),
+        recipes=Dataset(uri=str(smoke_recipes[0])),
+        features=Dataset(uri=str(smoke_features)),
+        **outputs,
+    )
+    return outputs
+
+
+@pytest.mark.slow
+def test_evaluates_flam_against_its_baseline(
+    smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+):
+    outputs = run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, ["global"])
+    saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert set(saved["models"]) == {"flam", "global"}  # each artifact found under its config's mode
+    assert (tmp_path / "results.md").read_text() == (tmp_path / "evaluation" / "results.md").read_text()
+    logged = outputs["metrics"].metadata
+    assert saved["gate"] and all(logged[key] == value for key, value in saved["gate"].items())
+    assert saved["claims"] and all(logged[f"claims.{key}"] == value for key, value in saved["claims"].items())
+    assert len(logged) == len(saved["gate"]) + len(saved["claims"])
+    assert outputs["evaluation"].metadata == {"test_set_hash": saved["test_set_hash"]}
+
+
+def test_a_missing_baseline_fails_the_task(
+    smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+):
+    with pytest.raises(DataError, match=r"no trained model for \['global'\]"):
+        run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, [])
+    assert not (tmp_path / "evaluation").exists() and not (tmp_path / "results.md").exists()

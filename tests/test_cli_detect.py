@@ -125,7 +125,8 @@ def test_a_model_folder_outside_any_project_plots_and_prints_only_the_table(smok
 def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_path):
     """`flam detect` on a model folder loads neither the metric, data-table, tracking nor
     training libraries: they cost seconds of start-up and detection does not use them. (scipy is
-    left out of the list: transformers imports parts of it.)"""
+    left out of the list: transformers imports parts of it; so is boto3, which the S3 inputs of
+    flam_core.batch import with flam_core.storage, about 0.2 s.)"""
     shutil.copy(project / "recording.wav", tmp_path / "recording.wav")
     heavy = (
         "pandas",

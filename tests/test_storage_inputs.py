@@ -402,14 +402,14 @@ def test_sources_build_reads_a_user_folder_on_s3_like_a_local_one(bucket, tmp_pa
 
     remote = build(f"s3://{bucket}/users/knocks", f"s3://{bucket}/users/labels.csv", tmp_path / "from-s3")
     reference = build(str(local), str(tmp_path / "labels.csv"), tmp_path / "from-disk")
-    assert remote["stats"]["per_label"]["door knocking"] == 4
-    assert remote["manifest_hash"] == reference["manifest_hash"]  # the same clips, ids and audio
+    assert remote.stats["per_label"]["door knocking"] == 4
+    assert remote.manifest_hash == reference.manifest_hash  # the same clips, ids and audio
     recordings = [f"users/knocks/set{i % 2}/knock{i}.wav" for i in range(4)]
     assert object_gets(proxy) == sorted(["users/labels.csv", *recordings])  # each object read once
 
     proxy.requests.clear()
     again = build(f"s3://{bucket}/users/knocks/", f"s3://{bucket}/users/labels.csv", tmp_path / "again")
-    assert again["manifest_hash"] == remote["manifest_hash"]
+    assert again.manifest_hash == remote.manifest_hash
     assert object_gets(proxy) == ["users/labels.csv"]  # the recordings come from the cache
 
     storage.write_bytes(f"s3://{bucket}/bad/labels.csv", b"filename,label\nmissing.wav,dog\n")

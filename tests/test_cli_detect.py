@@ -136,7 +136,6 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
         "deepspeed",
         "matplotlib",
         "evidently",
-        "boto3",
     )
     argv = [
         "flam",

@@ -175,6 +175,23 @@ def synth_recipes(
         )
 
 
+@synth_app.command("real")
+def synth_real(
+    library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: test_real.out_dir).")] = None,
+) -> None:
+    """The real-recording test: long recordings and isolated clips from the held-out sources only."""
+    from flam_core.data.realset import build_real_set
+
+    params = state.params()
+    summary = build_real_set(params, library or Path(params.sources.out_dir), out)
+    console.print(
+        f"test_real: {summary.recordings} recordings ({summary.recording_s / 60:.1f} min), "
+        f"{summary.clips} isolated clips, {len(summary.labels)} prompts "
+        f"({len(summary.background_labels)} ambiences) from {', '.join(summary.sources)}"
+    )
+
+
 @synth_app.command("shards")
 def synth_shards(
     library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
@@ -319,8 +336,8 @@ def evaluate_command(
         _check_file(tsv, "a DCASE TSV file")
         _check_folder(audio_dir, "the audio folder of --tsv")
         detector = _detector(_model_uri(model or params.train.out_dir))
+        from flam_core.data.tsv import SedDataset
         from flam_core.evaluation.report import evaluate_sed_dataset
-        from flam_core.evaluation.tsv import SedDataset
 
         result = evaluate_sed_dataset(detector, SedDataset(audio_dir, tsv))
         typer.echo(json.dumps(result, indent=2))

@@ -131,6 +131,9 @@ class SourcesParams(_Section):
     max_clips_per_label: int = Field(40, ge=1, le=100000)
     skip_bad: bool = False
     user_folders: list[UserFolder] = Field(default_factory=list)
+    # Whole sources (a Debian package, or "user:<dir>") kept out of training, validation and
+    # calibration: their clips form the `test_real` split and the real-recording test alone.
+    held_out_sources: list[str] = Field(default_factory=lambda: ["scratch"])
     activity: ActivityParams = ActivityParams()
     processing: ProcessingParams = ProcessingParams()
     midi: MidiParams = MidiParams()
@@ -145,6 +148,17 @@ class SourcesParams(_Section):
         if unknown:
             raise ValueError(f"unknown package(s) {unknown}; allowed: {list(DEBIAN_PACKAGES)}")
         return packages
+
+    @model_validator(mode="after")
+    def _held_out_sources_are_built(self) -> SourcesParams:
+        if len(set(self.held_out_sources)) != len(self.held_out_sources):
+            raise ValueError(f"sources.held_out_sources lists a source twice: {self.held_out_sources}")
+        unbuilt = [s for s in self.held_out_sources if s in DEBIAN_PACKAGES and s not in self.packages]
+        if unbuilt:
+            raise ValueError(
+                f"sources.held_out_sources names {unbuilt}, which sources.packages does not build"
+            )
+        return self
 
 
 class LlmCaptionParams(_Section):
@@ -337,6 +351,23 @@ class EvaluationParams(_Section):
         return self
 
 
+class RealTestParams(_Section):
+    """Stage `test_real`: the real-recording test from the held-out sources (`sources.held_out_sources`)."""
+
+    out_dir: str = "data/test_real"
+    recordings: int = Field(40, ge=1, le=10_000)  # long recordings, each min_s..max_s seconds
+    min_s: float = Field(10.0, gt=0.0, le=3600.0)
+    max_s: float = Field(60.0, gt=0.0, le=3600.0)
+    clips_per_label: int = Field(3, ge=1, le=1000)  # isolated clips per label (zero-shot classification)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RealTestParams:
+        if self.max_s < self.min_s:
+            raise ValueError(f"test_real.max_s ({self.max_s}) must be >= test_real.min_s ({self.min_s})")
+        return self
+
+
 class RegistryParams(_Section):
     """Stage `register`: MLflow model registry and the champion gate."""
 
@@ -379,6 +410,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
     evaluation: EvaluationParams = EvaluationParams()
+    test_real: RealTestParams = RealTestParams()
     registry: RegistryParams = RegistryParams()
     monitor: MonitorParams = MonitorParams()
 

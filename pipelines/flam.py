@@ -32,6 +32,7 @@ from components.recipes.component import merge_recipe_shards, plan_recipe_shards
 from components.register.component import register_model
 from components.shards.component import write_shards
 from components.sources.component import build_sources
+from components.test_real.component import build_real_set
 from components.train.component import plan_baselines, train_model
 from components.validate.component import fail_on_invalid_data, validate_data
 
@@ -105,8 +106,12 @@ def flam_pipeline(
             with dsl.ParallelFor(plan_baselines(params=p).output, name="baselines") as mode:
                 baseline = train_model(**data, mode=mode, gpus=gpus).set_display_name("train-baseline")
                 with_secrets(on_gpu_pool(baseline, gpus))
+            real_set = build_real_set(params=p, library=library).outputs["real_set"]
             evaluation = evaluate_models(
-                **data, flam_model=calibrated, baseline_models=dsl.Collected(baseline.outputs["model"])
+                **data,
+                real_set=real_set,
+                flam_model=calibrated,
+                baseline_models=dsl.Collected(baseline.outputs["model"]),
             ).outputs["evaluation"]
             register = register_model(params=p, model=calibrated, evaluation=evaluation, recipes=recipes)
             with_secrets(register, s3=True).set_caching_options(False)

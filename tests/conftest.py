@@ -77,3 +77,16 @@ def smoke_models(smoke_features, tmp_path_factory: pytest.TempPathFactory) -> Pa
                 report_dir=folder / f"{mode}-reports",
             )
     return folder
+
+
+HELD_OUT = "scratch"  # sources.held_out_sources of the smoke profile: its clips are `test_real`
+
+
+@pytest.fixture(scope="session")
+def real_set(smoke_library, tmp_path_factory) -> tuple[Path, object]:
+    """The real-recording test set of the smoke library: (folder, summary)."""
+    from flam_core.data.realset import build_real_set
+
+    library, _ = smoke_library
+    out = tmp_path_factory.mktemp("real") / "test_real"
+    return out, build_real_set(smoke_params(), library, out)

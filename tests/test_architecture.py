@@ -28,6 +28,7 @@ STAGE_ENTRIES = {
     "train": "flam_core.train",
     "calibrate": "flam_core.calibrate",
     "evaluate": "flam_core.evaluation.report",
+    "test_real": "flam_core.data.realset",
     "register": "flam_core.registry",
     "monitor": "flam_core.monitor",
 }

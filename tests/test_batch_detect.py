@@ -15,8 +15,8 @@ import soundfile as sf
 import flam_core.batch
 from flam_core.batch import collect_audio_files, read_detections, segments_tsv
 from flam_core.cli import run
+from flam_core.data.tsv import SedDataset, read_sed_tsv
 from flam_core.errors import AudioError, SilentAudioError
-from flam_core.evaluation.tsv import SedDataset, read_sed_tsv
 from flam_core.inference import FlamDetector
 from tests.conftest import ROOT
 

@@ -11,8 +11,8 @@ import pytest
 from flam_core.calibrate import calibrate, reliability
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import DataError
-from flam_core.evaluation.frames import vocabulary_scores
-from flam_core.evaluation.report import evaluate, frame_truth
+from flam_core.evaluation.frames import frame_truth, vocabulary_scores
+from flam_core.evaluation.report import evaluate
 from flam_core.evaluation.sed import segment_f1
 from flam_core.evaluation.splits import MixtureSplit
 from flam_core.model.folder import load_model
@@ -130,7 +130,7 @@ def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):
 
 
 def test_evaluation_report_compares_flam_with_its_baseline(
-    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, mixer, tmp_path
+    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, mixer, real_set, tmp_path
 ):
     library, _ = smoke_library
     recipes, _ = smoke_recipes
@@ -142,8 +142,19 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         library_dir=library,
         recipes_dir=recipes,
         out_dir=out,
+        real_dir=real_set[0],
     )
     assert set(result.models) == {"flam", "global"}
+    # the real-recording test: both models through their detectors, every figure a share
+    real = result.test_real
+    assert real is not None and set(real) == {"set", "flam", "global"}
+    assert real["set"]["recordings"] == real_set[1].recordings
+    for mode in ("flam", "global"):
+        recordings, zero_shot = real[mode]["recordings"], real[mode]["zero_shot"]
+        assert 0 <= recordings["frame_auroc_macro"] <= 1 and 0 <= recordings["frame_auroc_pooled"] <= 1
+        assert 0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1
+    assert "## Real recordings from held-out sources" in (out / "results.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["test_real"]["flam"] == real["flam"]
     flam = result.models["flam"]
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):
         for key in (

@@ -3,9 +3,9 @@ import pytest
 import soundfile as sf
 
 from flam_core.data.recipes import read_recipes
+from flam_core.data.tsv import COLUMNS, SedDataset, read_sed_tsv, write_sed_tsv
 from flam_core.errors import DataError
 from flam_core.evaluation.sed import event_f1
-from flam_core.evaluation.tsv import COLUMNS, SedDataset, read_sed_tsv, write_sed_tsv
 from flam_core.postprocess import median_filter_frames
 
 HEADER = "\t".join(COLUMNS) + "\n"

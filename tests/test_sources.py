@@ -18,12 +18,13 @@ from flam_core.data.sources import (
     library_stats,
     load_manifest,
 )
-from flam_core.errors import AudioError, DataError
+from flam_core.errors import AudioError, ConfigError, DataError
 from tests.conftest import ROOT, smoke_params
 
 # A library with no Debian package and no renders: only a user folder + procedural noise.
 USER_ONLY = (
     "sources.packages=[]",
+    "sources.held_out_sources=[]",
     "sources.max_clips_per_label=40",
     "sources.midi.enabled=false",
     "sources.speech.enabled=false",
@@ -38,7 +39,8 @@ def test_manifest_contract(smoke_library):
     assert tuple(manifest.columns) == MANIFEST_COLUMNS
     assert manifest["clip_id"].is_unique
     assert set(manifest["kind"]) == {"event", "background"}
-    assert set(manifest["split"]) <= {"train", "val", "test"}
+    assert set(manifest["split"]) <= {"train", "val", "test", "test_real"}
+    assert set(manifest.loc[manifest["split"] == "test_real", "source_package"]) == {"scratch"}
     assert (manifest["sample_rate"] == 16000).all()
     assert check_readable(manifest, folder) == []
     for row in manifest.itertuples():
@@ -65,7 +67,7 @@ def test_clips_are_conditioned(smoke_library):
 def test_heldout_labels_never_reach_train_and_split_by_label(smoke_library):
     folder, summary = smoke_library
     manifest = load_manifest(folder)
-    events = manifest[manifest["kind"] == "event"]
+    events = manifest[(manifest["kind"] == "event") & (manifest["split"] != "test_real")]
     heldout = set(summary.heldout_labels)
     assert len(heldout) / events["label"].nunique() >= 0.15
     assert set(events.loc[events["heldout"], "label"]) == heldout
@@ -119,9 +121,37 @@ def test_split_sizes_follow_the_fractions():
     pd.testing.assert_frame_equal(split, again)
 
 
+def test_held_out_sources_go_whole_to_test_real_and_the_rest_splits_as_without_them():
+    table = pd.DataFrame(
+        {
+            "clip_id": [f"c{i:03d}" for i in range(120)],
+            "label": [f"l{i % 8}" for i in range(120)],
+            "kind": ["background" if i % 15 == 0 else "event" for i in range(120)],
+            "source_package": ["held" if i % 4 == 0 else "kept" for i in range(120)],
+        }
+    )
+    splits = SplitParams(heldout_label_fraction=0.25)
+    split, heldout = assign_splits(table, splits, ["held"])
+    held = split["source_package"] == "held"
+    assert (split.loc[held, "split"] == "test_real").all() and not split.loc[held, "heldout"].any()
+    assert "test_real" not in set(split.loc[~held, "split"])
+    rest, rest_heldout = assign_splits(table[~held.to_numpy()], splits)
+    assert heldout == rest_heldout
+    pd.testing.assert_frame_equal(split[~held], rest)
+    assert list(split.index) == list(table.index)
+
+
+def test_a_held_out_source_the_library_does_not_build_is_refused():
+    with pytest.raises(ConfigError, match="held_out_sources"):
+        smoke_params("sources.packages=[sound-theme-freedesktop]", "sources.held_out_sources=[scratch]")
+    with pytest.raises(ConfigError, match="twice"):
+        smoke_params("sources.held_out_sources=[scratch, scratch]")
+
+
 def test_build_is_deterministic(tmp_path):
     overrides = (
         "sources.packages=[sound-theme-freedesktop]",
+        "sources.held_out_sources=[]",
         "sources.midi.clips_per_label=1",
         "sources.speech.clips_per_label=1",
         "sources.procedural.clips_per_label=1",

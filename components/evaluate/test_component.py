@@ -8,7 +8,9 @@ from flam_core.errors import DataError
 from tests.conftest import smoke_params
 
 
-def run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, baselines: list[str]):
+def run_evaluate(
+    tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, baselines: list[str]
+):
     (tmp_path / "params.json").write_text(
         smoke_params("evaluation.baselines=[flam, global]").model_dump_json()
     )
@@ -24,6 +26,7 @@ def run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_re
         library=Dataset(uri=str(smoke_library[0])),
         recipes=Dataset(uri=str(smoke_recipes[0])),
         features=Dataset(uri=str(smoke_features)),
+        real_set=Dataset(uri=str(real_set[0])),
         **outputs,
     )
     return outputs
@@ -31,11 +34,14 @@ def run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_re
 
 @pytest.mark.slow
 def test_evaluates_flam_against_its_baseline(
-    smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+    smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, tmp_path
 ):
-    outputs = run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, ["global"])
+    outputs = run_evaluate(
+        tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, ["global"]
+    )
     saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert set(saved["models"]) == {"flam", "global"}  # each artifact found under its config's mode
+    assert set(saved["test_real"]) == {"set", "flam", "global"}  # the real-recording test, both models
     assert (tmp_path / "results.md").read_text() == (tmp_path / "evaluation" / "results.md").read_text()
     logged = outputs["metrics"].metadata
     assert saved["gate"] and all(logged[key] == value for key, value in saved["gate"].items())
@@ -45,8 +51,8 @@ def test_evaluates_flam_against_its_baseline(
 
 
 def test_a_missing_baseline_fails_the_task(
-    smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+    smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, tmp_path
 ):
     with pytest.raises(DataError, match=r"no trained model for \['global'\]"):
-        run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, [])
+        run_evaluate(tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, [])
     assert not (tmp_path / "evaluation").exists() and not (tmp_path / "results.md").exists()

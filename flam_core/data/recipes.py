@@ -94,6 +94,11 @@ class ClipPool:
                     f"recipe split {split!r}: the source library has no {what} clip for it "
                     f"(source split {source_split!r}); build a larger library or change sources.splits"
                 )
+        return cls.of(events, backgrounds)
+
+    @classmethod
+    def of(cls, events: pd.DataFrame, backgrounds: pd.DataFrame) -> ClipPool:
+        """The pool of the given manifest rows (event clips, background clips), by clip id."""
         events = events.sort_values("clip_id")
         backgrounds = backgrounds.sort_values("clip_id")
         return cls(

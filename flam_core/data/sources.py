@@ -58,7 +58,7 @@ MANIFEST_COLUMNS = (
     "label",  # str, clean lower-case label
     "captions",  # list[str], the label first
     "kind",  # "event" | "background"
-    "split",  # "train" | "val" | "test"
+    "split",  # "train" | "val" | "test", or "test_real" for every clip of `sources.held_out_sources`
     "heldout",  # bool: the label is held out of train/val (open-vocabulary test)
     "duration_s",  # float
     "sample_rate",  # int
@@ -69,7 +69,8 @@ MANIFEST_COLUMNS = (
     "licence",  # str
     "sha256",  # str: hash of the FLAC file
 )
-SPLITS = ("train", "val", "test")
+REAL_SPLIT = "test_real"  # the clips of the held-out sources, and nothing else
+SPLITS = ("train", "val", "test", REAL_SPLIT)
 
 
 @dataclass(frozen=True)
@@ -240,8 +241,13 @@ def cap_per_label(clips: Sequence[RawClip], max_per_label: int, seed: int) -> li
     return kept
 
 
-def assign_splits(table: pd.DataFrame, splits: SplitParams) -> tuple[pd.DataFrame, list[str]]:
+def assign_splits(
+    table: pd.DataFrame, splits: SplitParams, held_out_sources: Sequence[str] = ()
+) -> tuple[pd.DataFrame, list[str]]:
     """Add `split` and `heldout` columns; returns the table and the held-out labels.
+
+    Every clip of a source in `held_out_sources` goes to `test_real` (heldout False: its label
+    may well be trained on, from other sources), whatever its label; the rest is split as follows.
 
     A seeded `heldout_label_fraction` of event labels is held out (heldout=True): a seeded
     `heldout_val_fraction` of those labels goes entirely to `val` (the never-trained prompts
@@ -250,6 +256,11 @@ def assign_splits(table: pd.DataFrame, splits: SplitParams) -> tuple[pd.DataFram
     clip: it keeps at least one training clip, gets a test clip from 3 clips up and a
     validation clip from 4 clips up. Backgrounds are split the same way as one group.
     """
+    real = table["source_package"].isin(list(held_out_sources)).to_numpy() if held_out_sources else None
+    if real is not None and real.any():
+        rest, heldout = assign_splits(table[~real], splits)
+        held = table[real].assign(split=REAL_SPLIT, heldout=False)
+        return pd.concat([rest, held]).loc[table.index], heldout
     event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
     n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
     rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
@@ -338,7 +349,13 @@ def build_source_library(
         if not any(r["kind"] == "event" for r in rows):
             raise DataError("the source library would hold no event clip; check sources.* params")
         table = pd.DataFrame(rows).sort_values("clip_id", ignore_index=True)
-        table, heldout = assign_splits(table, sources.splits)
+        table, heldout = assign_splits(table, sources.splits, sources.held_out_sources)
+        missing = sorted(set(sources.held_out_sources) - set(table["source_package"]))
+        if missing:
+            raise DataError(
+                f"sources.held_out_sources names {missing}, which gave the library no clip: name sources "
+                f"it builds from (these ones: {sorted(set(table['source_package']))})"
+            )
         builder_captions = {c.label: (c.kind, c.captions) for c in raw_clips}
         captions = caption_table(builder_captions, params.captions, base_dir)
         table["captions"] = table["label"].map(captions)

@@ -45,7 +45,7 @@ from flam_core.data.recipes import (
     max_concurrency,
     read_recipes,
 )
-from flam_core.data.sources import load_manifest, manifest_hash
+from flam_core.data.sources import REAL_SPLIT, SPLITS, load_manifest, manifest_hash
 from flam_core.errors import DataError
 from flam_core.utils import atomic_write_text
 
@@ -56,7 +56,6 @@ MAX_EXAMPLES = 20
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
 KINDS = ("event", "background")
-SOURCE_SPLITS = ("train", "val", "test")
 PIECE_TOLERANCE_S = 2.0 / TIME_GRID  # recipe times are rounded to the 2^-12 s grid
 # webdataset's key rule: the key is the member path up to the first dot of its file name.
 _MEMBER_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -258,13 +257,15 @@ def _span_flags(spans_column: pd.Series, durations: np.ndarray) -> tuple[np.ndar
     return n_spans, inside, ordered
 
 
-def manifest_frame(manifest: pd.DataFrame) -> pd.DataFrame:
+def manifest_frame(manifest: pd.DataFrame, held_out_sources: Sequence[str] = ()) -> pd.DataFrame:
     """The manifest's scalar columns plus the helper columns its suite checks.
 
     Helpers: `n_spans`, `spans_inside`, `spans_ordered` (see `_span_flags`), `rms_finite`,
-    `n_captions` and `first_caption` (None when `captions` is empty or not a list).
+    `n_captions` and `first_caption` (None when `captions` is empty or not a list), and
+    `held_out_source` (the clip's source is one of `held_out_sources`).
     """
     frame = manifest.drop(columns=["active_spans", "captions"]).copy()
+    frame["held_out_source"] = manifest["source_package"].isin(list(held_out_sources))
     durations = pd.to_numeric(manifest["duration_s"], errors="coerce").to_numpy(np.float64)
     frame["n_spans"], frame["spans_inside"], frame["spans_ordered"] = _span_flags(
         manifest["active_spans"], durations
@@ -348,9 +349,25 @@ def manifest_expectations(params: Params) -> list[Expectation]:
         _named(
             gxe.ExpectColumnValuesToBeInSet,
             "split_known",
-            f"split in {SOURCE_SPLITS}",
+            f"split in {SPLITS}",
             column="split",
-            value_set=SOURCE_SPLITS,
+            value_set=SPLITS,
+        ),
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            "held_out_sources_only_in_test_real",
+            f"every clip of a held-out source (sources.held_out_sources) is in split {REAL_SPLIT}",
+            column="split",
+            value_set=[REAL_SPLIT],
+            row_condition=Column("held_out_source") == True,  # noqa: E712 (a GE condition, not a comparison)
+        ),
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            "test_real_only_held_out_sources",
+            f"split {REAL_SPLIT} holds clips of the held-out sources only",
+            column="held_out_source",
+            value_set=[True],
+            row_condition=Column("split") == REAL_SPLIT,
         ),
         _named(
             gxe.ExpectColumnValuesToBeInSet,
@@ -945,7 +962,10 @@ def validate_all(
 
     session = _GxSession()
     checks = session.validate(
-        "manifest", manifest_frame(manifest), manifest_expectations(params), ["clip_id"]
+        "manifest",
+        manifest_frame(manifest, params.sources.held_out_sources),
+        manifest_expectations(params),
+        ["clip_id"],
     )
     clip_ids = manifest["clip_id"].dropna().astype(str).unique().tolist()
     heldout_labels = set(manifest.loc[manifest["heldout"] == True, "label"])  # noqa: E712 (may be non-bool)

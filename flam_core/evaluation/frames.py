@@ -69,6 +69,19 @@ def vocabulary_scores(
     return torch.cat(scores).numpy()
 
 
+def frame_truth(
+    events: list[tuple[float, float, str]], vocabulary: list[str], n_frames: int, hop: float
+) -> np.ndarray:
+    """`[K, T]` bool: a frame is active for a label when its events cover >= 25% of the frame."""
+    truth = np.zeros((len(vocabulary), n_frames), dtype=bool)
+    index = {label: k for k, label in enumerate(vocabulary)}
+    edges = np.arange(n_frames + 1) * hop
+    for onset, offset, label in events:
+        overlap = np.clip(np.minimum(offset, edges[1:]) - np.maximum(onset, edges[:-1]), 0.0, None)
+        truth[index[label]] |= overlap >= 0.25 * min(hop, offset - onset)
+    return truth
+
+
 def frame_auroc(truth: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """Micro and macro frame AUROC of `[M, K, L]` truth and scores.
 

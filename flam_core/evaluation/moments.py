@@ -75,7 +75,6 @@ from flam_core.utils import atomic_dir, atomic_write_text, stable_seed
 if TYPE_CHECKING:
     from flam_core.config import Params
     from flam_core.data.mixer import Mixer, MixPlan
-    from flam_core.data.recipes import ClipPool
     from flam_core.inference import FlamDetector
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # 0.5:0.05:0.95
@@ -249,55 +248,6 @@ def _merge(spans: Sequence[Span]) -> tuple[Span, ...]:
     return tuple((a, b) for a, b in out)
 
 
-def _mixtures_per_recording(
-    rng: np.random.Generator, n_recordings: int, mixture_s: float, min_s: float, max_s: float
-) -> np.ndarray:
-    if isinstance(n_recordings, bool) or not isinstance(n_recordings, int) or n_recordings < 1:
-        raise ConfigError(f"the number of recordings must be a positive integer, got {n_recordings!r}")
-    if not (math.isfinite(min_s) and math.isfinite(max_s)) or min_s > max_s:
-        raise ConfigError(f"recording lengths must satisfy min_s <= max_s, got {min_s} and {max_s}")
-    fewest = max(1, math.ceil(min_s / mixture_s - 1e-9))
-    most = math.floor(max_s / mixture_s + 1e-9)
-    if most < fewest:
-        raise ConfigError(
-            f"no recording of {min_s:g}-{max_s:g} s is a whole number of {mixture_s:g} s mixtures"
-        )
-    return rng.integers(fewest, most + 1, n_recordings)
-
-
-def _continuous_backgrounds(
-    recipes: pd.DataFrame,
-    mixer: Mixer,
-    pool: ClipPool,
-    n_mixtures: np.ndarray,
-    rng: np.random.Generator,
-) -> list[tuple[str, str]]:
-    """One background clip under each recording: every mixture plays it from where the previous
-    one stopped. Returns (clip id, label) per recording; edits `recipes` in place."""
-    background = np.flatnonzero((recipes["kind"].astype(str) == "background").to_numpy())
-    if len(background) != int(n_mixtures.sum()):
-        raise DataError("each sampled mixture must have exactly one background row")
-    recipes["clip_id"] = recipes["clip_id"].astype(str)
-    recipes["label"] = recipes["label"].astype(str)
-    mixture_s = mixer.synth.mixture_s
-    offsets = recipes["clip_offset_s"].to_numpy(np.float64).copy()
-    clips, labels = recipes["clip_id"].to_numpy(object), recipes["label"].to_numpy(object)
-    chosen = []
-    first = 0
-    for n in n_mixtures.tolist():
-        k = int(rng.integers(len(pool.background_ids)))
-        clip, label = str(pool.background_ids[k]), str(pool.background_labels[k])
-        period = float(mixer.loop_period_s[mixer.clip_index[clip]])
-        start = float(rng.uniform(0.0, period))
-        rows = background[first : first + n]
-        clips[rows], labels[rows] = clip, label
-        offsets[rows] = np.mod(start + mixture_s * np.arange(n), period)
-        chosen.append((clip, label))
-        first += n
-    recipes["clip_id"], recipes["label"], recipes["clip_offset_s"] = clips, labels, offsets
-    return chosen
-
-
 def moment_set(
     mixer: Mixer,
     manifest: pd.DataFrame,
@@ -312,6 +262,7 @@ def moment_set(
     test split, with their queries; see the module docstring. The same arguments give the same
     set (and, rendered, the same samples)."""
     from flam_core.data.recipes import ClipPool, sample_chunk
+    from flam_core.data.recordings import continuous_backgrounds, mixtures_per_recording
 
     if split not in MOMENT_SPLITS:
         raise ConfigError(
@@ -322,11 +273,11 @@ def moment_set(
         raise ConfigError(f"queries must be 'caption' or 'label', got {queries!r}")
     synth = mixer.synth
     rng = np.random.default_rng(stable_seed(seed, split, "moments"))
-    n_mixtures = _mixtures_per_recording(rng, n_recordings, synth.mixture_s, min_s, max_s)
+    n_mixtures = mixtures_per_recording(rng, n_recordings, synth.mixture_s, min_s, max_s)
     pool = ClipPool.for_split(manifest, split)
     table = sample_chunk(pool, synth, int(n_mixtures.sum()), 0, stable_seed(seed, split, "moment-recipes"))
     recipes = table.to_pandas()
-    backgrounds = _continuous_backgrounds(recipes, mixer, pool, n_mixtures, rng)
+    backgrounds = continuous_backgrounds(recipes, mixer, pool, n_mixtures, rng)
     plan = mixer.plan(recipes)
     label_captions: dict[str, set[str]] = {}
     for label, captions in zip(manifest["label"], manifest["captions"], strict=True):

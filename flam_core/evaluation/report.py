@@ -42,6 +42,7 @@ from flam_core.data.sources import load_manifest
 from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import (
     frame_auroc,
+    frame_truth,
     macro_gain_interval,
     recognition_and_localisation,
     vocabulary_scores,
@@ -77,6 +78,9 @@ class EvaluationResult:
     test_set_hash: str  # of the test splits' recipe files: results are comparable when equal
     claims: dict[str, float | int]  # FLAM against FLAM-Global ({} without the global baseline)
     frame_label_psds: dict[str, dict[str, float]]  # per test split: PSDS of the frame labels
+    # the real-recording test (`flam_core.evaluation.real`): per mode, and the set; None when
+    # no set was built
+    test_real: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,8 +252,12 @@ def evaluate(
     library_dir: Path | None = None,
     recipes_dir: Path | None = None,
     out_dir: Path | None = None,
+    real_dir: Path | None = None,
 ) -> EvaluationResult:
-    """Evaluate every baseline in `<models_dir>/<mode>/`; writes metrics.json, results.md, plots."""
+    """Evaluate every baseline in `<models_dir>/<mode>/`; writes metrics.json, results.md, plots.
+
+    The real-recording test runs on the set in `real_dir` (default `test_real.out_dir`, skipped
+    when that default was never built; a `real_dir` given must hold a set)."""
     from flam_core.model.folder import load_model
 
     cfg = params.evaluation
@@ -268,6 +276,7 @@ def evaluate(
     results: dict[str, Any] = {}
     scores_of: dict[str, dict[str, np.ndarray]] = {}
     validation: dict[str, MixtureSplit] = {}
+    unseen_thresholds: dict[str, float | None] = {}  # None: the model's own calibration
     for mode in cfg.baselines:
         model, _, _ = load_model(models_dir / mode)
         thresholds = calibrated_thresholds(models_dir / mode)
@@ -280,6 +289,9 @@ def evaluate(
                 }
             thresholds = validation_thresholds(model, validation, hop)
             entry["threshold_source"] = "validation"
+        unseen_thresholds[mode] = (
+            None if entry["threshold_source"] == "calibration" else thresholds["test_unseen"]
+        )
         scores_of[mode] = {}
         for split in splits:
             scores = vocabulary_scores(model, split.cache, split.vocabulary)
@@ -301,6 +313,7 @@ def evaluate(
         test_set_hash=_test_set_hash(recipes_dir),
         claims=_claims(results),
         frame_label_psds={split.name: _frame_label_psds(split, hop) for split in splits},
+        test_real=_real_recordings(params, models_dir, unseen_thresholds, real_dir),
     )
     metrics = result.to_json()
     with atomic_dir(out_dir) as staging:
@@ -311,6 +324,29 @@ def evaluate(
         )
         _plot_heatmaps(splits[1], scores_of, cfg.heatmaps, hop, staging / "heatmaps")
     return result
+
+
+def _real_recordings(
+    params: Params, models_dir: Path, thresholds: dict[str, float | None], real_dir: Path | None
+) -> dict[str, Any] | None:
+    """Every model on the real-recording test through its detector (`FlamDetector.detect`, as a
+    user runs it), at the threshold it has for a novel prompt: FLAM's calibration, the others'
+    `val_unseen` choice. None when the default set folder was never built."""
+    from flam_core.evaluation.real import evaluate_real_set
+    from flam_core.inference import FlamDetector
+    from flam_core.model.folder import load_model
+
+    if real_dir is None:
+        real_dir = Path(params.test_real.out_dir)
+        if not real_dir.exists():
+            return None
+    systems = {}
+    for mode, threshold in thresholds.items():
+        model, model_params, calibration = load_model(models_dir / mode)
+        if threshold is not None:
+            calibration = {"threshold": threshold}
+        systems[mode] = FlamDetector(model, model_params, calibration, source=str(models_dir / mode))
+    return evaluate_real_set(systems, real_dir)
 
 
 def _frame_label_psds(split: MixtureSplit, hop: float) -> dict[str, float]:
@@ -449,7 +485,20 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         claims=claims,
         shortfall=_psds_shortfall(metrics, claims) if claims else None,
         prompts=prompts,
+        real=_real_rows(metrics.get("test_real")),
     )
+
+
+def _real_rows(real: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The real-recording test's tables: the set, one row per system, and per-label AUROC."""
+    if not real:
+        return None
+    systems = [(NAMES.get(name, name), real[name]) for name in real if name != "set"]
+    labels = sorted(systems[0][1]["recordings"]["per_label"])
+    per_label = [
+        (label, [r["recordings"]["per_label"][label]["frame_auroc"] for _, r in systems]) for label in labels
+    ]
+    return {"set": real["set"], "systems": systems, "per_label": per_label}
 
 
 def _plot_roc(split: MixtureSplit, scores: dict[str, np.ndarray], path: Path) -> None:
@@ -518,19 +567,6 @@ def _plot_heatmaps(
         plt.close(fig)
 
 
-def frame_truth(
-    events: list[tuple[float, float, str]], vocabulary: list[str], n_frames: int, hop: float
-) -> np.ndarray:
-    """`[K, T]` bool: a frame is active for a label when its events cover >= 25% of the frame."""
-    truth = np.zeros((len(vocabulary), n_frames), dtype=bool)
-    index = {label: k for k, label in enumerate(vocabulary)}
-    edges = np.arange(n_frames + 1) * hop
-    for onset, offset, label in events:
-        overlap = np.clip(np.minimum(offset, edges[1:]) - np.maximum(onset, edges[:-1]), 0.0, None)
-        truth[index[label]] |= overlap >= 0.25 * min(hop, offset - onset)
-    return truth
-
-
 def _file_scores(detector: Any, path: Path, vocabulary: list[str], duration_s: float) -> np.ndarray:
     """`[K, frames]` detector scores of one file; a file of digital silence, which the detector
     refuses, scores 0 everywhere (nothing sounds in it)."""
@@ -542,7 +578,7 @@ def _file_scores(detector: Any, path: Path, vocabulary: list[str], duration_s: f
 
 
 def evaluate_sed_dataset(detector: Any, dataset: Any) -> dict[str, Any]:
-    """One model on a real SED dataset (`flam_core.evaluation.tsv.SedDataset`): every label of
+    """One model on a real SED dataset (`flam_core.data.tsv.SedDataset`): every label of
     the dataset is a prompt for every file. Frame AUROC, PSDS1/2 (`psds1`, `psds2`: DCASE,
     alpha_st = 1; `psds1_alpha_st0`, `psds2_alpha_st0`: alpha_st = 0, as open-vocabulary SED
     papers report PSDS on AudioSet-Strong), event and segment F1 at the detector's threshold."""

@@ -343,6 +343,8 @@ class EvaluationParams(_Section):
     baselines: list[TrainMode] = list(BASELINES)
     heatmaps: int = Field(4, ge=0, le=50)  # test mixtures drawn as prompt x time heatmaps
     caption_events: int = Field(3, ge=1, le=10)  # events named in a mixture's retrieval caption
+    # a row for the frozen backbone's AudioSet classifier (prompt -> nearest class names), untrained
+    audioset_baseline: bool = True
 
     @model_validator(mode="after")
     def _flam_first(self) -> EvaluationParams:

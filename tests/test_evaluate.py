@@ -144,12 +144,12 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         out_dir=out,
         real_dir=real_set[0],
     )
-    assert set(result.models) == {"flam", "global"}
-    # the real-recording test: both models through their detectors, every figure a share
+    assert set(result.models) == {"flam", "global", "audioset"}
+    # the real-recording test: every model through its detector, every figure a share
     real = result.test_real
-    assert real is not None and set(real) == {"set", "flam", "global"}
+    assert real is not None and set(real) == {"set", "flam", "global", "audioset"}
     assert real["set"]["recordings"] == real_set[1].recordings
-    for mode in ("flam", "global"):
+    for mode in ("flam", "global", "audioset"):
         recordings, zero_shot = real[mode]["recordings"], real[mode]["zero_shot"]
         assert 0 <= recordings["frame_auroc_macro"] <= 1 and 0 <= recordings["frame_auroc_pooled"] <= 1
         assert 0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1

@@ -18,7 +18,6 @@ from sklearn.metrics import roc_auc_score
 from flam_core.errors import DataError
 from flam_core.features import FeatureCache
 from flam_core.model.flam import FlamModel
-from flam_core.postprocess import unbiased_scores
 
 ScoreKind = Literal["unbiased", "approximate", "posterior"]
 
@@ -58,8 +57,7 @@ def vocabulary_scores(
         frames = torch.from_numpy(np.asarray(cache.features[start : start + batch_size], dtype=np.float32))
         frame_emb = head.frame_embeddings(head.contextualise(frames))
         if kind == "unbiased":
-            logits = head.frame_logits(frame_emb, text_emb, alpha, beta)
-            scores.append(unbiased_scores(logits, beta[None, :, None]))
+            scores.append(head.detector_scores(frame_emb, text_emb, alpha, beta))
         elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
         elif kind == "posterior":

@@ -48,6 +48,7 @@ from flam_core.evaluation.frames import (
     vocabulary_scores,
 )
 from flam_core.evaluation.splits import VALIDATION_OF, MixtureSplit, detector_threshold
+from flam_core.model.audioset import audioset_model
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
 
 TEST_SPLITS = ("test_seen", "test_unseen")
@@ -59,7 +60,9 @@ PSDS_COLUMNS = {
     "psds2": "PSDS2 (DCASE, alpha_st=1)",
     "psds2_alpha_st0": "PSDS2 (alpha_st=0)",
 }
+AUDIOSET = "audioset"  # the frozen backbone's AudioSet classifier (`flam_core.model.audioset`)
 NAMES = {
+    AUDIOSET: "AudioSet classifier (frozen backbone, no training)",
     "flam": "FLAM",
     "global": "FLAM-Global",
     "no_text_scale": "FLAM w/o per-text scale",
@@ -277,9 +280,13 @@ def evaluate(
     scores_of: dict[str, dict[str, np.ndarray]] = {}
     validation: dict[str, MixtureSplit] = {}
     unseen_thresholds: dict[str, float | None] = {}  # None: the model's own calibration
-    for mode in cfg.baselines:
-        model, _, _ = load_model(models_dir / mode)
-        thresholds = calibrated_thresholds(models_dir / mode)
+    systems = list(cfg.baselines) + ([AUDIOSET] if cfg.audioset_baseline else [])
+    for mode in systems:
+        if mode == AUDIOSET:  # no training, no folder: the backbone's classifier on the same features
+            model, thresholds = audioset_model(params, with_audio_encoder=False), None
+        else:
+            model, _, _ = load_model(models_dir / mode)
+            thresholds = calibrated_thresholds(models_dir / mode)
         entry: dict[str, Any] = {"threshold_source": "calibration"}
         if thresholds is None:
             if not validation:
@@ -342,7 +349,10 @@ def _real_recordings(
             return None
     systems = {}
     for mode, threshold in thresholds.items():
-        model, model_params, calibration = load_model(models_dir / mode)
+        if mode == AUDIOSET:
+            model, model_params, calibration = audioset_model(params), params, {}
+        else:
+            model, model_params, calibration = load_model(models_dir / mode)
         if threshold is not None:
             calibration = {"threshold": threshold}
         systems[mode] = FlamDetector(model, model_params, calibration, source=str(models_dir / mode))

@@ -36,6 +36,7 @@ from flam_core.errors import DataError
 from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.model.base import AudioEncoder
 from flam_core.model.text_encoder import TextEncoder
+from flam_core.postprocess import unbiased_scores
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,14 @@ class FlamHead(nn.Module):
         """`h = alpha * cos + beta`: `[B, L, D]`, `[K, D]`, `[K]`, `[K]` -> `[B, K, L]`."""
         cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
         return alpha[None, :, None] * cos + beta[None, :, None]
+
+    @staticmethod
+    def detector_scores(
+        frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """What the detector reports: the unbiased `p / (p + sigmoid(beta))` of
+        `p = sigmoid(alpha * cos + beta)`, `[B, L, D]`, `[K, D]`, `[K]`, `[K]` -> `[B, K, L]`."""
+        return unbiased_scores(FlamHead.frame_logits(frame_emb, text_emb, alpha, beta), beta[None, :, None])
 
     @staticmethod
     def approximate_scores(

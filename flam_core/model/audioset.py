@@ -1,0 +1,147 @@
+"""The frozen backbone's own AudioSet classifier, as a detector of any prompt: the baseline every
+comparison carries, and the teacher's class names (`flam_core.teacher`).
+
+YAMNet ends in a 1024 -> 521 sigmoid classifier over AudioSet's class names. Applied to each of
+the frame features the model reads (one per 0.32 s; the same features the feature cache holds)
+it gives 521 class posteriors per frame, with no training of ours. YAMNet scores a 0.96 s patch
+by the classifier on the mean of its frame activations; the classifier is linear, so a patch's
+logit is the mean of the per-frame logits used here.
+
+A prompt is matched to the class names by the project's text encoder (MiniLM): the cosine of
+its mean-pooled features with each class name's; the `TOP_K` (3) nearest classes, weighted by
+the softmax of their cosines over `TEMPERATURE`, equal cosines ordered by class index. A
+prompt's frame score is that weighted sum of the three classes' posteriors; its clip embedding
+(retrieval, zero-shot) the mean of the frame posteriors, and a text's the same class weights
+over all 521 classes, so similarity is the weighted posterior.
+
+`AudioSetHead` has the interface of `flam_core.model.flam.FlamHead` that scoring uses
+(`contextualise`, `frame_embeddings`, `global_embedding`, `text_embeddings`, `text_scale_bias`,
+`detector_scores`), so `audioset_model` is a `FlamModel` that `FlamDetector` and the evaluation
+run unchanged: through files as `flam detect` does, and on the cached test features.
+
+Class names: `yamnet_class_map.csv` (index, mid, display_name), the SavedModel's own asset,
+extracted next to the converted weights by `scripts/convert_yamnet.py`. The names are the
+AudioSet ontology's, CC BY 4.0 (Google).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flam_core.errors import ConfigError
+from flam_core.model.flam import FlamModel
+from flam_core.model.text_encoder import TextEncoder
+from flam_core.model.yamnet import EMBEDDING_SIZE, NUM_CLASSES, default_weights_path
+
+if TYPE_CHECKING:
+    from flam_core.config import Params
+
+CLASS_MAP = "yamnet_class_map.csv"
+TOP_K = 3
+# Softmax temperature over the top-3 cosines, chosen on val_unseen (BENCHMARKS.md, "AudioSet
+# classifier"): 0.05 puts most weight on the nearest class while a near tie shares it.
+TEMPERATURE = 0.05
+
+
+def class_map_path(weights: Path | str | None = None) -> Path:
+    """`yamnet_class_map.csv` next to the YAMNet weights (default: where the encoder finds them)."""
+    return Path(weights if weights is not None else default_weights_path()).with_name(CLASS_MAP)
+
+
+def load_class_names(weights: Path | str | None = None) -> list[str]:
+    """The classifier's 521 class display names, in its row order."""
+    path = class_map_path(weights)
+    if not path.is_file():
+        raise ConfigError(
+            f"AudioSet class map not found at {path}: run `python scripts/convert_yamnet.py` "
+            "(`make install` does), which extracts it next to the YAMNet weights"
+        )
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if [r.get("index") for r in rows] != [str(i) for i in range(NUM_CLASSES)]:
+        raise ConfigError(f"{path}: expected {NUM_CLASSES} rows index,mid,display_name with indices 0..520")
+    return [r["display_name"] for r in rows]
+
+
+def class_weights(prompt_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+    """`[K, Dt]` prompt features, `[C, Dt]` class-name features -> `[K, C]` weights: softmax over
+    the `TOP_K` nearest classes by cosine (over `TEMPERATURE`), zero elsewhere. Equal cosines are
+    ordered by class index, so the matching is deterministic."""
+    cos = F.normalize(prompt_features.float(), dim=-1) @ F.normalize(class_features.float(), dim=-1).T
+    order = torch.sort(-cos, dim=1, stable=True).indices[:, :TOP_K]
+    top = torch.gather(cos, 1, order)
+    weights = torch.zeros_like(cos)
+    return weights.scatter_(1, order, torch.softmax(top / TEMPERATURE, dim=1))
+
+
+class AudioSetHead(nn.Module):
+    """The classifier per frame and the prompt-to-class matching, behind `FlamHead`'s interface."""
+
+    def __init__(self, classifier: nn.Linear, class_features: torch.Tensor, names: list[str]) -> None:
+        super().__init__()
+        if classifier.weight.shape != (NUM_CLASSES, EMBEDDING_SIZE) or class_features.shape[0] != NUM_CLASSES:
+            raise ConfigError("the AudioSet head needs YAMNet's 1024 -> 521 classifier and 521 class names")
+        self.classifier = classifier.requires_grad_(False)
+        self.register_buffer("class_features", class_features.float())
+        self.names = list(names)
+        # `FlamDetector` and the evaluation cast inputs to this parameter's dtype, as for FLAM
+        self.logit_scale = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def contextualise(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[B, L, 1024]` -> `[B, L, 521]` class posteriors."""
+        return torch.sigmoid(self.classifier(frames.float()))
+
+    def global_embedding(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[B, L, 1024]` -> `[B, 521]`: the mean frame posterior, unit norm (for cosine retrieval)."""
+        return F.normalize(self.frame_embeddings(frames).mean(dim=1), dim=-1)
+
+    def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
+        """`[K, Dt]` -> `[K, 521]` class weights (`class_weights`)."""
+        return class_weights(text_features, self.class_features)
+
+    def text_scale_bias(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = text_features.shape[0]
+        return torch.ones(k), torch.zeros(k)
+
+    @staticmethod
+    def detector_scores(
+        frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, L, 521]` posteriors, `[K, 521]` class weights -> `[B, K, L]` prompt scores."""
+        return torch.einsum("blc,kc->bkl", frame_emb, text_emb)
+
+    @staticmethod
+    def approximate_scores(
+        frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.einsum("blc,kc->bkl", frame_emb, text_emb)
+
+
+def audioset_model(params: Params, with_audio_encoder: bool = True) -> FlamModel:
+    """The AudioSet classifier baseline as a `FlamModel`: YAMNet's encoder (unless the caller
+    scores cached features), the classifier and the text encoder of `params.model`."""
+    from flam_core.model.audio_encoder import YamnetEncoder
+    from flam_core.model.yamnet import load_yamnet
+
+    if params.model.audio_encoder != "yamnet":
+        raise ConfigError(
+            "the AudioSet classifier baseline reads YAMNet features (model.audio_encoder=yamnet)"
+        )
+    weights = default_weights_path()
+    names = load_class_names(weights)
+    text_encoder = TextEncoder(params.model.text_encoder, params.model.text_max_length)
+    with torch.no_grad():
+        class_features = text_encoder.encode(names)
+    yamnet = load_yamnet(weights)
+    head = AudioSetHead(yamnet.classifier, class_features, names)
+    encoder = YamnetEncoder(str(weights)) if with_audio_encoder else None
+    return FlamModel(head, text_encoder, encoder).eval()  # type: ignore[arg-type]

@@ -259,6 +259,7 @@ class LoaderParams(_Section):
 
     batch_size: int = Field(16, ge=1, le=65536)
     texts_per_audio: int = Field(5, ge=1, le=64)  # N: the text buffer has N x batch_size slots
+    background_texts: bool = True  # each mixture's background label is a text too (one more slot)
     num_workers: int = Field(2, ge=0, le=64)
     shuffle: bool = True
     seed: int = 0
@@ -307,6 +308,11 @@ class TrainParams(_Section):
     w_sed: float = Field(200.0, ge=0.0, le=10000.0)
     w_prior: float = Field(1.0, ge=0.0, le=1000.0)
     loss_chunk: int = Field(256, ge=0, le=1_000_000)  # texts per chunk in the frame loss; 0 = naive
+    # AudioSet knowledge transfer (frame-loss modes, cached YAMNet features): the backbone's
+    # classifier posteriors on each training frame as soft targets for its class names as texts.
+    w_teacher: float = Field(50.0, ge=0.0, le=10000.0)  # weight of that frame term; 0 = off
+    w_teacher_prior: float = Field(1.0, ge=0.0, le=1000.0)  # its prior term (beta -> the classes' priors)
+    teacher_texts: int = Field(32, ge=1, le=521)  # class names per batch: the batch's most active
     checkpoint_every: int = Field(500, ge=1, le=10_000_000)
     log_every: int = Field(25, ge=1, le=1_000_000)
     seed: int = 0
@@ -335,6 +341,21 @@ class ValidateParams(_Section):
 BASELINES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias")
 
 
+class MomentParams(_Section):
+    """Moment retrieval on long recordings in `evaluate` (`flam_core.evaluation.moments`)."""
+
+    recordings: int = Field(10, ge=0, le=10_000)  # per test split; 0: not measured
+    min_s: float = Field(60.0, gt=0.0, le=3600.0)
+    max_s: float = Field(300.0, gt=0.0, le=3600.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MomentParams:
+        if self.max_s < self.min_s:
+            raise ValueError(f"moments.max_s ({self.max_s}) must be >= moments.min_s ({self.min_s})")
+        return self
+
+
 class EvaluationParams(_Section):
     """Stage `evaluate`: FLAM against its baselines on the test splits (FLAM_SPEC "Evaluation")."""
 
@@ -345,6 +366,7 @@ class EvaluationParams(_Section):
     caption_events: int = Field(3, ge=1, le=10)  # events named in a mixture's retrieval caption
     # a row for the frozen backbone's AudioSet classifier (prompt -> nearest class names), untrained
     audioset_baseline: bool = True
+    moments: MomentParams = MomentParams()
 
     @model_validator(mode="after")
     def _flam_first(self) -> EvaluationParams:
@@ -415,6 +437,17 @@ class Params(_Section):
     test_real: RealTestParams = RealTestParams()
     registry: RegistryParams = RegistryParams()
     monitor: MonitorParams = MonitorParams()
+
+    @model_validator(mode="after")
+    def _teacher_reads_cached_yamnet(self) -> Params:
+        if self.train.w_teacher > 0 and not (
+            self.model.audio_encoder == "yamnet" and self.model.frozen_audio
+        ):
+            raise ValueError(
+                "train.w_teacher > 0 reads the AudioSet classifier's posteriors off cached YAMNet features: "
+                "it needs model.audio_encoder=yamnet with model.frozen_audio=true"
+            )
+        return self
 
     @property
     def frame_hop_s(self) -> float:

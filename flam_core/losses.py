@@ -306,6 +306,54 @@ def prior_loss(beta: Tensor, labels: Tensor, text_mask: Tensor, audio_mask: Tens
         return -bce.sum() / max(valid.numel(), 1)
 
 
+# ----------------------------------------------------------------------------- soft targets
+
+
+def soft_frame_loss(
+    frame_emb: Tensor, text_emb: Tensor, alpha: Tensor, beta: Tensor, targets: Tensor
+) -> Tensor:
+    """Frame loss against probabilities: `-1/N sum [q log sigmoid(h) + (1 - q) log sigmoid(-h)]`
+    over every (i, k, l), N = B * K * L, with `h = alpha * cos + beta` and beta detached, as in
+    `sed_loss` (which is this loss for q in {0, 1}).
+
+    It trains frames on a teacher's frame posteriors `q` (the backbone's AudioSet classifier on
+    the same frames) for the teacher's class names as texts; all K texts are real.
+
+    Args:
+        frame_emb: `[B, L, D]`; text_emb: `[K, D]`; alpha, beta: `[K]`.
+        targets: `[B, K, L]` float in [0, 1].
+
+    Returns:
+        Scalar float32 loss.
+    """
+    _check_frame_inputs(frame_emb, text_emb, alpha, beta)
+    b, n_frames, _ = frame_emb.shape
+    if targets.shape != (b, text_emb.shape[0], n_frames):
+        raise LossInputError(
+            f"targets must be [B, K, L] = {(b, text_emb.shape[0], n_frames)}, got {tuple(targets.shape)}"
+        )
+    with _fp32(frame_emb.device):
+        cos = torch.einsum("bld,kd->bkl", frame_emb.float(), text_emb.float())
+        logits = torch.addcmul(beta.detach().float()[:, None], alpha.float()[:, None], cos)
+        return F.binary_cross_entropy_with_logits(logits, targets.float().to(logits.device))
+
+
+def soft_prior_loss(beta: Tensor, targets: Tensor) -> Tensor:
+    """`prior_loss` with probabilities for labels: sigmoid(beta_k) against the mean target of
+    text k over every audio and frame, `r_k = mean_(i,l) q[i, k, l]`; minimised at logit(r_k).
+
+    Args:
+        beta: `[K]`; targets: `[B, K, L]` float in [0, 1].
+    """
+    if targets.dim() != 3 or beta.shape != (targets.shape[1],):
+        raise LossInputError(
+            f"beta must be [K] and targets [B, K, L], got {tuple(beta.shape)} and {tuple(targets.shape)}"
+        )
+    with _fp32(beta.device):
+        ratio = targets.float().to(beta.device).mean(dim=(0, 2))
+        return F.binary_cross_entropy_with_logits(beta.float(), ratio)
+
+
 # ----------------------------------------------------------------------------- CLIP loss
 
 

@@ -50,9 +50,17 @@ from flam_core.config import Params
 from flam_core.data.loader import Collate, IndexedDataset, make_loader
 from flam_core.errors import ConfigError, DataError, FlamError
 from flam_core.features import FeatureCache
-from flam_core.losses import FlamLoss, all_gather_with_grad, gather_texts, remote_labels
+from flam_core.losses import (
+    FlamLoss,
+    all_gather_with_grad,
+    gather_texts,
+    remote_labels,
+    soft_frame_loss,
+    soft_prior_loss,
+)
 from flam_core.model.flam import FlamModel, build_model
 from flam_core.model.folder import load_trainable_state, save_model, trainable_state
+from flam_core.teacher import AudioSetTeacher
 from flam_core.utils import atomic_dir, atomic_write_text, interactive
 
 MAX_LOGIT_SCALE = 100.0
@@ -124,47 +132,89 @@ def build_loss(params: Params) -> FlamLoss:
     )
 
 
+@dataclass(frozen=True)
+class TeacherTerms:
+    """The teacher's place in the objective: its classifier and the weights of its two terms."""
+
+    teacher: AudioSetTeacher
+    w_frames: float
+    w_prior: float
+
+
+def build_teacher(params: Params, items: Any) -> TeacherTerms | None:
+    """The AudioSet teacher when `train.w_teacher` > 0 (frame-loss modes only), else None."""
+    cfg = params.train
+    if cfg.w_teacher == 0 or cfg.mode == "global":  # FLAM-Global has no frame term to teach
+        return None
+    if not isinstance(items, FeatureCache):  # the parameters' check makes this unreachable
+        raise ConfigError("train.w_teacher > 0 needs cached YAMNet features")
+    return TeacherTerms(AudioSetTeacher.load(cfg.teacher_texts), cfg.w_teacher, cfg.w_teacher_prior)
+
+
 def compute_loss(
-    model: FlamModel, loss_fn: FlamLoss, batch: dict[str, Any], distributed: bool = False
+    model: FlamModel,
+    loss_fn: FlamLoss,
+    batch: dict[str, Any],
+    distributed: bool = False,
+    teacher: TeacherTerms | None = None,
 ) -> dict[str, torch.Tensor]:
     """The objective on one batch. `distributed`: score local audios against every rank's texts.
 
     Data-parallel ranks exchange text embeddings with alpha and beta (never logits), label the
     gathered texts against the local mixtures by label identity, and gather the global audio
-    embeddings for the CLIP term (see `flam_core.losses`).
+    embeddings for the CLIP term (see `flam_core.losses`). With a `teacher`, its class names are
+    scored in the same forward pass as the batch's texts and trained on the classifier's frame
+    posteriors (`flam_core.teacher`); they take no part in the CLIP term.
     """
     logit_scale = model.head.logit_scale[0].exp().clamp(max=MAX_LOGIT_SCALE)
-    if not distributed:
+    if distributed:
+        texts = list(batch["texts"])  # the padded buffer: every rank has the same K
+    else:
         n_texts = int(batch["text_mask"].sum())
         if n_texts == 0:
             raise DataError(f"batch of mixtures {batch['mixture_id'].tolist()} has no text: no event labels")
-        out = model(batch, batch["texts"][:n_texts])
-        return loss_fn(
+        texts = batch["texts"][:n_texts]
+    n = len(texts)
+    if teacher is not None:  # the same number of class names on every rank, scored locally
+        class_names, targets = teacher.teacher.targets(batch["frame_features"])
+        texts = texts + class_names
+    out = model(batch, texts)
+    if not distributed:
+        losses = loss_fn(
             audio_emb=out.global_emb,
-            text_emb=out.text_emb,
-            labels=batch["labels"][:, :n_texts],
-            text_mask=torch.ones(n_texts, dtype=torch.bool, device=out.text_emb.device),
+            text_emb=out.text_emb[:n],
+            labels=batch["labels"][:, :n],
+            text_mask=torch.ones(n, dtype=torch.bool, device=out.text_emb.device),
             logit_scale=logit_scale,
             frame_emb=out.frame_emb,
-            alpha=out.alpha,
-            beta=out.beta,
+            alpha=out.alpha[:n],
+            beta=out.beta[:n],
         )
-    out = model(batch, batch["texts"])  # the padded buffer: every rank has the same K
-    texts = gather_texts(out.text_emb, out.alpha, out.beta, batch["text_labels"], batch["text_mask"])
-    device = out.frame_emb.device
-    labels = remote_labels(batch["frame_labels"], texts.text_labels).to(device)
-    positives = all_gather_with_grad(labels.any(-1).to(torch.uint8)).bool()
-    return loss_fn(
-        audio_emb=all_gather_with_grad(out.global_emb),
-        positives=positives,
-        text_emb=texts.text_emb,
-        labels=labels,
-        text_mask=texts.text_mask.to(device),
-        logit_scale=logit_scale,
-        frame_emb=out.frame_emb,
-        alpha=texts.alpha,
-        beta=texts.beta,
-    )
+    else:
+        gathered = gather_texts(
+            out.text_emb[:n], out.alpha[:n], out.beta[:n], batch["text_labels"], batch["text_mask"]
+        )
+        device = out.frame_emb.device
+        labels = remote_labels(batch["frame_labels"], gathered.text_labels).to(device)
+        positives = all_gather_with_grad(labels.any(-1).to(torch.uint8)).bool()
+        losses = loss_fn(
+            audio_emb=all_gather_with_grad(out.global_emb),
+            positives=positives,
+            text_emb=gathered.text_emb,
+            labels=labels,
+            text_mask=gathered.text_mask.to(device),
+            logit_scale=logit_scale,
+            frame_emb=out.frame_emb,
+            alpha=gathered.alpha,
+            beta=gathered.beta,
+        )
+    if teacher is None:
+        return losses
+    # Local to each rank, like the rest of a rank's loss: data-parallel training averages them.
+    frames = soft_frame_loss(out.frame_emb, out.text_emb[n:], out.alpha[n:], out.beta[n:], targets)
+    prior = soft_prior_loss(out.beta[n:], targets)
+    loss = losses.pop("loss") + teacher.w_frames * frames + teacher.w_prior * prior
+    return {"loss": loss, **losses, "teacher": frames.detach(), "teacher_prior": prior.detach()}
 
 
 def param_groups(model: FlamModel, lr: float, text_lr: float | None) -> list[dict[str, Any]]:
@@ -195,7 +245,7 @@ def _train_loader(
     if features_dir is not None:
         cache = FeatureCache(features_dir, "train")
         dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed, rank=rank, world_size=world)
-        collate = Collate(loader.texts_per_audio, loader.batch_size)
+        collate = Collate(loader.texts_per_audio, loader.batch_size, background_texts=loader.background_texts)
         # Its own generator: creating an iterator must not draw from the global RNG, or the
         # batches skipped on resume would shift the dropout masks of a resumed run.
         generator = torch.Generator().manual_seed(loader.seed)
@@ -206,14 +256,15 @@ def _train_loader(
     return make_loader(on_the_fly, "train", library_dir, recipes_dir, rank=rank, world_size=world)
 
 
-def _captions(cache: FeatureCache) -> list[str]:
-    """Every caption the loader can put in a text buffer of this split."""
+def _captions(cache: FeatureCache, backgrounds: bool = False) -> list[str]:
+    """Every caption the loader can put in a text buffer of this split (`backgrounds`: with
+    `loader.background_texts`)."""
     return sorted(
         {
             c
             for _, labels in cache.labels
             for c, event in zip(labels.captions, labels.is_event, strict=True)
-            if event
+            if event or backgrounds
         }
     )
 
@@ -535,8 +586,12 @@ def train(
     items = loader.dataset.items  # type: ignore[attr-defined]
     audio_dim = items.summary["dim"] if isinstance(items, FeatureCache) else None
     model = build_model(params, audio_dim)
+    teacher = build_teacher(params, items)
     if isinstance(items, FeatureCache):
-        model.text_encoder.precompute(_captions(items))
+        model.text_encoder.precompute(
+            _captions(items, params.loader.background_texts)
+            + (list(teacher.teacher.names) if teacher else [])
+        )
     loss_fn = build_loss(params)
     if cfg.init_from:
         load_trainable_state(model, _safe_load(Path(cfg.init_from) / "model.pt"))
@@ -578,7 +633,9 @@ def train(
             while position.step < stop:
                 for _ in range(accumulation):
                     batch = to_device(next(batches), runtime.device)
-                    losses = compute_loss(forward, loss_fn, batch, distributed=runtime.world > 1)
+                    losses = compute_loss(
+                        forward, loss_fn, batch, distributed=runtime.world > 1, teacher=teacher
+                    )
                     terms = runtime.mean(torch.stack([v.detach().float() for v in losses.values()]))
                     if not torch.isfinite(terms).all():
                         raise TrainingDiverged(

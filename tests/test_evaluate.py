@@ -154,6 +154,17 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         assert 0 <= recordings["frame_auroc_macro"] <= 1 and 0 <= recordings["frame_auroc_pooled"] <= 1
         assert 0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1
     assert "## Real recordings from held-out sources" in (out / "results.md").read_text()
+    # moment retrieval on long recordings of the test clips, with the frame-grid ceiling
+    moments = result.moment_retrieval
+    assert moments is not None and set(moments["systems"]) == {"flam", "global", "audioset", "ceiling"}
+    for split in ("test_unseen", "test_seen"):
+        ceiling = moments["systems"]["ceiling"][split]
+        assert ceiling["n_queries"] > 0 and ceiling["r1@0.5"] > 0.5
+        for mode in ("flam", "global", "audioset"):
+            r = moments["systems"][mode][split]
+            assert r["n_queries"] == ceiling["n_queries"] and 0 <= r["map"] <= r["map@0.5"] <= 1
+            assert r["r1@0.7"] <= r["r1@0.5"] <= ceiling["r1@0.5"]
+    assert "## Moment retrieval on long recordings" in (out / "results.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["test_real"]["flam"] == real["flam"]
     flam = result.models["flam"]
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):

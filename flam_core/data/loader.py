@@ -1,7 +1,8 @@
 """Training batches: mixtures mixed on the fly (or read from shards) with a shared text buffer.
 
-Batch layout (a dict; B = mixtures in the batch, S = `texts_per_audio` x `batch_size`
-text slots, L = `frames.n_frames`, T = samples per mixture, F = log-mel frames):
+Batch layout (a dict; B = mixtures in the batch, S = `texts_per_audio` (+ 1 with
+`background_texts`) x `batch_size` text slots, L = `frames.n_frames`, T = samples per mixture,
+F = log-mel frames):
 
     "mixture_id"  LongTensor  [B]         recipe mixture ids
     "audio"       FloatTensor [B, T]      waveforms (float32, peak <= 0.99)
@@ -17,7 +18,9 @@ text slots, L = `frames.n_frames`, T = samples per mixture, F = log-mel frames):
                                           labels the other ranks' texts with them)
 
 The text buffer: each mixture contributes the captions of up to N = `texts_per_audio` of its
-event labels (the first N by onset). Identical captions are kept once. A text is labelled
+event labels (the first N by onset), and with `background_texts` its background's label too (one
+more slot per mixture), so that ambiences ("rain", "a crowd chattering") are prompts as well.
+Identical captions are kept once. A text is labelled
 against every mixture of the batch by its label, not by the mixture it came from: if
 mixture j also contains "dog barking" (as an event or as its background), the text
 "a dog barks" from mixture i is positive in j's frames where the dog sounds, not a
@@ -138,9 +141,15 @@ class ShardDataset(IterableDataset):
 class Collate:
     """Mixtures -> one batch dict (see the module docstring). Picklable for worker processes."""
 
-    def __init__(self, texts_per_audio: int, batch_size: int, features: LogMel | None = None) -> None:
-        self.texts_per_audio = texts_per_audio
-        self.slots = texts_per_audio * batch_size
+    def __init__(
+        self,
+        texts_per_audio: int,
+        batch_size: int,
+        features: LogMel | None = None,
+        background_texts: bool = False,
+    ) -> None:
+        self.texts_per_audio, self.background_texts = texts_per_audio, background_texts
+        self.slots = (texts_per_audio + int(background_texts)) * batch_size
         self.features = features
 
     def __call__(self, mixtures: Sequence[Mixture | CachedMixture]) -> dict[str, Any]:
@@ -149,8 +158,10 @@ class Collate:
         seen: set[str] = set()
         for mixture in mixtures:
             labels = mixture.labels
-            events = [k for k in range(len(labels.labels)) if labels.is_event[k]][: self.texts_per_audio]
-            for k in events:
+            rows = [k for k in range(len(labels.labels)) if labels.is_event[k]][: self.texts_per_audio]
+            if self.background_texts:
+                rows += [k for k in range(len(labels.labels)) if not labels.is_event[k]]
+            for k in rows:
                 if labels.captions[k] not in seen:
                     seen.add(labels.captions[k])
                     texts.append(labels.captions[k])
@@ -203,7 +214,7 @@ def make_loader(
     """A DataLoader over one recipe split: on the fly by default, from `shards` when given."""
     loader = params.loader
     features = LogMel(params.features, params.audio.sample_rate) if loader.features else None
-    collate = Collate(loader.texts_per_audio, loader.batch_size, features)
+    collate = Collate(loader.texts_per_audio, loader.batch_size, features, loader.background_texts)
     if shards is not None:
         dataset: IterableDataset = ShardDataset(shards, rank, world_size)
     else:

@@ -61,6 +61,7 @@ PSDS_COLUMNS = {
     "psds2_alpha_st0": "PSDS2 (alpha_st=0)",
 }
 AUDIOSET = "audioset"  # the frozen backbone's AudioSet classifier (`flam_core.model.audioset`)
+MOMENT_SYSTEMS = ("flam", "global", AUDIOSET)  # scored on moment retrieval
 NAMES = {
     AUDIOSET: "AudioSet classifier (frozen backbone, no training)",
     "flam": "FLAM",
@@ -84,6 +85,9 @@ class EvaluationResult:
     # the real-recording test (`flam_core.evaluation.real`): per mode, and the set; None when
     # no set was built
     test_real: dict[str, Any] | None = None
+    # moment retrieval on long recordings (`flam_core.evaluation.moments`): per mode and split,
+    # with the frame-grid ceiling; None when `evaluation.moments.recordings` is 0
+    moment_retrieval: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,6 +315,7 @@ def evaluate(
         entry["retrieval"] = clip_retrieval(model, splits, cfg.caption_events)
         entry["zero_shot"] = _zero_shot(model, clips)
         results[mode] = entry
+    detectors = _detectors(params, models_dir, unseen_thresholds)
     flam = results["flam"]
     gate = {f"{s}.{k}": v for s in TEST_SPLITS for k, v in flam[s].items() if isinstance(v, float)}
     gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items() if isinstance(v, float)}
@@ -320,7 +325,8 @@ def evaluate(
         test_set_hash=_test_set_hash(recipes_dir),
         claims=_claims(results),
         frame_label_psds={split.name: _frame_label_psds(split, hop) for split in splits},
-        test_real=_real_recordings(params, models_dir, unseen_thresholds, real_dir),
+        test_real=_real_recordings(params, detectors, real_dir),
+        moment_retrieval=_moment_retrieval(params, detectors, library_dir, recipes_dir),
     )
     metrics = result.to_json()
     with atomic_dir(out_dir) as staging:
@@ -333,30 +339,83 @@ def evaluate(
     return result
 
 
-def _real_recordings(
-    params: Params, models_dir: Path, thresholds: dict[str, float | None], real_dir: Path | None
-) -> dict[str, Any] | None:
-    """Every model on the real-recording test through its detector (`FlamDetector.detect`, as a
-    user runs it), at the threshold it has for a novel prompt: FLAM's calibration, the others'
-    `val_unseen` choice. None when the default set folder was never built."""
-    from flam_core.evaluation.real import evaluate_real_set
+def _detectors(params: Params, models_dir: Path, thresholds: dict[str, float | None]) -> dict[str, Any]:
+    """Every model as a `FlamDetector` (what `flam detect` and `flam search` run), at the threshold
+    it has for a novel prompt: FLAM's calibration, the others' choice on `val_unseen`."""
     from flam_core.inference import FlamDetector
     from flam_core.model.folder import load_model
+
+    detectors = {}
+    for mode, threshold in thresholds.items():
+        if mode == AUDIOSET:
+            model, model_params, calibration = audioset_model(params), params, {}
+            source = "AudioSet classifier"
+        else:
+            model, model_params, calibration = load_model(models_dir / mode)
+            source = str(models_dir / mode)
+        if threshold is not None:
+            calibration = {"threshold": threshold}
+        detectors[mode] = FlamDetector(model, model_params, calibration, source=source)
+    return detectors
+
+
+def _real_recordings(
+    params: Params, detectors: dict[str, Any], real_dir: Path | None
+) -> dict[str, Any] | None:
+    """Every model on the real-recording test through its detector. None when the default set
+    folder was never built."""
+    from flam_core.evaluation.real import evaluate_real_set
 
     if real_dir is None:
         real_dir = Path(params.test_real.out_dir)
         if not real_dir.exists():
             return None
-    systems = {}
-    for mode, threshold in thresholds.items():
-        if mode == AUDIOSET:
-            model, model_params, calibration = audioset_model(params), params, {}
-        else:
-            model, model_params, calibration = load_model(models_dir / mode)
-        if threshold is not None:
-            calibration = {"threshold": threshold}
-        systems[mode] = FlamDetector(model, model_params, calibration, source=str(models_dir / mode))
-    return evaluate_real_set(systems, real_dir)
+    return evaluate_real_set(detectors, real_dir)
+
+
+def _moment_retrieval(
+    params: Params, detectors: dict[str, Any], library_dir: Path, recipes_dir: Path
+) -> dict[str, Any] | None:
+    """Moment retrieval (`flam_core.evaluation.moments`) of the `flam search` spans of FLAM,
+    FLAM-Global and the AudioSet classifier (`MOMENT_SYSTEMS`; the ablations add little here and
+    cost a minute each) on the same long recordings of each test split, and the frame-grid
+    ceiling (`grid_oracle`).
+    None when `evaluation.moments.recordings` is 0."""
+    from flam_core.evaluation.moments import grid_oracle, moment_retrieval
+
+    cfg = params.evaluation.moments
+    if cfg.recordings == 0:
+        return None
+    common = {
+        "library_dir": library_dir,
+        "recipes_dir": recipes_dir,
+        "params": params,
+        "n_recordings": cfg.recordings,
+        "seed": cfg.seed,
+        "min_s": cfg.min_s,
+        "max_s": cfg.max_s,
+    }
+    systems = {
+        mode: moment_retrieval(detector, **common)
+        for mode, detector in detectors.items()
+        if mode in MOMENT_SYSTEMS
+    }
+    ceiling = moment_retrieval(detectors["flam"], ranker=grid_oracle(params.frame_hop_s), **common)
+    keep = ("r1@0.5", "r1@0.7", "map@0.5", "map", "n_recordings", "n_queries", "audio_s")
+    first = ceiling
+    return {
+        "set": {
+            "recordings_per_split": cfg.recordings,
+            "recording_s": [cfg.min_s, cfg.max_s],
+            "seed": cfg.seed,
+            "queries": first["queries"],
+            "mixture_s": first["mixture_s"],
+        },
+        "systems": {
+            mode: {split: {k: r[k] for k in keep} for split, r in result["splits"].items()}
+            for mode, result in [*systems.items(), ("ceiling", ceiling)]
+        },
+    }
 
 
 def _frame_label_psds(split: MixtureSplit, hop: float) -> dict[str, float]:
@@ -496,7 +555,21 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         shortfall=_psds_shortfall(metrics, claims) if claims else None,
         prompts=prompts,
         real=_real_rows(metrics.get("test_real")),
+        moments=_moment_rows(metrics.get("moment_retrieval")),
     )
+
+
+def _moment_rows(moments: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The moment-retrieval table: one row per system and split, the ceiling last."""
+    if not moments:
+        return None
+    names = NAMES | {"ceiling": "ground truth on the frame grid (ceiling)"}
+    rows = [
+        (names.get(mode, mode), split, r)
+        for mode, splits in moments["systems"].items()
+        for split, r in splits.items()
+    ]
+    return {"set": moments["set"], "rows": rows}
 
 
 def _real_rows(real: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,6 +31,8 @@ from flam_core.config import Params, find_params_file, load_params, read_resolve
 from flam_core.errors import ConfigError, FlamError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from flam_core.storage import ObjectInfo
 
 # sed_scores_eval imports dcase_util, which imports the deprecated pkg_resources: a warning about
@@ -502,10 +507,11 @@ def _model_uri(model: str | None, origin: str = "--model") -> str:
 
 
 def _detector(model_uri: str) -> Any:
-    """Load the detector of a checked model reference (`_model_uri`)."""
+    """Load the detector of a checked model reference (`_model_uri`), with prompt embeddings kept
+    on disk (`flam_core.model.prompt_cache`; `FLAM_PROMPT_CACHE=off` turns that off)."""
     from flam_core.inference import FlamDetector
 
-    return FlamDetector.from_uri(model_uri)
+    return FlamDetector.from_uri(model_uri, cache_prompts=True)
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -634,6 +640,116 @@ def detect_command(
             f"{out / 'detections.jsonl'} (and --plots draws a PNG per file)"
         )
     _detect_many(inputs, list_file, prompts, model, threshold, out, workers, plots)
+
+
+@app.command("stream")
+def stream_command(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="What to detect (repeat the option).")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model folder or MLflow URI (default: the project's models:/flam-sed@champion)."),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="Input on stdin: wav (a WAV stream), or raw s16le / f32le samples."),
+    ] = "wav",
+    rate: Annotated[int | None, typer.Option(help="Sample rate of raw input (Hz).")] = None,
+    channels: Annotated[int, typer.Option(help="Channels of raw input (interleaved).")] = 1,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="Read this audio file instead of stdin (any format flam detect reads)."),
+    ] = None,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="With --file: play it at the pace of real time.")
+    ] = False,
+    hop: Annotated[float, typer.Option(help="Seconds of new audio between two scorings.")] = 1.0,
+    threshold: Annotated[
+        float | None, typer.Option(help="Override the calibrated threshold (0 to 1).")
+    ] = None,
+) -> None:
+    """Detect prompts in live audio: one JSON line per onset and offset, as soon as decided.
+
+    Reads a WAV stream or raw PCM from stdin (or --file, optionally at real-time pace), scores the
+    last 10 s every --hop seconds, and prints {"event": "onset"|"offset", "prompt", "time",
+    "score"} lines (time: seconds into the input). Latency: about 1.6 s of look-ahead plus up to
+    one hop plus the scoring time (flam_core.stream).
+    """
+    prompts = _check_texts(prompt, "--prompt")
+    if fmt not in ("wav", "s16le", "f32le"):
+        raise ArgumentError(f"--format must be wav, s16le or f32le, got {fmt!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ArgumentError(f"--threshold must be between 0 and 1, got {threshold}")
+    if not (hop > 0 and math.isfinite(hop)):
+        raise ArgumentError(f"--hop must be a positive number of seconds, got {hop}")
+    if file is not None:
+        _check_file(file, "an audio file")
+        if fmt != "wav" or rate is not None:
+            raise ArgumentError("--file is decoded by its own header: leave out --format and --rate")
+    elif fmt != "wav" and rate is None:
+        raise ArgumentError(f"raw {fmt} input needs its sample rate: pass --rate HZ (and --channels N)")
+    elif realtime:
+        raise ArgumentError("--realtime paces a --file; audio on stdin arrives at its own pace")
+    model_uri = _model_uri(model)
+    _stream(prompts, model_uri, fmt, rate, channels, file, realtime, hop, threshold)
+
+
+def _stream(
+    prompts: list[str],
+    model_uri: str,
+    fmt: str,
+    rate: int | None,
+    channels: int,
+    file: Path | None,
+    realtime: bool,
+    hop: float,
+    threshold: float | None,
+) -> None:
+    from flam_core.audio.io import StreamingResampler, to_mono
+    from flam_core.audio.pcm import pcm_blocks, wav_stream
+    from flam_core.stream import StreamDetector
+
+    if file is not None:
+        rate, blocks = _file_blocks(file, realtime)
+    elif fmt == "wav":
+        rate, _, blocks = wav_stream(sys.stdin.buffer)
+    else:
+        blocks = pcm_blocks(sys.stdin.buffer, fmt, int(rate or 0), channels)  # type: ignore[arg-type]
+    detector = _detector(model_uri)
+    live = StreamDetector(detector, prompts, hop_s=hop, threshold=threshold)
+    resampler = StreamingResampler(int(rate or 0), detector.sample_rate)
+
+    def model_rate() -> Iterator[np.ndarray]:
+        for block in blocks:
+            yield resampler.push(to_mono(block))
+        yield resampler.flush()
+
+    for event in live.run(model_rate()):
+        print(json.dumps(event), flush=True)
+
+
+def _file_blocks(path: Path, realtime: bool) -> tuple[int, Iterator[np.ndarray]]:
+    """(sample rate, `[channels, n]` blocks of 0.1 s) of a file, at real-time pace when asked."""
+    import soundfile as sf
+
+    from flam_core.errors import AudioError
+
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioError(f"{path}: cannot decode ({exc})") from None
+
+    def blocks() -> Iterator[np.ndarray]:
+        start = time.monotonic()
+        played = 0
+        for block in sf.blocks(
+            str(path), blocksize=max(1, info.samplerate // 10), dtype="float32", always_2d=True
+        ):
+            played += len(block)
+            if realtime:  # a block is given once its last sample has been "played"
+                time.sleep(max(0.0, start + played / info.samplerate - time.monotonic()))
+            yield block.T
+
+    return info.samplerate, blocks()
 
 
 def _is_pattern(text: str) -> bool:

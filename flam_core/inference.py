@@ -8,7 +8,9 @@
 
 Frame embeddings of a recording do not depend on the prompts: `FlamDetector.embed` computes
 them once, and `score` matches them against any number of prompts (prompt embeddings, scales
-and biases are cached by text). `flam_core.search` stores the same embeddings for a corpus.
+and biases are cached by text, and with `cache_prompts` kept on disk across processes, so that a
+detection whose prompts were all seen before never loads the text encoder:
+`flam_core.model.prompt_cache`). `flam_core.search` stores the same embeddings for a corpus.
 
 A model is a folder written by training (`model.pt`, `config.json`, optional
 `calibration.json`), or an MLflow URI (`models:/flam-sed@champion`, `runs:/...`) of the
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +33,7 @@ from flam_core.config import Params
 from flam_core.detection import Detection, check_not_silent
 from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
 from flam_core.model.folder import load_model, yamnet_weights
+from flam_core.model.prompt_cache import PromptCache
 from flam_core.postprocess import segments_from_frames
 
 MODEL_ARTIFACT = "flam_model"  # the model folder's artifact name in a registered pyfunc
@@ -63,6 +66,7 @@ class FlamDetector:
         median_frames: int = 3,
         batch_windows: int = 8,
         text_cache_size: int = 4096,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         if model.audio_encoder is None:
             raise ConfigError("the detector needs a model with its audio encoder")
@@ -85,17 +89,21 @@ class FlamDetector:
         self.median_frames, self.batch_windows = median_frames, batch_windows
         self._texts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self.prompt_cache = prompt_cache
 
     @classmethod
-    def from_dir(cls, model_dir: Path | str, **kwargs: Any) -> FlamDetector:
+    def from_dir(cls, model_dir: Path | str, cache_prompts: bool = False, **kwargs: Any) -> FlamDetector:
+        """The detector of a model folder. `cache_prompts`: keep prompt embeddings on disk
+        (`PromptCache`, unless `FLAM_PROMPT_CACHE=off`)."""
         model, params, calibration = load_model(Path(model_dir))
-        return cls(model, params, calibration, source=str(model_dir), **kwargs)
+        cache = PromptCache.open(model_dir, model) if cache_prompts else None
+        return cls(model, params, calibration, source=str(model_dir), prompt_cache=cache, **kwargs)
 
     @classmethod
-    def from_uri(cls, uri: str, **kwargs: Any) -> FlamDetector:
+    def from_uri(cls, uri: str, cache_prompts: bool = False, **kwargs: Any) -> FlamDetector:
         """A model folder, or an MLflow model URI (`models:/name@alias`, `runs:/id/path`)."""
         if Path(uri).is_dir():
-            return cls.from_dir(uri, **kwargs)
+            return cls.from_dir(uri, cache_prompts=cache_prompts, **kwargs)
         if "://" not in uri and ":/" not in uri:
             raise ConfigError(f"model {uri!r}: no such folder, and not an MLflow model URI")
         import tempfile
@@ -122,7 +130,8 @@ class FlamDetector:
                 )
             with yamnet_weights(artifacts.get(YAMNET_ARTIFACT)):
                 model, params, calibration = load_model(artifacts[MODEL_ARTIFACT])
-        return cls(model, params, calibration, source=uri, **kwargs)
+            cache = PromptCache.open(artifacts[MODEL_ARTIFACT], model) if cache_prompts else None
+        return cls(model, params, calibration, source=uri, prompt_cache=cache, **kwargs)
 
     # --- audio -------------------------------------------------------------------------------
     def audio_blocks(
@@ -241,13 +250,19 @@ class FlamDetector:
             yield self._embed_windows(batch, next_window - len(batch), n_windows, total)
 
     @torch.inference_mode()
+    def window_embeddings(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """Windows of `window_frames` frames of samples -> `[N, window_frames, D]` frame
+        embeddings, each window on its own (the model's context spans one window)."""
+        head = self.model.head
+        frames = self.model.audio_encoder(torch.from_numpy(np.stack(windows)))
+        return head.frame_embeddings(head.contextualise(frames.to(head.logit_scale.dtype))).float().numpy()
+
+    @torch.inference_mode()
     def _embed_windows(
         self, windows: list[np.ndarray], first: int, n_windows: int | None = None, total: int | None = None
     ) -> np.ndarray:
         """Windows `first, first + 1, ...` -> the frames they give, `[t, D]` (`None`: not the end yet)."""
-        head = self.model.head
-        frames = self.model.audio_encoder(torch.from_numpy(np.stack(windows)))
-        emb = head.frame_embeddings(head.contextualise(frames.to(head.logit_scale.dtype))).float().numpy()
+        emb = self.window_embeddings(windows)
         parts = []
         for j in range(len(windows)):
             w = first + j
@@ -262,17 +277,24 @@ class FlamDetector:
     # --- text ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(text_emb `[K, D]`, alpha `[K]`, beta `[K]`), each prompt computed once and cached."""
+        """(text_emb `[K, D]`, alpha `[K]`, beta `[K]`), each prompt computed once and cached
+        (in memory, and on disk with a `prompt_cache`: then the text encoder loads only for
+        prompts it does not hold)."""
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise DataError(f"prompts must be non-empty texts, got {prompts!r}")
         missing = [p for p in dict.fromkeys(prompts) if p not in self._texts]
+        if missing and self.prompt_cache is not None:
+            self._texts.update(self.prompt_cache.get(missing))
+            missing = [p for p in missing if p not in self._texts]
         if missing:
             head = self.model.head
             features = self.model.text_encoder(missing).to(head.logit_scale.dtype)
             emb = head.text_embeddings(features)
             alpha, beta = head.text_scale_bias(features)
-            for k, prompt in enumerate(missing):
-                self._texts[prompt] = (emb[k].float(), alpha[k].float(), beta[k].float())
+            computed = {p: (emb[k].float(), alpha[k].float(), beta[k].float()) for k, p in enumerate(missing)}
+            self._texts.update(computed)
+            if self.prompt_cache is not None:
+                self.prompt_cache.put(computed)
         for prompt in prompts:
             self._texts.move_to_end(prompt)
         while len(self._texts) > self._text_cache_size:

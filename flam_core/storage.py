@@ -22,6 +22,10 @@ Audio inputs on S3 (`flam detect`, `flam index`, user folders of `flam sources b
 and `list_objects` list what a URI names as a local path names files (an object, or the audio objects
 under a prefix), with the size, modification time and ETag of each; `Staging` makes them local files
 for the command that reads them, downloaded as the command reaches them.
+
+boto3, botocore and s3transfer (about 0.2 s to import) are imported by the functions that talk to
+S3, so the local half of this module (`is_s3`, `parse_uri`, `ObjectInfo`) costs a command
+without S3 inputs nothing.
 """
 
 from __future__ import annotations
@@ -40,17 +44,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import boto3
-from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+from typing import TYPE_CHECKING, Any
 
 from flam_core.errors import ConfigError, DataError
 from flam_core.utils import AUDIO_EXTENSIONS, atomic_dir, atomic_path
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError
 
 S3Client = Any  # botocore builds the client class at run time
 
@@ -163,6 +164,9 @@ def s3_client(
     `retries` is the number of extra attempts per request after a transient failure (0 disables
     retrying); botocore's ``standard`` mode backs off exponentially with jitter between attempts.
     """
+    import boto3
+    from botocore.config import Config
+
     endpoint = endpoint_url or endpoint_url_from_env()
     retries = retries_from_env() if retries is None else retries
     if retries < 0:
@@ -191,6 +195,8 @@ def transfer_config(
     Parts are `multipart_chunksize` bytes (default: the threshold); S3 requires at least 5 MiB per part
     except the last, and boto3 raises smaller sizes to that minimum.
     """
+    from boto3.s3.transfer import TransferConfig
+
     chunksize = multipart_chunksize or multipart_threshold
     if multipart_threshold <= 0 or chunksize <= 0 or max_concurrency <= 0:
         raise ConfigError("multipart_threshold, multipart_chunksize and max_concurrency must be positive")
@@ -217,10 +223,19 @@ def _transfer(transfer: TransferConfig | None) -> TransferConfig:
     return transfer if transfer is not None else transfer_config()
 
 
+def _transfer_manager(client: S3Client, transfer: TransferConfig | None) -> Any:
+    """boto3's transfer manager (many uploads or downloads in parallel threads)."""
+    from boto3.s3.transfer import create_transfer_manager
+
+    return create_transfer_manager(client, _transfer(transfer))
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 
 def _client_error(exc: BaseException) -> ClientError | None:
+    from botocore.exceptions import ClientError
+
     seen = exc
     while seen is not None:
         if isinstance(seen, ClientError):
@@ -232,6 +247,10 @@ def _client_error(exc: BaseException) -> ClientError | None:
 @contextlib.contextmanager
 def _s3_errors(uri: str, action: str) -> Iterator[None]:
     """Turn botocore / boto3 failures into `DataError` (missing) or `StorageError` (anything else)."""
+    from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+
     try:
         yield
     except (ClientError, BotoCoreError, S3UploadFailedError, S3TransferFailedError) as exc:
@@ -245,6 +264,8 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
 
 
 def _translate(exc: BaseException, uri: str, action: str) -> DataError:
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
     error = _client_error(exc)
     if error is None:
         text = f"cannot {action} {uri}: {type(exc).__name__}: {exc}"
@@ -332,7 +353,7 @@ def upload_dir(
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     client = _client(client)
     jobs: list[tuple[str, Any]] = []
-    with create_transfer_manager(client, _transfer(transfer)) as manager:
+    with _transfer_manager(client, transfer) as manager:
         for file in files:
             target = base + file.relative_to(directory).as_posix()
             jobs.append((f"{S3_SCHEME}{bucket}/{target}", manager.upload(str(file), bucket, target)))
@@ -367,7 +388,7 @@ def download_dir(
         if rel.is_absolute() or ".." in rel.parts:
             raise DataError(f"{S3_SCHEME}{bucket}/{name}: key escapes the target folder")
         relative.append(rel)
-    with atomic_dir(directory) as staging, create_transfer_manager(client, _transfer(transfer)) as manager:
+    with atomic_dir(directory) as staging, _transfer_manager(client, transfer) as manager:
         jobs = []
         for name, rel in zip(keys, relative, strict=True):
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,12 @@ def atomic_path(path: Path | str, suffix: str = ".part") -> Iterator[Path]:
         raise
 
 
+def flam_cache_dir() -> Path:
+    """The user's cache of downloads, converted weights and prompt embeddings: $FLAM_CACHE_DIR,
+    else ~/.cache/flam."""
+    return Path(os.environ.get("FLAM_CACHE_DIR") or "~/.cache/flam").expanduser()
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write `text` to `path` through a temporary file and an atomic rename."""
     with atomic_path(path) as tmp:

@@ -15,6 +15,15 @@ def smoke_params(*overrides: str) -> Params:
     return load_params(ROOT / "params.yaml", profile="smoke", overrides=overrides)
 
 
+@pytest.fixture(autouse=True)
+def private_prompt_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test keeps the prompt embeddings of its `flam` commands in a folder of its own: none
+    in the user's cache, none shared between tests."""
+    folder = tmp_path_factory.mktemp("prompt-cache")
+    monkeypatch.setenv("FLAM_PROMPT_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smoke_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A source library built once with the smoke profile: (folder, summary)."""

@@ -124,9 +124,9 @@ def test_a_model_folder_outside_any_project_plots_and_prints_only_the_table(smok
 
 def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_path):
     """`flam detect` on a model folder loads neither the metric, data-table, tracking nor
-    training libraries: they cost seconds of start-up and detection does not use them. (scipy is
-    left out of the list: transformers imports parts of it; so is boto3, which the S3 inputs of
-    flam_core.batch import with flam_core.storage, about 0.2 s.)"""
+    training libraries: they cost seconds of start-up and detection does not use them (scipy is
+    left out of the list: transformers imports parts of it). With its prompts in the prompt cache
+    it loads no text encoder either, and prints nothing but the result."""
     shutil.copy(project / "recording.wav", tmp_path / "recording.wav")
     heavy = (
         "pandas",
@@ -160,3 +160,12 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["prompts"] == ["dog barking"]
     assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+    # Again: the prompt's embedding is now in the prompt cache, so the text encoder (transformers)
+    # never loads, nor boto3 (no S3 input); and the console holds the result alone.
+    probe = probe.replace(repr(heavy), repr((*heavy, "transformers", "boto3")))
+    again = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip().splitlines() == ["[]"]
+    assert json.loads(again.stdout)["probs"] == json.loads(done.stdout)["probs"]

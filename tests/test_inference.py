@@ -20,7 +20,9 @@ from flam_core.audio.io import resample
 from flam_core.data.recipes import read_recipes
 from flam_core.errors import AudioError, AudioTooLongError, ConfigError, DataError
 from flam_core.inference import FlamDetector
+from flam_core.model import prompt_cache
 from flam_core.model.folder import load_model
+from flam_core.model.prompt_cache import PromptCache, cache_root
 from tests.conftest import ROOT
 
 PROMPTS = ["dog barking", "a bell rings", "speech", "rain"]
@@ -300,3 +302,116 @@ def test_a_broken_model_folder_is_a_config_error_naming_the_file(smoke_models, t
     with pytest.raises(ConfigError, match=message) as caught:
         load_model(folder)
     assert str(folder) in str(caught.value) and "copy it again or retrain it" in str(caught.value)
+
+
+# --- prompt embeddings kept on disk ---------------------------------------------------------------
+
+
+def copy_model(smoke_models: Path, folder: Path) -> Path:
+    shutil.copytree(smoke_models / "flam", folder, ignore=shutil.ignore_patterns("checkpoints"))
+    return folder
+
+
+def assert_same_bits(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    assert len(got) == len(expected) == 3
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_a_cached_prompt_is_bit_identical_and_needs_no_text_encoder(smoke_models, private_prompt_cache):
+    folder, prompts = smoke_models / "flam", ["a siren wails", "dog barking"]
+    plain = FlamDetector.from_dir(folder)  # no disk cache: the text encoder computes every prompt
+    assert plain.prompt_cache is None
+    expected = plain.prompt_embeddings(prompts)
+    first = FlamDetector.from_dir(folder, cache_prompts=True)
+    assert first.prompt_cache.folder.parent == private_prompt_cache
+    assert_same_bits(first.prompt_embeddings(prompts), expected)
+    assert len(list(first.prompt_cache.folder.glob("*.f32"))) == 2
+
+    again = FlamDetector.from_dir(folder, cache_prompts=True)
+    assert not again.model.text_encoder.loaded  # a loaded model leaves its frozen encoder on disk
+    assert_same_bits(again.prompt_embeddings(prompts), expected)
+    assert not again.model.text_encoder.loaded  # every prompt came from the cache
+    rng = np.random.default_rng(5)
+    samples = 0.1 * rng.standard_normal(16000 * 12).astype(np.float32)
+    assert np.array_equal(
+        again.detect(samples, prompts, sample_rate=16000).probs,
+        plain.detect(samples, prompts, sample_rate=16000).probs,
+    )
+    # A new prompt loads the encoder for itself only; the cached one is still read from disk.
+    assert_same_bits(
+        tuple(t[1:] for t in again.prompt_embeddings(["dog barking", "rain"])),
+        plain.prompt_embeddings(["rain"]),
+    )
+    assert again.model.text_encoder.loaded
+
+
+def test_entries_belong_to_one_model(smoke_models, detector, tmp_path):
+    """Another model (other weights, other config) does not see the entries; a copy of the same
+    folder does; changing one weight of model.pt makes it another model."""
+    prompts = ["dog barking"]
+    flam = FlamDetector.from_dir(smoke_models / "flam", cache_prompts=True)
+    flam.prompt_embeddings(prompts)
+    other = FlamDetector.from_dir(smoke_models / "global", cache_prompts=True)
+    assert other.prompt_cache.key != flam.prompt_cache.key
+    assert other.prompt_cache.get(prompts) == {}
+    copy = copy_model(smoke_models, tmp_path / "copy")
+    assert PromptCache.open(copy, detector.model).key == flam.prompt_cache.key
+    assert set(PromptCache.open(copy, detector.model).get(prompts)) == set(prompts)
+    edit_state(copy, lambda state: state[next(iter(state))].add_(1e-6))
+    changed = PromptCache.open(copy, detector.model)
+    assert changed.key != flam.prompt_cache.key and changed.get(prompts) == {}
+
+
+@pytest.mark.parametrize("damage", ["one bit flipped", "truncated", "empty", "another format"])
+def test_a_damaged_entry_is_encoded_again_and_rewritten(smoke_models, damage):
+    folder, prompts = smoke_models / "flam", ["dog barking"]
+    first = FlamDetector.from_dir(folder, cache_prompts=True)
+    expected = first.prompt_embeddings(prompts)
+    (entry,) = first.prompt_cache.folder.glob("*.f32")
+    sound = entry.read_bytes()
+    broken = {
+        "one bit flipped": sound[:100] + bytes([sound[100] ^ 1]) + sound[101:],
+        "truncated": sound[:-1],
+        "empty": b"",
+        "another format": np.arange(len(sound) // 4, dtype=np.float32).tobytes(),
+    }[damage]
+    entry.write_bytes(broken)
+    again = FlamDetector.from_dir(folder, cache_prompts=True)
+    assert again.prompt_cache.get(prompts) == {}
+    assert_same_bits(again.prompt_embeddings(prompts), expected)
+    assert again.model.text_encoder.loaded  # encoded, not read
+    assert entry.read_bytes() == sound  # and rewritten
+
+
+def test_the_cache_location_and_switch(smoke_models, detector, tmp_path, monkeypatch):
+    monkeypatch.delenv("FLAM_PROMPT_CACHE")
+    with monkeypatch.context() as patch:
+        patch.setenv("FLAM_CACHE_DIR", str(tmp_path / "flam-cache"))
+        assert cache_root() == tmp_path / "flam-cache" / "prompts"
+    for off in ("off", "0", "false", "no", "OFF"):
+        monkeypatch.setenv("FLAM_PROMPT_CACHE", off)
+        assert cache_root() is None and PromptCache.open(smoke_models / "flam", detector.model) is None
+    assert FlamDetector.from_dir(smoke_models / "flam", cache_prompts=True).prompt_cache is None
+    # A cache that cannot be written (its folder would be inside a file) is passed over.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLAM_PROMPT_CACHE", str(blocker / "prompts"))
+    stuck = FlamDetector.from_dir(smoke_models / "flam", cache_prompts=True)
+    text_emb, _, _ = stuck.prompt_embeddings(["dog barking"])
+    assert text_emb.shape == (1, stuck.model.head.config.embed_dim) and blocker.read_text() == ""
+
+
+def test_only_the_models_used_last_are_kept(smoke_models, detector, tmp_path, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "MAX_MODELS", 3)
+    root = tmp_path / "prompts"
+    for age, name in enumerate(["recent", "old", "oldest"]):
+        (root / name).mkdir(parents=True)
+        os.utime(root / name, ns=(0, (3 - age) * 10**12))  # 3000, 2000, 1000 s after the epoch
+    cache = PromptCache.open(smoke_models / "flam", detector.model, root=root)  # a new model
+    assert sorted(p.name for p in root.iterdir()) == ["old", "recent"]
+    cache.put({"dog barking": tuple(t[0] for t in detector.prompt_embeddings(["dog barking"]))})
+    os.utime(cache.folder, ns=(0, 0))
+    PromptCache.open(smoke_models / "flam", detector.model, root=root)  # reopened: used now
+    assert sorted(p.name for p in root.iterdir()) == sorted(["old", "recent", cache.key])
+    assert cache.folder.stat().st_mtime_ns > 3 * 10**12

@@ -89,3 +89,28 @@ def test_loading_prints_nothing_and_restores_the_progress_bar_setting(capfd):
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
     assert hf_logging.is_progress_bar_enabled() == before
+
+
+def test_a_lazy_encoder_loads_on_first_use_as_it_was_moved(encoder):
+    """Nothing is loaded until a text is encoded; conversions made before then (dtype, eval) reach
+    the transformer when it loads, so the lazy encoder gives what an eager one moved alike gives."""
+    lazy = TextEncoder(lazy=True)
+    identity = lazy.identity()
+    lazy.to(torch.float64).eval()
+    assert lazy.dim == encoder.dim == 384 and not lazy.loaded
+    eager = TextEncoder().to(torch.float64).eval()
+    texts = ["a dog barks", "glass breaks on a stone floor"]
+    with torch.no_grad():
+        got = lazy.encode(texts)
+    assert lazy.loaded and not lazy.model.training
+    assert {p.dtype for p in lazy.model.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in lazy.model.parameters())
+    with torch.no_grad():
+        assert torch.equal(got, eager.encode(texts))
+    assert lazy.identity() == identity  # what keys a prompt cache does not change with loading
+    assert lazy.window == 256 and lazy.max_length == 256
+
+
+def test_a_trainable_encoder_is_never_lazy():
+    tuned = TextEncoder(trainable=True, lazy=True)
+    assert tuned.loaded and all(p.requires_grad for p in tuned.model.parameters())

@@ -40,7 +40,7 @@ def test_evaluates_flam_against_its_baseline(
         tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, ["global"]
     )
     saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert set(saved["models"]) == {"flam", "global", "audioset"}  # each artifact found under its config's mode
+    assert set(saved["models"]) == {"flam", "global", "audioset"}  # each artifact under its config's mode
     assert set(saved["test_real"]) == {"set", "flam", "global", "audioset"}  # the real-recording test
     assert (tmp_path / "results.md").read_text() == (tmp_path / "evaluation" / "results.md").read_text()
     logged = outputs["metrics"].metadata

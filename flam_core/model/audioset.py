@@ -27,6 +27,7 @@ AudioSet ontology's, CC BY 4.0 (Google).
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,13 @@ def class_weights(prompt_features: torch.Tensor, class_features: torch.Tensor) -
     return weights.scatter_(1, order, torch.softmax(top / TEMPERATURE, dim=1))
 
 
+@dataclass(frozen=True)
+class AudioSetHeadConfig:
+    """What users of a head read from its config: the frame embedding's width (one per class)."""
+
+    embed_dim: int = NUM_CLASSES
+
+
 class AudioSetHead(nn.Module):
     """The classifier per frame and the prompt-to-class matching, behind `FlamHead`'s interface."""
 
@@ -90,6 +98,7 @@ class AudioSetHead(nn.Module):
         self.classifier = classifier.requires_grad_(False)
         self.register_buffer("class_features", class_features.float())
         self.names = list(names)
+        self.config = AudioSetHeadConfig()
         # `FlamDetector` and the evaluation cast inputs to this parameter's dtype, as for FLAM
         self.logit_scale = nn.Parameter(torch.zeros(1), requires_grad=False)
 

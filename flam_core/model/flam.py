@@ -210,10 +210,16 @@ class FlamModel(torch.nn.Module):
         )
 
 
-def build_model(params: Params, audio_dim: int | None = None) -> FlamModel:
-    """Text encoder, audio encoder (unless `audio_dim` is given: cached features) and the head."""
+def build_model(params: Params, audio_dim: int | None = None, lazy_text: bool = False) -> FlamModel:
+    """Text encoder, audio encoder (unless `audio_dim` is given: cached features) and the head.
+
+    `lazy_text`: a frozen text encoder loads its transformer on first use (`TextEncoder`), so a
+    model whose prompt embeddings are all cached never loads it.
+    """
     model, train = params.model, params.train
-    text_encoder = TextEncoder(model.text_encoder, model.text_max_length, model.train_text_encoder)
+    text_encoder = TextEncoder(
+        model.text_encoder, model.text_max_length, model.train_text_encoder, lazy=lazy_text
+    )
     audio_encoder = None
     if audio_dim is None:
         audio_encoder = audio_encoder_from_params(params)

@@ -113,8 +113,9 @@ def load_model(model_dir: Path) -> tuple[FlamModel, Params, dict[str, Any]]:
     params = _read_params(model_dir / "config.json")
     weights = model_dir / "model.pt"
     state = _read_weights(weights)
-    # A model always carries its audio encoder at inference, frozen or not during training.
-    model = build_model(params)
+    # A model always carries its audio encoder at inference, frozen or not during training; a
+    # frozen text encoder loads on first use (not at all when every prompt embedding is cached).
+    model = build_model(params, lazy_text=True)
     _check_state(model, state, weights)
     try:
         load_trainable_state(model, state)
@@ -169,10 +170,14 @@ def _check_state(model: FlamModel, state: Any, path: Path) -> None:
         raise ConfigError(f"{path} holds a {type(state).__name__}, not a mapping of tensors{_DAMAGED}")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return  # another layout: `load_trainable_state` checks it
+    text = model.text_encoder
     parts = {
         "head.": model.head,
         "audio_encoder.": model.audio_encoder,
-        "text_encoder.": model.text_encoder.model,
+        # A frozen encoder saves no tensors: it is loaded here only when the state holds some.
+        "text_encoder.": text.model
+        if text.trainable or any(k.startswith("text_encoder.") for k in state)
+        else None,
     }
     expected = {
         prefix + key: tuple(value.shape)

@@ -15,6 +15,13 @@ Window: by default a text is read up to the encoder's own input window (MiniLM: 
 the sentence-transformers `max_seq_length` it was trained with); `model.text_max_length`
 sets a shorter one. A text longer than the window is cut, and the first cut text of a process
 is named in a warning (logger `flam.text`).
+
+Lazy loading (`lazy=True`, frozen encoders only; how a saved model is loaded): the tokenizer and
+transformer are loaded on first use, not when the encoder is built. Importing `transformers` and
+reading MiniLM cost about two seconds, which a detection whose prompt embeddings are all on disk
+(`flam_core.model.prompt_cache`) never pays. Until then `dim` comes from the encoder folder's
+`config.json`, and module conversions (`.to(device)`, `.half()`) are recorded and replayed on
+the transformer when it loads, so a lazily loaded encoder ends up where an eager one would be.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -83,50 +91,139 @@ class TextEncoder(nn.Module):
     """`list[str]` -> `[K, dim]` float32 mean-pooled token embeddings (not normalised).
 
     `max_length`: tokens read per text (special tokens included); None reads the encoder's whole
-    window (`text_window`). It may not exceed the model's position embeddings.
+    window (`text_window`). It may not exceed the model's position embeddings. `lazy`: load the
+    tokenizer and transformer on first use (ignored when `trainable`: training needs the
+    parameters from the start).
     """
 
     def __init__(
-        self, name_or_path: str = DEFAULT_TEXT_MODEL, max_length: int | None = None, trainable: bool = False
+        self,
+        name_or_path: str = DEFAULT_TEXT_MODEL,
+        max_length: int | None = None,
+        trainable: bool = False,
+        lazy: bool = False,
     ):
         super().__init__()
+        self.name = name_or_path
+        self.source = resolve_text_model(name_or_path)
+        self.requested_max_length = max_length
+        self.trainable = trainable
+        self._cache: dict[str, torch.Tensor] = {}
+        # Conversions applied to the module before the transformer loaded (`_apply`), replayed on it.
+        self._pending: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        if trainable or not lazy:
+            self.load()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the tokenizer and transformer are in memory."""
+        return "model" in self._modules
+
+    def load(self) -> None:
+        """Load the tokenizer and transformer (once); a lazy encoder does it on first use."""
+        if self.loaded:
+            return
         from transformers import AutoModel, AutoTokenizer
 
-        self.source = resolve_text_model(name_or_path)
         if Path(self.source).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             with _quiet_loading():
-                self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-                self.model = AutoModel.from_pretrained(self.source)
+                tokenizer = AutoTokenizer.from_pretrained(self.source)
+                model = AutoModel.from_pretrained(self.source)
         except OSError as exc:
-            raise ConfigError(f"text encoder {name_or_path!r}: cannot load tokenizer/model ({exc})") from exc
-        self.window = text_window(self.source, self.tokenizer, self.model.config)
-        positions = getattr(self.model.config, "max_position_embeddings", None)
+            raise ConfigError(f"text encoder {self.name!r}: cannot load tokenizer/model ({exc})") from exc
+        window = text_window(self.source, tokenizer, model.config)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        max_length = self.requested_max_length
         if max_length is not None and positions and max_length > positions:
             raise ConfigError(
                 f"model.text_max_length {max_length} exceeds the {positions} positions of text encoder "
-                f"{name_or_path!r}; use at most {positions}, or null for its window ({self.window})"
+                f"{self.name!r}; use at most {positions}, or null for its window ({window})"
             )
-        self.max_length = int(max_length) if max_length is not None else self.window
-        self.trainable = trainable
-        self.model.requires_grad_(trainable)
-        if not trainable:
-            self.model.eval()
-        self._cache: dict[str, torch.Tensor] = {}
+        model.requires_grad_(self.trainable)
+        for fn in self._pending:
+            model._apply(fn)
+        self._pending.clear()
+        if not self.trainable:
+            model.eval()
+        self._tokenizer, self._window = tokenizer, window
+        self._max_length = int(max_length) if max_length is not None else window
+        # Registered directly: `add_module` would look the name up, and `model` is the property
+        # that loads.
+        self._modules["model"] = model
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TextEncoder:
+        """`.to()`, `.half()`, `.cuda()` ... of an encoder not loaded yet are kept for its transformer."""
+        if not self.loaded:
+            self._pending.append(fn)
+        return super()._apply(fn, recurse)
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformer (loaded on first use)."""
+        self.load()
+        return self._modules["model"]
+
+    @property
+    def tokenizer(self) -> Any:
+        self.load()
+        return self._tokenizer
+
+    @property
+    def window(self) -> int:
+        """The longest input, in tokens, the encoder was trained to read (`text_window`)."""
+        self.load()
+        return self._window
+
+    @property
+    def max_length(self) -> int:
+        """Tokens read per text."""
+        self.load()
+        return self._max_length
 
     @property
     def dim(self) -> int:
+        if self.loaded:
+            return int(self.model.config.hidden_size)
+        stated = Path(self.source) / "config.json"  # a local folder says it without transformers
+        if stated.is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError):
+                return int(json.loads(stated.read_text())["hidden_size"])
         return int(self.model.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def identity(self) -> dict[str, Any]:
+        """What the embeddings of this encoder depend on, without loading it: its name, the files
+        of its folder (name, size, modification time), the window asked for and the versions of
+        `transformers` and `torch` (a prompt cache key, `flam_core.model.prompt_cache`)."""
+        folder = Path(self.source)
+        files = (
+            [
+                [p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                for p in sorted(folder.rglob("*"))
+                if p.is_file()
+            ]
+            if folder.is_dir()
+            else []
+        )
+        return {
+            "name": self.name,
+            "source": self.source,
+            "files": files,
+            "max_length": self.requested_max_length,
+            "trainable": self.trainable,
+            "transformers": metadata.version("transformers"),
+            "torch": torch.__version__,
+        }
+
     def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
-        if not self.trainable:
-            self.model.eval()  # dropout stays off in a frozen encoder
+        if not self.trainable and self.loaded:
+            self.model.eval()  # dropout stays off in a frozen encoder (`load` sets it when it loads)
         return self
 
     def _warn_if_cut(self, texts: Sequence[str]) -> None:

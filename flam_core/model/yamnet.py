@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flam_core.errors import FlamError
+from flam_core.utils import flam_cache_dir
 
 SAMPLE_RATE = 16000
 STFT_WINDOW_SECONDS = 0.025
@@ -77,17 +78,12 @@ class YamNetWeightsMissing(FlamError, FileNotFoundError):
     """The converted YAMNet weights are not where they were looked for."""
 
 
-def default_cache_dir() -> Path:
-    """$FLAM_CACHE_DIR, else ~/.cache/flam."""
-    return Path(os.environ.get("FLAM_CACHE_DIR") or "~/.cache/flam").expanduser()
-
-
 def default_weights_path() -> Path:
     """$FLAM_YAMNET_WEIGHTS (a registered model sets it to its own copy), else where
     `scripts/convert_yamnet.py` writes the converted state dict by default."""
     if weights := os.environ.get("FLAM_YAMNET_WEIGHTS"):
         return Path(weights)
-    return default_cache_dir() / "yamnet" / "yamnet.pt"
+    return flam_cache_dir() / "yamnet" / "yamnet.pt"
 
 
 # --------------------------------------------------------------------------- network

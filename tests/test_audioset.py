@@ -73,3 +73,12 @@ def test_the_detector_runs_it_on_a_file(model, tmp_path):
     )
     assert detection.probs.shape == (2, 39) and (detection.probs >= 0).all() and (detection.probs <= 1).all()
     assert detection.probs[0].mean() > detection.probs[1].mean()  # noise sounds like noise, not speech
+
+
+def test_a_class_name_is_nearest_to_itself_and_a_novel_label_is_far(model):
+    from flam_core.model.audioset import NEAR_SIMILARITY, nearest_classes
+
+    nearest = nearest_classes(model, ["Dog", "Sitar", "a person speaking belarusian"])
+    assert nearest["Dog"] == (1.0, "Dog") and nearest["Sitar"] == (1.0, "Sitar")
+    similarity, name = nearest["a person speaking belarusian"]
+    assert similarity < NEAR_SIMILARITY and name == "Speech"

@@ -165,6 +165,14 @@ def test_evaluation_report_compares_flam_with_its_baseline(
             assert r["n_queries"] == ceiling["n_queries"] and 0 <= r["map"] <= r["map@0.5"] <= 1
             assert r["r1@0.7"] <= r["r1@0.5"] <= ceiling["r1@0.5"]
     assert "## Moment retrieval on long recordings" in (out / "results.md").read_text()
+    # held-out prompts split by their similarity to an AudioSet class name, every model on both
+    near_far = result.near_far
+    assert near_far is not None and set(near_far["splits"]) == {"test_unseen", "test_real"}
+    for split, part in near_far["splits"].items():
+        assert sorted(part["near"] + part["far"]) == sorted(part["nearest_class"]), split
+        threshold = near_far["threshold"]
+        assert all((s >= threshold) == (k in part["near"]) for k, (s, _) in part["nearest_class"].items())
+        assert set(part["frame_auroc_macro"]) == {"flam", "global", "audioset"}
     assert json.loads((out / "metrics.json").read_text())["test_real"]["flam"] == real["flam"]
     flam = result.models["flam"]
     for split in ("test_seen", "test_unseen", "test_unseen_approximate"):

@@ -107,6 +107,7 @@ def _metrics(
     if real:
         metrics["test_real"] = _real(value, modes)
         metrics["moment_retrieval"] = _moments(value, modes)
+        metrics["near_far"] = _near_far(value, modes)
     if targets:
         metrics["frame_label_psds"] = {
             split: {key: value() for key in ("psds1", "psds1_alpha_st0", "psds2", "psds2_alpha_st0")}
@@ -154,6 +155,21 @@ def _moments(value: _Numbers, modes: tuple[str, ...]) -> dict[str, Any]:
             for k, mode in enumerate((*modes, "ceiling"))
         },
     }
+
+
+def _near_far(value: _Numbers, modes: tuple[str, ...]) -> dict[str, Any]:
+    """The near/far block: test_unseen for every model, test_real without the last one."""
+    out: dict[str, Any] = {"threshold": 0.7, "splits": {}}
+    for split, ran in (("test_unseen", modes), ("test_real", modes[:-1])):
+        out["splits"][split] = {
+            "near": ["dog bark", "siren"],
+            "far": ["glass breaking"],
+            "nearest_class": {},
+            "frame_auroc_macro": {
+                m: {"near": value(), "far": None if k == 0 else value()} for k, m in enumerate(ran)
+            },
+        }
+    return out
 
 
 ALL_MODES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss")
@@ -218,6 +234,7 @@ def test_cases_cover_the_optional_parts() -> None:
     assert {c for c, t in texts.items() if "## Moment retrieval on long recordings" in t} == {
         "real_recordings"
     }
+    assert {c for c, t in texts.items() if "## Held-out prompts near AudioSet" in t} == {"real_recordings"}
     assert {c for c, t in texts.items() if shortfall in t} == {"full", "shortfall_without_targets"}
     assert {c for c, t in texts.items() if truth in t} == {"full"}
     assert "# profile: smoke" in texts["full"] and "| extra_ablation |" in texts["full"]

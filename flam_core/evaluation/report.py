@@ -48,7 +48,7 @@ from flam_core.evaluation.frames import (
     vocabulary_scores,
 )
 from flam_core.evaluation.splits import VALIDATION_OF, MixtureSplit, detector_threshold
-from flam_core.model.audioset import audioset_model
+from flam_core.model.audioset import NEAR_SIMILARITY, audioset_model, nearest_classes
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
 
 TEST_SPLITS = ("test_seen", "test_unseen")
@@ -88,6 +88,8 @@ class EvaluationResult:
     # moment retrieval on long recordings (`flam_core.evaluation.moments`): per mode and split,
     # with the frame-grid ceiling; None when `evaluation.moments.recordings` is 0
     moment_retrieval: dict[str, Any] | None = None
+    # held-out prompts near an AudioSet class name and far from all (`_near_far`)
+    near_far: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,8 +327,9 @@ def evaluate(
         test_set_hash=_test_set_hash(recipes_dir),
         claims=_claims(results),
         frame_label_psds={split.name: _frame_label_psds(split, hop) for split in splits},
-        test_real=_real_recordings(params, detectors, real_dir),
+        test_real=(real := _real_recordings(params, detectors, real_dir)),
         moment_retrieval=_moment_retrieval(params, detectors, library_dir, recipes_dir),
+        near_far=_near_far(params, results, real),
     )
     metrics = result.to_json()
     with atomic_dir(out_dir) as staging:
@@ -416,6 +419,44 @@ def _moment_retrieval(
             for mode, result in [*systems.items(), ("ceiling", ceiling)]
         },
     }
+
+
+def _near_far(params: Params, results: dict[str, Any], real: dict[str, Any] | None) -> dict[str, Any]:
+    """Macro frame AUROC of every model over the held-out prompts (`test_unseen`, and
+    `test_real` when run) split by their MiniLM similarity to the nearest AudioSet class name:
+    near (>= `NEAR_SIMILARITY`), where the backbone's knowledge can carry a prompt, and far,
+    the truly novel ones."""
+    per_label = {
+        "test_unseen": {mode: r["test_unseen"]["frame_auroc_per_label"] for mode, r in results.items()},
+    }
+    if real:
+        per_label["test_real"] = {
+            mode: {k: v["frame_auroc"] for k, v in r["recordings"]["per_label"].items()}
+            for mode, r in real.items()
+            if mode != "set"
+        }
+    model = audioset_model(params, with_audio_encoder=False)
+    out: dict[str, Any] = {"threshold": NEAR_SIMILARITY, "splits": {}}
+    for split, systems in per_label.items():
+        labels = sorted(next(iter(systems.values())))
+        nearest = nearest_classes(model, labels)
+        near = [label for label in labels if nearest[label][0] >= NEAR_SIMILARITY]
+        far = [label for label in labels if nearest[label][0] < NEAR_SIMILARITY]
+        out["splits"][split] = {
+            "near": near,
+            "far": far,
+            "nearest_class": {label: list(nearest[label]) for label in labels},
+            "frame_auroc_macro": {
+                mode: {part: _macro(scores, group) for part, group in (("near", near), ("far", far))}
+                for mode, scores in systems.items()
+            },
+        }
+    return out
+
+
+def _macro(per_label: dict[str, float | None], labels: list[str]) -> float | None:
+    values = [per_label[k] for k in labels if per_label.get(k) is not None and math.isfinite(per_label[k])]
+    return round(float(np.mean(values)), 4) if values else None
 
 
 def _frame_label_psds(split: MixtureSplit, hop: float) -> dict[str, float]:
@@ -556,7 +597,23 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         prompts=prompts,
         real=_real_rows(metrics.get("test_real")),
         moments=_moment_rows(metrics.get("moment_retrieval")),
+        near_far=_near_far_rows(metrics.get("near_far")),
     )
+
+
+def _near_far_rows(near_far: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The near/far table: per split, the label counts and one row per model."""
+    if not near_far:
+        return None
+    splits = near_far["splits"]
+    modes = list(next(iter(splits.values()))["frame_auroc_macro"])
+    empty = {"near": None, "far": None}  # a model not run on that split
+    rows = [(NAMES.get(m, m), [splits[s]["frame_auroc_macro"].get(m, empty) for s in splits]) for m in modes]
+    return {
+        "threshold": near_far["threshold"],
+        "splits": [(s, len(v["near"]), len(v["far"])) for s, v in splits.items()],
+        "rows": rows,
+    }
 
 
 def _moment_rows(moments: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -135,6 +135,29 @@ class AudioSetHead(nn.Module):
         return torch.einsum("blc,kc->bkl", frame_emb, text_emb)
 
 
+# A label is "near" AudioSet when its nearest class name has at least this MiniLM cosine: the
+# median over the default library's training labels (0.709), rounded; chosen on training labels,
+# never on a test split. Near labels are where the backbone's own knowledge can carry a prompt.
+NEAR_SIMILARITY = 0.7
+
+
+@torch.no_grad()
+def nearest_classes(model: FlamModel, labels: list[str]) -> dict[str, tuple[float, str]]:
+    """Each label's highest cosine to a class name and that class (the `audioset_model` head's)."""
+    head = model.head
+    if not isinstance(head, AudioSetHead):
+        raise ConfigError("nearest_classes needs the AudioSet classifier model (`audioset_model`)")
+    cos = (
+        F.normalize(model.text_encoder(list(labels)).float(), dim=-1)
+        @ F.normalize(head.class_features, dim=-1).T
+    )
+    best = cos.max(dim=1)
+    return {
+        label: (round(float(v), 4), head.names[int(i)])
+        for label, v, i in zip(labels, best.values, best.indices, strict=True)
+    }
+
+
 def audioset_model(params: Params, with_audio_encoder: bool = True) -> FlamModel:
     """The AudioSet classifier baseline as a `FlamModel`: YAMNet's encoder (unless the caller
     scores cached features), the classifier and the text encoder of `params.model`."""

@@ -308,8 +308,9 @@ class TrainParams(_Section):
     w_sed: float = Field(200.0, ge=0.0, le=10000.0)
     w_prior: float = Field(1.0, ge=0.0, le=1000.0)
     loss_chunk: int = Field(256, ge=0, le=1_000_000)  # texts per chunk in the frame loss; 0 = naive
-    # AudioSet knowledge transfer (frame-loss modes, cached YAMNet features): the backbone's
-    # classifier posteriors on each training frame as soft targets for its class names as texts.
+    # AudioSet knowledge transfer: the backbone's classifier posteriors on each training frame as
+    # soft targets for its class names as texts. It reads cached YAMNet features: a model with
+    # another or a trained audio encoder (the gpu profile) trains without it, as FLAM-Global does.
     w_teacher: float = Field(50.0, ge=0.0, le=10000.0)  # weight of that frame term; 0 = off
     w_teacher_prior: float = Field(1.0, ge=0.0, le=1000.0)  # its prior term (beta -> the classes' priors)
     teacher_texts: int = Field(32, ge=1, le=521)  # class names per batch: the batch's most active
@@ -437,17 +438,6 @@ class Params(_Section):
     test_real: RealTestParams = RealTestParams()
     registry: RegistryParams = RegistryParams()
     monitor: MonitorParams = MonitorParams()
-
-    @model_validator(mode="after")
-    def _teacher_reads_cached_yamnet(self) -> Params:
-        if self.train.w_teacher > 0 and not (
-            self.model.audio_encoder == "yamnet" and self.model.frozen_audio
-        ):
-            raise ValueError(
-                "train.w_teacher > 0 reads the AudioSet classifier's posteriors off cached YAMNet features: "
-                "it needs model.audio_encoder=yamnet with model.frozen_audio=true"
-            )
-        return self
 
     @property
     def frame_hop_s(self) -> float:

@@ -142,12 +142,13 @@ class TeacherTerms:
 
 
 def build_teacher(params: Params, items: Any) -> TeacherTerms | None:
-    """The AudioSet teacher when `train.w_teacher` > 0 (frame-loss modes only), else None."""
+    """The AudioSet teacher when `train.w_teacher` > 0 and the model trains on cached YAMNet
+    features (the classifier reads those); None otherwise, and for FLAM-Global, which has no
+    frame term to teach."""
     cfg = params.train
-    if cfg.w_teacher == 0 or cfg.mode == "global":  # FLAM-Global has no frame term to teach
+    cached_yamnet = isinstance(items, FeatureCache) and params.model.audio_encoder == "yamnet"
+    if cfg.w_teacher == 0 or cfg.mode == "global" or not cached_yamnet:
         return None
-    if not isinstance(items, FeatureCache):  # the parameters' check makes this unreachable
-        raise ConfigError("train.w_teacher > 0 needs cached YAMNet features")
     return TeacherTerms(AudioSetTeacher.load(cfg.teacher_texts), cfg.w_teacher, cfg.w_teacher_prior)
 
 

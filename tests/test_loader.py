@@ -22,7 +22,8 @@ def test_batch_layout(setup):
     params, library, recipes_dir, mixer = setup
     loader = make_loader(params, "val", library, recipes_dir, mixer=mixer)
     batch = next(iter(loader))
-    b, s, n_frames = 4, params.loader.texts_per_audio * 4, params.frames.n_frames
+    slots = params.loader.texts_per_audio + params.loader.background_texts  # + each background's label
+    b, s, n_frames = 4, slots * 4, params.frames.n_frames
     assert batch["audio"].shape == (b, mixer.n_samples) and batch["audio"].dtype == torch.float32
     assert batch["features"].shape[:2] == (b, params.features.n_mels)
     assert batch["features"].shape[2] == mixer.n_samples // int(params.features.hop_s * 16000) + 1
@@ -32,6 +33,10 @@ def test_batch_layout(setup):
     assert all(batch["texts"][:n_texts]) and not any(batch["texts"][n_texts:])
     assert not batch["labels"][:, n_texts:].any()
     assert len(set(batch["texts"][:n_texts])) == n_texts  # deduplicated
+    backgrounds = {
+        f.labels[k] for f in batch["frame_labels"] for k in range(len(f.labels)) if not f.is_event[k]
+    }
+    assert params.loader.background_texts and backgrounds <= set(batch["text_labels"])
 
 
 def test_texts_are_labelled_against_every_mixture_by_label(setup):

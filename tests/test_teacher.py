@@ -94,6 +94,16 @@ def test_training_with_the_teacher_logs_its_terms(smoke_features, tmp_path):
     assert all(r["loss"] > r["teacher"] * 50 for r in rows)  # the synthetic terms are still there
 
 
-def test_the_teacher_needs_cached_yamnet_features():
-    with pytest.raises(ConfigError, match=r"model\.audio_encoder=yamnet"):
-        smoke_params("train.w_teacher=50", "model.audio_encoder=cnn", "model.frozen_audio=false")
+def test_the_teacher_reads_cached_yamnet_features_only(smoke_features):
+    from flam_core.features import FeatureCache
+    from flam_core.train import build_teacher
+
+    cache = FeatureCache(smoke_features, "train")
+    assert build_teacher(smoke_params("train.w_teacher=50"), cache) is not None
+    for overrides in (
+        ("train.w_teacher=0",),
+        ("train.w_teacher=50", "train.mode=global"),  # FLAM-Global has no frame term
+        ("train.w_teacher=50", "model.audio_encoder=cnn", "model.frozen_audio=false"),
+    ):
+        assert build_teacher(smoke_params(*overrides), cache) is None, overrides
+    assert build_teacher(smoke_params("train.w_teacher=50"), object()) is None  # audio mixed on the fly

@@ -32,7 +32,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@touch $@
 
-yamnet: $(FLAM_CACHE_DIR)/yamnet/yamnet.pt  ## YAMNet weights converted to PyTorch (no TensorFlow)
+yamnet: $(FLAM_CACHE_DIR)/yamnet/yamnet.pt $(FLAM_CACHE_DIR)/yamnet/yamnet_class_map.csv  ## YAMNet weights converted to PyTorch (no TensorFlow), and its class names
 
 # DeepSpeed compiles a shared-memory comm op at its first start on a CPU machine (~2.5 min);
 # build it once here, cached like the rest, so training and tests start at once.
@@ -44,7 +44,7 @@ $(TORCH_EXTENSIONS_DIR)/.shm-comm-built: | $(VENV)/.installed
 		get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $@
 
-$(FLAM_CACHE_DIR)/yamnet/yamnet.pt: scripts/convert_yamnet.py | $(VENV)/.installed
+$(FLAM_CACHE_DIR)/yamnet/yamnet.pt $(FLAM_CACHE_DIR)/yamnet/yamnet_class_map.csv: scripts/convert_yamnet.py | $(VENV)/.installed
 	$(BIN)/python scripts/convert_yamnet.py
 
 deps: $(FLAM_CACHE_DIR)/.debian-ready  ## Debian tools (fluidsynth, espeak-ng) and sound packages

@@ -1,6 +1,7 @@
 """Detection on real recordings and detection speed.
 
     python bench/bench_detect.py [--model models/flam] [--library data/sources] [--hour-s 3600]
+                                 [--audioset [--features data/features]]
 
 1. Hit rate: every event clip of the source library's test split (real recordings, never
    trained on; seen labels and held-out labels separately) goes through `FlamDetector.detect`
@@ -10,6 +11,10 @@
    reported, had one threshold been used for every prompt: the hit rate (the best frame score
    inside an active span passes it) and the false-alarm rate (the other prompt's best frame
    score anywhere passes it).
+   With `--audioset`, the same for the AudioSet classifier baseline (the frozen backbone's own
+   classifier, `flam_core.model.audioset`) through the same detector, at thresholds chosen as
+   `evaluate` chooses them for a model without calibration: on `val` for training labels, on
+   `val_unseen` for the others (the cached features of `--features`).
 2. Real-time factor: one hour of audio (real mixtures rendered back to back) with 10 prompts,
    the whole `detect` call (decoding excluded), on this machine's CPU threads.
 """
@@ -30,7 +35,10 @@ from flam_core.config import load_params
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import read_recipes
 from flam_core.data.sources import load_manifest
+from flam_core.evaluation.report import validation_thresholds
+from flam_core.evaluation.splits import VALIDATION_OF, MixtureSplit
 from flam_core.inference import FlamDetector
+from flam_core.model.audioset import audioset_model
 
 PROMPTS = [
     "dog barking",
@@ -83,6 +91,24 @@ def hit_rate(detector: FlamDetector, library: Path) -> dict[str, dict]:
     return out
 
 
+def audioset_detector(params, library: Path, recipes: Path, features: Path) -> FlamDetector:
+    """The AudioSet classifier as a detector: thresholds by `evaluate`'s rule for a model without
+    calibration, the `val` one for every training label (the library's labels not held out),
+    the `val_unseen` one for any other prompt."""
+    model = audioset_model(params)
+    mixer = Mixer.for_library(params, library)
+    validation = {
+        name: MixtureSplit(params, name, features, mixer, recipes) for name in VALIDATION_OF.values()
+    }
+    thresholds = validation_thresholds(model, validation, params.frame_hop_s)
+    manifest = load_manifest(library)
+    seen = sorted(set(manifest.loc[(manifest["kind"] == "event") & ~manifest["heldout"], "label"]))
+    unseen, seen_threshold = thresholds["test_unseen"], thresholds["test_seen"]
+    print(f"AudioSet classifier thresholds: val_unseen {unseen}, val {seen_threshold}")
+    calibration = {"threshold": unseen, "per_prompt": dict.fromkeys(seen, seen_threshold)}
+    return FlamDetector(model, params, calibration, source="AudioSet classifier")
+
+
 def real_time_factor(detector: FlamDetector, params, library: Path, recipes: Path, seconds: float) -> dict:
     mixer = Mixer.for_library(params, library)
     plan = mixer.plan(read_recipes(recipes / "test_seen.parquet"))
@@ -115,11 +141,18 @@ def main() -> None:
     parser.add_argument("--hour-s", type=float, default=3600.0)
     parser.add_argument("--skip-hits", action="store_true")
     parser.add_argument("--skip-rtf", action="store_true")
+    parser.add_argument(
+        "--audioset", action="store_true", help="also the hit rate of the AudioSet classifier baseline"
+    )
+    parser.add_argument("--features", type=Path, default=Path("data/features"))
     args = parser.parse_args()
     detector = FlamDetector.from_uri(args.model)
     params = load_params("params.yaml")
     if not args.skip_hits:
         print("hit rate on the library's test clips (label as prompt):", hit_rate(detector, args.library))
+        if args.audioset:
+            baseline = audioset_detector(params, args.library, args.recipes, args.features)
+            print("AudioSet classifier, same clips:", hit_rate(baseline, args.library))
     if not args.skip_rtf:
         print(
             "real-time factor, 10 prompts:",

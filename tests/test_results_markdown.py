@@ -199,6 +199,12 @@ CASES = {
         ("default", *PINNED),
         _metrics(("flam", "global"), targets=False, claims=None, real=True),
     ),
+    # the AudioSet classifier (frozen backbone, no training) as a row of every system table,
+    # beside FLAM and FLAM-Global, with the claims and every real-recording part
+    "audioset_baseline": (
+        ("default", *PINNED),
+        _metrics(("flam", "global", "audioset"), targets=False, claims=(0.0731, 0.9116), real=True),
+    ),
     # FLAM alone: no claims, but the ground-truth rows
     "flam_only": (("default", *PINNED), _metrics(("flam",), targets=True, claims=None)),
 }
@@ -227,19 +233,34 @@ def test_cases_cover_the_optional_parts() -> None:
     shortfall = "PSDS1 subtracts the spread of the true-positive rate over the labels"
     truth = "The ground-truth frame labels themselves reach"
     assert {c for c, t in texts.items() if ceiling in t} == {"full", "flam_only"}
+    real = {"real_recordings", "audioset_baseline"}
     assert {c for c, t in texts.items() if claim in t} == set(CASES) - {"flam_only", "real_recordings"}
-    assert {c for c, t in texts.items() if "## Real recordings from held-out sources" in t} == {
-        "real_recordings"
-    }
-    assert {c for c, t in texts.items() if "## Moment retrieval on long recordings" in t} == {
-        "real_recordings"
-    }
-    assert {c for c, t in texts.items() if "## Held-out prompts near AudioSet" in t} == {"real_recordings"}
+    assert {c for c, t in texts.items() if "## Real recordings from held-out sources" in t} == real
+    assert {c for c, t in texts.items() if "## Moment retrieval on long recordings" in t} == real
+    assert {c for c, t in texts.items() if "## Held-out prompts near AudioSet" in t} == real
     assert {c for c, t in texts.items() if shortfall in t} == {"full", "shortfall_without_targets"}
     assert {c for c, t in texts.items() if truth in t} == {"full"}
     assert "# profile: smoke" in texts["full"] and "| extra_ablation |" in texts["full"]
     assert texts["full"].count("missed by") == 2 and texts["claims_without_targets"].count(": met") == 2
     assert "(target >= 0.80: met)" in texts["shortfall_without_targets"]
+
+
+def test_the_audioset_classifier_is_a_row_of_every_system_table() -> None:
+    """With the baseline in the metrics, its row follows the trained models' in every table of
+    systems: SED AUROC, PSDS, thresholds, single-class PSDS, retrieval, zero-shot, real
+    recordings, moment retrieval (one row per split), near/far, clip/within-clip; and it is a
+    column of the per-prompt table of the recordings. Metrics without it give no such row."""
+    name = "AudioSet classifier (frozen backbone, no training)"
+    texts = {case: (GOLDEN / f"{case}.md").read_text(encoding="utf-8") for case in CASES}
+    assert {c for c, t in texts.items() if name in t} == {"audioset_baseline"}
+    lines = texts["audioset_baseline"].splitlines()
+    rows = [k for k, line in enumerate(lines) if line.startswith(f"| {name} |")]
+    assert len(rows) == 11
+    before = [lines[k - 1].split(" | ")[0] for k in rows]
+    assert before == ["| FLAM-Global"] * 7 + ["| FLAM-Global", f"| {name}"] + ["| FLAM-Global"] * 2
+    assert f"| prompt | FLAM | FLAM-Global | {name} |" in lines
+    # The claims compare FLAM with FLAM-Global only: the baseline is no column of their prompt table.
+    assert "| prompt | FLAM | FLAM-Global | gain |" in lines
 
 
 def test_rows_follow_the_models_and_prompts_order() -> None:

@@ -280,6 +280,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
     assert table == [
         f"| FLAM | {cells(flam)} |",
         f"| FLAM-Global | {cells(glob)} |",
+        f"| AudioSet classifier (frozen backbone, no training) | {cells(result.models['audioset'])} |",
         f"| ground-truth frame labels (ceiling) | {cells(result.frame_label_psds)} |",
     ]
     # ... and in the inference ablation's table.

@@ -324,7 +324,13 @@ def test_pipeline_runs_locally_on_the_smoke_profile(tmp_path, monkeypatch):
     assert trained == {"flam", "global"}
 
     evaluation = json.loads((run_dir / "evaluate-models" / "evaluation" / "metrics.json").read_text())
-    assert set(evaluation["models"]) == {"flam", "global"}
+    assert set(evaluation["models"]) == {
+        "flam",
+        "global",
+        "audioset",
+    }  # with the untrained AudioSet classifier
+    assert set(evaluation["test_real"]) == {"set", "flam", "global", "audioset"}  # the held-out sources' test
+    assert (run_dir / "build-real-set" / "real_set" / "summary.json").is_file()
     logged = task_output(run_dir, "evaluate-models")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     for key, value in evaluation["gate"].items():
         assert logged[key] == pytest.approx(value)

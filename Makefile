@@ -24,11 +24,15 @@ help:  ## List the targets
 
 install: $(VENV)/.installed deps yamnet ds-ops  ## Python environment (.venv) + Debian tools + cached packages + weights
 
+# Bytecode is compiled at install, as in the images: where PYTHONDONTWRITEBYTECODE is set or
+# site-packages is read-only, every process would otherwise compile the modules it imports
+# from source (1,200 for `flam detect`, most of them torch's: half of its start-up time;
+# BENCHMARKS.md, "Start-up time").
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip -q; \
 		$(BIN)/python -m pip install -q uv==0.13.9; }
-	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@touch $@
 

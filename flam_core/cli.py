@@ -508,7 +508,15 @@ def _model_uri(model: str | None, origin: str = "--model") -> str:
 
 def _detector(model_uri: str) -> Any:
     """Load the detector of a checked model reference (`_model_uri`), with prompt embeddings kept
-    on disk (`flam_core.model.prompt_cache`; `FLAM_PROMPT_CACHE=off` turns that off)."""
+    on disk (`flam_core.model.prompt_cache`; `FLAM_PROMPT_CACHE=off` turns that off).
+
+    The model's OpenMP threads sleep between operations instead of spinning
+    (`OMP_WAIT_POLICY=PASSIVE`, unless the variable is set): on cores that other processes also
+    use, spinning threads wait on each other at every operation, and a 10 s file took 1-3 s
+    instead of 0.1 s to score on two shared cores (BENCHMARKS.md, "Start-up time"). OpenMP reads
+    the variable when torch loads, which is here in a `flam` process.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from flam_core.inference import FlamDetector
 
     return FlamDetector.from_uri(model_uri, cache_prompts=True)

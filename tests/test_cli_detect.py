@@ -126,7 +126,8 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
     """`flam detect` on a model folder loads neither the metric, data-table, tracking nor
     training libraries: they cost seconds of start-up and detection does not use them (scipy is
     left out of the list: transformers imports parts of it). With its prompts in the prompt cache
-    it loads no text encoder either, and prints nothing but the result."""
+    it loads no text encoder either. It prints nothing but the result, and the model's OpenMP
+    threads sleep between operations (`OMP_WAIT_POLICY=PASSIVE`) unless the user chose a policy."""
     shutil.copy(project / "recording.wav", tmp_path / "recording.wav")
     heavy = (
         "pandas",
@@ -148,24 +149,27 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
         "--json",
     ]
     probe = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "from flam_core.cli import run\n"
         f"sys.argv = {argv!r}\n"
         "try:\n    run()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
         f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)\n"
+        "print(os.environ['OMP_WAIT_POLICY'], file=sys.stderr)\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["prompts"] == ["dog barking"]
-    assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+    assert done.stderr.strip().splitlines() == ["[]", "PASSIVE"]
     # Again: the prompt's embedding is now in the prompt cache, so the text encoder (transformers)
     # never loads, nor boto3 (no S3 input); and the console holds the result alone.
     probe = probe.replace(repr(heavy), repr((*heavy, "transformers", "boto3")))
+    env["OMP_WAIT_POLICY"] = "passive"  # the user's setting (in lower case, to tell it apart)
     again = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr
-    assert again.stderr.strip().splitlines() == ["[]"]
+    assert again.stderr.strip().splitlines() == ["[]", "passive"]
     assert json.loads(again.stdout)["probs"] == json.loads(done.stdout)["probs"]

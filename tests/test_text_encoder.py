@@ -4,6 +4,8 @@ fixed batches of their sorted set, and loads without a progress bar."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,31 @@ def test_a_lazy_encoder_loads_on_first_use_as_it_was_moved(encoder):
 def test_a_trainable_encoder_is_never_lazy():
     tuned = TextEncoder(trainable=True, lazy=True)
     assert tuned.loaded and all(p.requires_grad for p in tuned.model.parameters())
+
+
+def test_threads_reaching_a_lazy_encoder_at_once_all_get_the_embedding():
+    """A served model's first requests arrive together: every thread must get the embedding, not
+    a half-imported `transformers`. A fresh interpreter, so that the first import races too."""
+    script = """
+import sys, threading
+sys.setswitchinterval(1e-6)  # threads switch often: a race shows every time
+import torch
+from flam_core.model.text_encoder import TextEncoder
+lazy = TextEncoder(lazy=True)
+barrier, results, errors = threading.Barrier(12), {}, []
+def first_use(i):
+    barrier.wait()
+    try:
+        with torch.no_grad():
+            results[i] = lazy(["a dog barks"])
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_use, args=(i,)) for i in range(12)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors[0]
+assert all(torch.equal(results[0], r) for r in results.values()) and len(results) == 12
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

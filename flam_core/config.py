@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -342,19 +342,29 @@ class ValidateParams(_Section):
 BASELINES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias")
 
 
-class MomentParams(_Section):
+class _Recordings(_Section):
+    """A section that makes recordings `min_s`-`max_s` seconds long (`SECTION` names it in errors)."""
+
+    SECTION: ClassVar[str]
+    min_s: float
+    max_s: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Recordings:
+        if self.max_s < self.min_s:
+            name = self.SECTION
+            raise ValueError(f"{name}.max_s ({self.max_s}) must be >= {name}.min_s ({self.min_s})")
+        return self
+
+
+class MomentParams(_Recordings):
     """Moment retrieval on long recordings in `evaluate` (`flam_core.evaluation.moments`)."""
 
+    SECTION: ClassVar[str] = "moments"
     recordings: int = Field(10, ge=0, le=10_000)  # per test split; 0: not measured
     min_s: float = Field(60.0, gt=0.0, le=3600.0)
     max_s: float = Field(300.0, gt=0.0, le=3600.0)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _ordered(self) -> MomentParams:
-        if self.max_s < self.min_s:
-            raise ValueError(f"moments.max_s ({self.max_s}) must be >= moments.min_s ({self.min_s})")
-        return self
 
 
 class EvaluationParams(_Section):
@@ -376,21 +386,16 @@ class EvaluationParams(_Section):
         return self
 
 
-class RealTestParams(_Section):
+class RealTestParams(_Recordings):
     """Stage `test_real`: the real-recording test from the held-out sources (`sources.held_out_sources`)."""
 
+    SECTION: ClassVar[str] = "test_real"
     out_dir: str = "data/test_real"
     recordings: int = Field(40, ge=1, le=10_000)  # long recordings, each min_s..max_s seconds
     min_s: float = Field(10.0, gt=0.0, le=3600.0)
     max_s: float = Field(60.0, gt=0.0, le=3600.0)
     clips_per_label: int = Field(3, ge=1, le=1000)  # isolated clips per label (zero-shot classification)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _ordered(self) -> RealTestParams:
-        if self.max_s < self.min_s:
-            raise ValueError(f"test_real.max_s ({self.max_s}) must be >= test_real.min_s ({self.min_s})")
-        return self
 
 
 class RegistryParams(_Section):

@@ -88,6 +88,20 @@ def smoke_models(smoke_features, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return folder
 
 
+@pytest.fixture(scope="session")
+def flam_model(smoke_models: Path) -> Path:
+    """The smoke FLAM model's folder."""
+    return smoke_models / "flam"
+
+
+@pytest.fixture(scope="module")
+def detector(flam_model: Path):
+    """The smoke FLAM model as a `FlamDetector` (what `flam detect` runs), one per test module."""
+    from flam_core.inference import FlamDetector
+
+    return FlamDetector.from_dir(flam_model)
+
+
 HELD_OUT = "scratch"  # sources.held_out_sources of the smoke profile: its clips are `test_real`
 
 

@@ -17,7 +17,6 @@ from flam_core.batch import collect_audio_files, read_detections, segments_tsv
 from flam_core.cli import run
 from flam_core.data.tsv import SedDataset, read_sed_tsv
 from flam_core.errors import AudioError, SilentAudioError
-from flam_core.inference import FlamDetector
 from tests.conftest import ROOT
 
 FLAM = str(Path(sys.executable).parent / "flam")
@@ -57,21 +56,11 @@ def write_corpus(folder: Path, n_good: int, seed: int, max_s: float = 15.0) -> t
     return good, [p.resolve() for p in bad]
 
 
-@pytest.fixture(scope="module")
-def model(smoke_models: Path) -> Path:
-    return smoke_models / "flam"
-
-
-@pytest.fixture(scope="module")
-def detector(model: Path) -> FlamDetector:
-    return FlamDetector.from_dir(model)
-
-
 @pytest.mark.slow
-def test_a_folder_of_200_files_in_one_run_then_resumed(model, detector, tmp_path):
+def test_a_folder_of_200_files_in_one_run_then_resumed(flam_model, detector, tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = write_corpus(corpus, 197, seed=0)
-    args = ["detect", str(corpus), "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(model)]
+    args = ["detect", str(corpus), "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(flam_model)]
     first = flam(*args, "--out", str(out), "--workers", "2")
     assert first.returncode == 1, first.stderr
     assert first.stdout == ""
@@ -84,7 +73,7 @@ def test_a_folder_of_200_files_in_one_run_then_resumed(model, detector, tmp_path
     records = read_detections(out)
     assert sorted(r["file"] for r in records) == sorted(map(str, good))  # each good file once
     for record in records:
-        assert record["prompts"] == PROMPTS and record["model"] == str(model)
+        assert record["prompts"] == PROMPTS and record["model"] == str(flam_model)
         frames = np.asarray(record["probs"])  # [K, T]: one score per prompt and frame of the file
         assert (
             frames.shape[0] == 2
@@ -116,7 +105,7 @@ def test_a_folder_of_200_files_in_one_run_then_resumed(model, detector, tmp_path
 
 
 @pytest.mark.slow
-def test_a_crashed_run_resumes_and_its_tsv_evaluates(model, tmp_path):
+def test_a_crashed_run_resumes_and_its_tsv_evaluates(flam_model, tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = write_corpus(corpus, 9, seed=1, max_s=12.0)
     listing = tmp_path / "files.txt"
@@ -134,7 +123,7 @@ def test_a_crashed_run_resumes_and_its_tsv_evaluates(model, tmp_path):
         "-p",
         PROMPTS[1],
         "--model",
-        str(model),
+        str(flam_model),
     ]
     args += ["--out", str(out), "--workers", "0", "--threshold", "0.05", "--plots"]
     first = flam(*args)
@@ -160,7 +149,7 @@ def test_a_crashed_run_resumes_and_its_tsv_evaluates(model, tmp_path):
     root = corpus.resolve()
     evaluated = flam(
         "--params", str(ROOT / "params.yaml"), "evaluate", "--tsv", str(out / "segments.tsv"),
-        "--audio-dir", str(root), "--model", str(model),
+        "--audio-dir", str(root), "--model", str(flam_model),
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)

@@ -29,11 +29,6 @@ PROMPTS = ["dog barking", "a bell rings", "speech", "rain"]
 
 
 @pytest.fixture(scope="module")
-def detector(smoke_models):
-    return FlamDetector.from_dir(smoke_models / "flam")
-
-
-@pytest.fixture(scope="module")
 def event_clip(mixer, smoke_recipes):
     """A loud 10 s mixture of real sources at 16 kHz, to plant into long recordings."""
     recipes, _ = smoke_recipes

@@ -21,7 +21,6 @@ from flam_core.batch import collect_audio_files, read_detections, segments_tsv
 from flam_core.cli import run
 from flam_core.data.sources import build_source_library
 from flam_core.errors import DataError
-from flam_core.inference import FlamDetector
 from flam_core.search import SearchIndex, build_index, search
 from flam_core.storage import StorageError
 from tests.conftest import ROOT, smoke_params
@@ -50,16 +49,6 @@ def private_tmpdir(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
-
-
-@pytest.fixture(scope="module")
-def model(smoke_models: Path) -> Path:
-    return smoke_models / "flam"
-
-
-@pytest.fixture(scope="module")
-def detector(model: Path) -> FlamDetector:
-    return FlamDetector.from_dir(model)
 
 
 def write_recordings(folder: Path, seed: int) -> dict[str, Path]:
@@ -113,26 +102,28 @@ def object_gets(proxy: FaultProxy) -> list[str]:
 
 
 def test_detect_one_object_gives_the_local_files_detection(
-    model, detector, bucket, tmp_path, capsys, private_tmpdir
+    flam_model, detector, bucket, tmp_path, capsys, private_tmpdir
 ):
     files = write_recordings(tmp_path / "local", seed=0)
     uri = f"s3://{bucket}/field/a.wav"
     storage.upload_file(files["a.wav"], uri)
 
     code, out, err = flam(
-        capsys, "detect", uri, "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(model), "--json"
+        capsys, "detect", uri, "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(flam_model), "--json"
     )
     assert code == 0 and err == "", err
     assert json.loads(out) == detector.detect(files["a.wav"], PROMPTS).to_json()
 
-    code, out, err = flam(capsys, "detect", uri, "-p", PROMPTS[0], "--model", str(model), "--threshold", "0")
+    code, out, err = flam(
+        capsys, "detect", uri, "-p", PROMPTS[0], "--model", str(flam_model), "--threshold", "0"
+    )
     assert code == 0 and err == "", err
     assert uri in out and str(private_tmpdir) not in out  # the table is titled with the URI
     assert list(private_tmpdir.iterdir()) == []  # the downloaded copy is gone
 
 
 def test_detect_a_prefix_names_objects_by_uri_and_resumes_without_downloading(
-    model, detector, bucket, tmp_path, capsys, proxy, private_tmpdir
+    flam_model, detector, bucket, tmp_path, capsys, proxy, private_tmpdir
 ):
     files = write_recordings(tmp_path / "local", seed=1)
     prefix = f"s3://{bucket}/field"
@@ -142,7 +133,7 @@ def test_detect_a_prefix_names_objects_by_uri_and_resumes_without_downloading(
     storage.write_bytes(f"{prefix}/notes.txt", b"not audio")  # not an audio name: left out, like in a folder
     storage.upload_file(files["a.wav"], f"{prefix}2/other.wav")  # a sibling prefix, not below field/
     out = tmp_path / "out"
-    args = ["detect", f"{prefix}/", "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(model)]
+    args = ["detect", f"{prefix}/", "-p", PROMPTS[0], "-p", PROMPTS[1], "--model", str(flam_model)]
     args += ["--out", str(out), "--workers", "0", "--threshold", "0.3"]
 
     code, stdout, err = flam(capsys, *args)
@@ -209,7 +200,7 @@ def test_inputs_mix_files_folders_objects_and_prefixes_once_each(bucket, tmp_pat
 
 
 def test_index_a_prefix_then_search_it_by_uri(
-    model, detector, bucket, tmp_path, capsys, proxy, private_tmpdir
+    flam_model, detector, bucket, tmp_path, capsys, proxy, private_tmpdir
 ):
     local = tmp_path / "local"
     files = write_recordings(local, seed=2)
@@ -217,7 +208,7 @@ def test_index_a_prefix_then_search_it_by_uri(
     uris = upload(files, prefix)
     index = tmp_path / "index"
 
-    code, out, err = flam(capsys, "index", prefix, "--out", str(index), "--model", str(model))
+    code, out, err = flam(capsys, "index", prefix, "--out", str(index), "--model", str(flam_model))
     assert code == 0 and err == "", err
     assert "embedded=4" in out and "files=4" in out
     assert list(private_tmpdir.iterdir()) == []
@@ -238,7 +229,7 @@ def test_index_a_prefix_then_search_it_by_uri(
     # A second run lists the prefix and downloads only what is new.
     storage.upload_file(files["a.wav"], f"{prefix}/new/e.wav")
     proxy.requests.clear()
-    code, out, err = flam(capsys, "index", f"{prefix}/", "--out", str(index), "--model", str(model))
+    code, out, err = flam(capsys, "index", f"{prefix}/", "--out", str(index), "--model", str(flam_model))
     assert code == 0 and err == "", err
     assert "new=1" in out and "unchanged=4" in out and "embedded=1" in out and "files=5" in out
     assert object_gets(proxy) == ["corpus/new/e.wav"]

@@ -19,16 +19,10 @@ from flam_core.audio.io import resample
 from flam_core.audio.pcm import pcm_blocks, wav_stream
 from flam_core.data.sources import load_manifest
 from flam_core.errors import AudioError, ConfigError
-from flam_core.inference import FlamDetector
 from flam_core.stream import StreamDetector
 
 FLAM = str(Path(sys.executable).parent / "flam")
 ONSET_S = 6.0
-
-
-@pytest.fixture(scope="module")
-def detector(smoke_models) -> FlamDetector:
-    return FlamDetector.from_dir(smoke_models / "flam")
 
 
 @pytest.fixture(scope="module")

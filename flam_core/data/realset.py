@@ -37,7 +37,7 @@ import soundfile as sf
 from flam_core.data.events import Event
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import ClipPool, sample_chunk
-from flam_core.data.recordings import continuous_backgrounds, mixtures_per_recording
+from flam_core.data.recordings import continuous_backgrounds, merge_spans, mixtures_per_recording
 from flam_core.data.sources import REAL_SPLIT, load_manifest
 from flam_core.data.tsv import write_sed_tsv
 from flam_core.errors import DataError
@@ -76,15 +76,11 @@ class RealSetSummary:
 
 def _merge(events: Sequence[Event]) -> list[Event]:
     """Overlapping or touching events of one label joined; sorted by onset then label."""
-    out: list[Event] = []
-    for label in sorted({e.label for e in events}):
-        spans: list[list[float]] = []
-        for e in sorted(e for e in events if e.label == label):
-            if spans and e.onset <= spans[-1][1] + 1e-9:
-                spans[-1][1] = max(spans[-1][1], e.offset)
-            else:
-                spans.append([e.onset, e.offset])
-        out += [Event(round(a, 6), round(b, 6), label) for a, b in spans]
+    out = [
+        Event(round(a, 6), round(b, 6), label)
+        for label in {e.label for e in events}
+        for a, b in merge_spans((e.onset, e.offset) for e in events if e.label == label)
+    ]
     return sorted(out)
 
 

@@ -10,6 +10,7 @@ real-recording test set both make their long recordings this way.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,18 @@ from flam_core.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from flam_core.data.mixer import Mixer
     from flam_core.data.recipes import ClipPool
+
+
+def merge_spans(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping or touching `(onset, offset)` spans joined, sorted by onset: the truth of a
+    label in a recording, however many of its events overlap."""
+    out: list[list[float]] = []
+    for onset, offset in sorted(spans):
+        if out and onset <= out[-1][1] + 1e-9:
+            out[-1][1] = max(out[-1][1], offset)
+        else:
+            out.append([onset, offset])
+    return [(a, b) for a, b in out]
 
 
 def mixtures_per_recording(

@@ -237,17 +237,6 @@ class MomentSet:
         return np.concatenate([mixer.render(self.plan, i) for i in recording.mixtures])
 
 
-def _merge(spans: Sequence[Span]) -> tuple[Span, ...]:
-    """Overlapping or touching spans joined, by onset."""
-    out: list[list[float]] = []
-    for onset, offset in sorted(spans):
-        if out and onset <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], offset)
-        else:
-            out.append([onset, offset])
-    return tuple((a, b) for a, b in out)
-
-
 def moment_set(
     mixer: Mixer,
     manifest: pd.DataFrame,
@@ -262,7 +251,7 @@ def moment_set(
     test split, with their queries; see the module docstring. The same arguments give the same
     set (and, rendered, the same samples)."""
     from flam_core.data.recipes import ClipPool, sample_chunk
-    from flam_core.data.recordings import continuous_backgrounds, mixtures_per_recording
+    from flam_core.data.recordings import continuous_backgrounds, merge_spans, mixtures_per_recording
 
     if split not in MOMENT_SPLITS:
         raise ConfigError(
@@ -305,7 +294,7 @@ def moment_set(
                 continue  # the text describes the bed too, which sounds throughout
             else:
                 labels = tuple(sorted(lab for lab in spans if text in label_captions.get(lab, ())))
-            truth = _merge([s for lab in labels for s in spans[lab]])
+            truth = tuple(merge_spans(s for lab in labels for s in spans[lab]))
             if truth:
                 found.append(MomentQuery(text=text, labels=labels, spans=truth))
         recordings.append(

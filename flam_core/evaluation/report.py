@@ -49,6 +49,7 @@ from flam_core.evaluation.frames import (
 )
 from flam_core.evaluation.splits import VALIDATION_OF, MixtureSplit, detector_threshold
 from flam_core.model.audioset import NEAR_SIMILARITY, audioset_model, nearest_classes
+from flam_core.model.flam import FlamModel
 from flam_core.utils import atomic_dir, atomic_write_text, file_sha256
 
 TEST_SPLITS = ("test_seen", "test_unseen")
@@ -286,10 +287,13 @@ def evaluate(
     scores_of: dict[str, dict[str, np.ndarray]] = {}
     validation: dict[str, MixtureSplit] = {}
     unseen_thresholds: dict[str, float | None] = {}  # None: the model's own calibration
+    # The backbone's classifier, built once: a row of every table (no training, no folder; it
+    # scores the same cached features), a detector, and the class names of the near/far split.
+    audioset = audioset_model(params)
     systems = list(cfg.baselines) + ([AUDIOSET] if cfg.audioset_baseline else [])
     for mode in systems:
-        if mode == AUDIOSET:  # no training, no folder: the backbone's classifier on the same features
-            model, thresholds = audioset_model(params, with_audio_encoder=False), None
+        if mode == AUDIOSET:
+            model, thresholds = audioset, None
         else:
             model, _, _ = load_model(models_dir / mode)
             thresholds = calibrated_thresholds(models_dir / mode)
@@ -317,7 +321,7 @@ def evaluate(
         entry["retrieval"] = clip_retrieval(model, splits, cfg.caption_events)
         entry["zero_shot"] = _zero_shot(model, clips)
         results[mode] = entry
-    detectors = _detectors(params, models_dir, unseen_thresholds)
+    detectors = _detectors(params, models_dir, unseen_thresholds, audioset)
     flam = results["flam"]
     gate = {f"{s}.{k}": v for s in TEST_SPLITS for k, v in flam[s].items() if isinstance(v, float)}
     gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items() if isinstance(v, float)}
@@ -329,7 +333,7 @@ def evaluate(
         frame_label_psds={split.name: _frame_label_psds(split, hop) for split in splits},
         test_real=(real := _real_recordings(params, detectors, real_dir)),
         moment_retrieval=_moment_retrieval(params, detectors, library_dir, recipes_dir),
-        near_far=_near_far(params, results, real),
+        near_far=_near_far(audioset, results, real),
     )
     metrics = result.to_json()
     with atomic_dir(out_dir) as staging:
@@ -342,16 +346,19 @@ def evaluate(
     return result
 
 
-def _detectors(params: Params, models_dir: Path, thresholds: dict[str, float | None]) -> dict[str, Any]:
+def _detectors(
+    params: Params, models_dir: Path, thresholds: dict[str, float | None], audioset: FlamModel
+) -> dict[str, Any]:
     """Every model as a `FlamDetector` (what `flam detect` and `flam search` run), at the threshold
-    it has for a novel prompt: FLAM's calibration, the others' choice on `val_unseen`."""
+    it has for a novel prompt: FLAM's calibration, the others' choice on `val_unseen`; `audioset`
+    is the AudioSet classifier's model."""
     from flam_core.inference import FlamDetector
     from flam_core.model.folder import load_model
 
     detectors = {}
     for mode, threshold in thresholds.items():
         if mode == AUDIOSET:
-            model, model_params, calibration = audioset_model(params), params, {}
+            model, model_params, calibration = audioset, params, {}
             source = "AudioSet classifier"
         else:
             model, model_params, calibration = load_model(models_dir / mode)
@@ -405,14 +412,13 @@ def _moment_retrieval(
     }
     ceiling = moment_retrieval(detectors["flam"], ranker=grid_oracle(params.frame_hop_s), **common)
     keep = ("r1@0.5", "r1@0.7", "map@0.5", "map", "n_recordings", "n_queries", "audio_s")
-    first = ceiling
     return {
         "set": {
             "recordings_per_split": cfg.recordings,
             "recording_s": [cfg.min_s, cfg.max_s],
             "seed": cfg.seed,
-            "queries": first["queries"],
-            "mixture_s": first["mixture_s"],
+            "queries": ceiling["queries"],
+            "mixture_s": ceiling["mixture_s"],
         },
         "systems": {
             mode: {split: {k: r[k] for k in keep} for split, r in result["splits"].items()}
@@ -421,7 +427,7 @@ def _moment_retrieval(
     }
 
 
-def _near_far(params: Params, results: dict[str, Any], real: dict[str, Any] | None) -> dict[str, Any]:
+def _near_far(audioset: FlamModel, results: dict[str, Any], real: dict[str, Any] | None) -> dict[str, Any]:
     """Macro frame AUROC of every model over the held-out prompts (`test_unseen`, and
     `test_real` when run) split by their MiniLM similarity to the nearest AudioSet class name:
     near (>= `NEAR_SIMILARITY`), where the backbone's knowledge can carry a prompt, and far,
@@ -435,11 +441,10 @@ def _near_far(params: Params, results: dict[str, Any], real: dict[str, Any] | No
             for mode, r in real.items()
             if mode != "set"
         }
-    model = audioset_model(params, with_audio_encoder=False)
     out: dict[str, Any] = {"threshold": NEAR_SIMILARITY, "splits": {}}
     for split, systems in per_label.items():
         labels = sorted(next(iter(systems.values())))
-        nearest = nearest_classes(model, labels)
+        nearest = nearest_classes(audioset, labels)
         near = [label for label in labels if nearest[label][0] >= NEAR_SIMILARITY]
         far = [label for label in labels if nearest[label][0] < NEAR_SIMILARITY]
         out["splits"][split] = {

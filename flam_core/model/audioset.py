@@ -158,9 +158,9 @@ def nearest_classes(model: FlamModel, labels: list[str]) -> dict[str, tuple[floa
     }
 
 
-def audioset_model(params: Params, with_audio_encoder: bool = True) -> FlamModel:
-    """The AudioSet classifier baseline as a `FlamModel`: YAMNet's encoder (unless the caller
-    scores cached features), the classifier and the text encoder of `params.model`."""
+def audioset_model(params: Params) -> FlamModel:
+    """The AudioSet classifier baseline as a `FlamModel`: YAMNet's encoder, the classifier and
+    the text encoder of `params.model` (cached YAMNet features are scored by the head alone)."""
     from flam_core.model.audio_encoder import YamnetEncoder
     from flam_core.model.yamnet import load_yamnet
 
@@ -175,5 +175,4 @@ def audioset_model(params: Params, with_audio_encoder: bool = True) -> FlamModel
         class_features = text_encoder.encode(names)
     yamnet = load_yamnet(weights)
     head = AudioSetHead(yamnet.classifier, class_features, names)
-    encoder = YamnetEncoder(str(weights)) if with_audio_encoder else None
-    return FlamModel(head, text_encoder, encoder).eval()  # type: ignore[arg-type]
+    return FlamModel(head, text_encoder, YamnetEncoder(str(weights))).eval()  # type: ignore[arg-type]

@@ -32,7 +32,15 @@ DEBIAN_PACKAGES = (
     "qabcs-data",
     "sound-theme-freedesktop",
     "sound-icons",
+    "redeclipse-data",
+    "supertux-data",
+    "bucklespring-data",
+    "extremetuxracer-data",
+    "freeciv-data",
 )
+
+# Sources the library renders itself (midi, speech, procedural catalog builders).
+GENERATED_SOURCES = ("fluid-soundfont-gm", "espeak-ng", "procedural")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Seconds = Annotated[float, Field(gt=0.0)]
@@ -125,14 +133,27 @@ class SplitParams(_Section):
     heldout_val_fraction: float = Field(0.4, ge=0.0, le=0.8)
 
 
+def split_source(entry: str) -> tuple[str, str | None]:
+    """A held-out source entry -> (package, origin glob or None for the whole package).
+
+    "redeclipse-data" -> ("redeclipse-data", None); "pkg:sounds/*" -> ("pkg", "sounds/*");
+    user folders keep their prefix: "user:rec:*.wav" -> ("user:rec", "*.wav").
+    """
+    prefix = "user:" if entry.startswith("user:") else ""
+    package, colon, pattern = entry[len(prefix) :].partition(":")
+    return prefix + package, pattern if colon else None
+
+
 class SourcesParams(_Section):
     out_dir: str = "data/sources"
     packages: list[str] = Field(default_factory=lambda: list(DEBIAN_PACKAGES))
     max_clips_per_label: int = Field(40, ge=1, le=100000)
     skip_bad: bool = False
     user_folders: list[UserFolder] = Field(default_factory=list)
-    # Whole sources (a Debian package, or "user:<dir>") kept out of training, validation and
-    # calibration: their clips form the `test_real` split and the real-recording test alone.
+    # Sources kept out of training, validation and calibration: their clips form the
+    # `test_real` split and the real-recording test alone. An entry is "<package>" (a whole
+    # Debian package, generated source or "user:<folder name>") or "<package>:<glob>" (its
+    # files whose origin matches the glob, e.g. "some-data:sounds/ambience/*").
     held_out_sources: list[str] = Field(default_factory=lambda: ["scratch"])
     activity: ActivityParams = ActivityParams()
     processing: ProcessingParams = ProcessingParams()
@@ -149,11 +170,31 @@ class SourcesParams(_Section):
             raise ValueError(f"unknown package(s) {unknown}; allowed: {list(DEBIAN_PACKAGES)}")
         return packages
 
+    @field_validator("held_out_sources")
+    @classmethod
+    def _known_sources(cls, sources: list[str]) -> list[str]:
+        for entry in sources:
+            package, pattern = split_source(entry)
+            known = package in DEBIAN_PACKAGES or package in GENERATED_SOURCES
+            if not known and not (package.startswith("user:") and len(package) > 5):
+                raise ValueError(
+                    f"held-out source {entry!r}: expected '<package>' or '<package>:<glob>' with a"
+                    f" package in {list(DEBIAN_PACKAGES + GENERATED_SOURCES)} or 'user:<folder name>'"
+                )
+            if pattern == "":
+                raise ValueError(f"held-out source {entry!r}: empty glob after ':'")
+        duplicates = sorted({s for s in sources if sources.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"held-out source(s) listed twice: {duplicates}")
+        return sources
+
     @model_validator(mode="after")
     def _held_out_sources_are_built(self) -> SourcesParams:
-        if len(set(self.held_out_sources)) != len(self.held_out_sources):
-            raise ValueError(f"sources.held_out_sources lists a source twice: {self.held_out_sources}")
-        unbuilt = [s for s in self.held_out_sources if s in DEBIAN_PACKAGES and s not in self.packages]
+        unbuilt = [
+            entry
+            for entry in self.held_out_sources
+            if (package := split_source(entry)[0]) in DEBIAN_PACKAGES and package not in self.packages
+        ]
         if unbuilt:
             raise ValueError(
                 f"sources.held_out_sources names {unbuilt}, which sources.packages does not build"

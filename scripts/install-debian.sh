@@ -6,6 +6,7 @@ set -euo pipefail
 deb_cache=${1:?usage: install-debian.sh DEB_CACHE_DIR}
 tools=(fluidsynth espeak-ng)
 packages=(scratch tuxpaint-stamps-default minetest-data qabcs-data sound-theme-freedesktop sound-icons
+          redeclipse-data supertux-data bucklespring-data extremetuxracer-data freeciv-data
           fluid-soundfont-gm)
 
 sudo=""

@@ -1,3 +1,5 @@
+import fnmatch
+import importlib.util
 import itertools
 from pathlib import Path
 
@@ -5,13 +7,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from flam_core.config import DEBIAN_PACKAGES, MidiParams, ProceduralParams, UserFolder
+from flam_core.config import DEBIAN_PACKAGES, MidiParams, Params, ProceduralParams, UserFolder
 from flam_core.data.catalog.base import RawClip
-from flam_core.data.catalog.debian import MappingRule, PackageMapping, load_mapping, map_files
+from flam_core.data.catalog.debian import AUDIO_SUFFIXES, MappingRule, PackageMapping, load_mapping, map_files
 from flam_core.data.catalog.folder import folder_clips
 from flam_core.data.catalog.midi import GM_SOUNDS, plan_slots
 from flam_core.data.catalog.procedural import coloured_noise, procedural_clips
 from flam_core.errors import DataError
+from tests.conftest import ROOT
 
 
 def mapping(**kwargs) -> PackageMapping:
@@ -136,3 +139,42 @@ def test_user_folder_errors_name_the_problem(tmp_path, rows, message):
     spec = write_user_folder(tmp_path, rows)
     with pytest.raises(DataError, match=message):
         folder_clips(spec)
+
+
+@pytest.mark.parametrize("package", DEBIAN_PACKAGES)
+def test_every_mapping_pattern_matches_a_file_of_its_package(package):
+    """A rule that matches nothing is a typo or a stale file name (checked where the package is unpacked)."""
+    mapping = load_mapping(package)
+    unpacked = Params().cache_path / "extracted" / package
+    root = unpacked / mapping.root
+    if not (unpacked / ".complete").is_file():
+        pytest.skip(f"{package} is not unpacked in the cache (scripts/install-debian.sh, flam sources build)")
+    relpaths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES]
+    unmatched = [rule.pattern for rule in mapping.clips if not fnmatch.filter(relpaths, rule.pattern)]
+    assert unmatched == [], f"{package}: rules matching no file: {unmatched}"
+
+
+def load_review_script():
+    spec = importlib.util.spec_from_file_location("review_mapping", ROOT / "scripts" / "review_mapping.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_review_words_agree_across_plurals_and_forms():
+    review = load_review_script()
+    assert review.words("dog barking") & review.words("Dog; Bark")
+    assert review.words("footsteps on gravel") & review.words("Walk, footsteps")
+    assert not review.words("lava bubbling") & review.words("Rain; White noise")
+
+
+def test_review_lists_every_mapped_file_with_the_classifier_top_classes():
+    from flam_core.model.yamnet import default_weights_path
+
+    if not default_weights_path().is_file():
+        pytest.skip("YAMNet weights not converted (scripts/convert_yamnet.py)")
+    rows = load_review_script().review("sound-theme-freedesktop", Params().cache_path, top=3)
+    mapping = load_mapping("sound-theme-freedesktop")
+    assert len(rows) == sum(1 for r in rows if r["label"] in {c.label for c in mapping.clips}) > 0
+    assert all(len(r["top"].split("; ")) == 3 and r["flag"] in ("", "CHECK") for r in rows)
+    assert all(r["duration_s"] > 0 and r["peak_dbfs"] <= 0.5 for r in rows)

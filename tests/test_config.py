@@ -164,3 +164,18 @@ def test_resolved_parameters_must_be_a_valid_file(tmp_path, capsys, monkeypatch)
     (tmp_path / "bad.json").write_text('{"train": {"steps": -1}}')
     code, _, err = flam(["--resolved", str(tmp_path / "bad.json"), "config", "show"], capsys, monkeypatch)
     assert code == 2 and "train.steps" in err and "bad.json" in err
+
+
+def test_held_out_sources_name_known_packages():
+    params = load_params(
+        PARAMS, overrides=['sources.held_out_sources=[scratch, "minetest-data:*/fire/*", "user:rec"]']
+    )
+    assert params.sources.held_out_sources == ["scratch", "minetest-data:*/fire/*", "user:rec"]
+    for bad, message in (
+        ("[not-a-package]", "held-out source 'not-a-package'"),
+        ('["scratch:"]', "empty glob"),
+        ("[scratch, scratch]", "listed twice"),
+        ('["user:"]', "held-out source 'user:'"),
+    ):
+        with pytest.raises(ConfigError, match=rf"sources.held_out_sources: .*{message}"):
+            load_params(PARAMS, overrides=[f"sources.held_out_sources={bad}"])

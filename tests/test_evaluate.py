@@ -241,11 +241,15 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         gain = flam["test_unseen"][metric] - glob["test_unseen"][metric]
         assert claims[f"unseen_{part}_auroc_gain"] == pytest.approx(gain, abs=1e-4)
     # The frame labels, scored as a model, meet PSDS2's loose tolerances nearly everywhere (they
-    # are the event times on the frame grid), far above a 40-step model; PSDS1's 0.7
+    # are the event times on the frame grid): per label (alpha_st = 0) far above a 40-step model.
+    # alpha_st = 1 also charges the spread of the labels' TPRs, which the grid's coarse copy of
+    # short events widens (smoke test_unseen: 0.60 against 0.89 at alpha_st = 0); PSDS1's 0.7
     # tolerances cost them the short events.
     for split in ("test_seen", "test_unseen"):
         targets = result.frame_label_psds[split]
-        assert targets["psds2"] > 0.8 and targets["psds2"] > flam[split]["psds2"] + 0.3
+        assert targets["psds2_alpha_st0"] > 0.8
+        assert targets["psds2_alpha_st0"] > flam[split]["psds2_alpha_st0"] + 0.3
+        assert targets["psds2"] >= flam[split]["psds2"]
         assert targets["psds1"] <= targets["psds2"]
         for n in (1, 2):
             assert targets[f"psds{n}"] <= targets[f"psds{n}_alpha_st0"] <= 1.0

@@ -85,28 +85,28 @@ class Tokenizer:
     not safe while other threads encode with it, encoding is."""
 
     def __init__(self, source: str) -> None:
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.path = Path(source) / "tokenizer.json"
-        self._rust = RustTokenizer
-        self._by_length: dict[int | None, Any] = {}
         self._lock = threading.Lock()
+        self._by_length: dict[int | None, Any] = {}
+        untruncated = self._configured(None)
+        pad = untruncated.token_to_id("[PAD]")
+        self.pad_token_id = 0 if pad is None else pad
         stated = Path(source) / "tokenizer_config.json"
         settings = json.loads(stated.read_text()) if stated.is_file() else {}
         self.model_max_length = int(settings.get("model_max_length") or int(1e30))  # transformers' "unknown"
-        self.pad_token_id = 0
 
     def _configured(self, max_length: int | None) -> Any:
+        """The `tokenizers.Tokenizer` that cuts at `max_length` (None: never), made on first use."""
+        from tokenizers import Tokenizer as RustTokenizer
+
         with self._lock:
             if max_length not in self._by_length:
-                tokenizer = self._rust.from_file(str(self.path))
+                tokenizer = RustTokenizer.from_file(str(self.path))
                 tokenizer.no_padding()
                 if max_length is None:
                     tokenizer.no_truncation()
                 else:
                     tokenizer.enable_truncation(max_length)
-                padding = tokenizer.token_to_id("[PAD]")
-                self.pad_token_id = 0 if padding is None else padding
                 self._by_length[max_length] = tokenizer
             return self._by_length[max_length]
 

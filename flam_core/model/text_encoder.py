@@ -53,8 +53,8 @@ log = logging.getLogger("flam.text")
 _cut_warned = False  # a cut text is reported once per process: the first one names the problem
 # Loading is serialised: threads serving requests (MLflow serving, `detect_many`) may all reach a
 # lazy encoder's first use at once, and neither a concurrent first `import transformers` nor
-# concurrent `from_pretrained` calls are safe. One lock for the process: a lock in the module
-# would stop it from being pickled or deep-copied.
+# concurrent `from_pretrained` calls are safe. One lock for the process: a lock held by each
+# encoder would stop the encoder from being pickled or deep-copied.
 _LOAD_LOCK = threading.Lock()
 
 

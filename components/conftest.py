@@ -8,4 +8,5 @@ from tests.conftest import (  # noqa: F401
     smoke_library,
     smoke_models,
     smoke_recipes,
+    val_real_set,
 )

@@ -183,18 +183,27 @@ def synth_recipes(
 @synth_app.command("real")
 def synth_real(
     library: Annotated[Path | None, typer.Option(help="Source library (default: sources.out_dir).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: test_real.out_dir).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Test set folder (default: test_real.out_dir).")] = None,
+    val_out: Annotated[
+        Path | None, typer.Option(help="Validation set folder (default: test_real.val_out_dir).")
+    ] = None,
 ) -> None:
-    """The real-recording test: long recordings and isolated clips from the held-out sources only."""
-    from flam_core.data.realset import build_real_set
+    """The real-recording sets: the test from the held-out sources, and its validation twin from
+    the validation sources (when `sources.validation_sources` names any)."""
+    from flam_core.data.realset import REAL_SPLIT, VAL_REAL_SPLIT, build_real_set
 
     params = state.params()
-    summary = build_real_set(params, library or Path(params.sources.out_dir), out)
-    console.print(
-        f"test_real: {summary.recordings} recordings ({summary.recording_s / 60:.1f} min), "
-        f"{summary.clips} isolated clips, {len(summary.labels)} prompts "
-        f"({len(summary.background_labels)} ambiences) from {', '.join(summary.sources)}"
-    )
+    library = library or Path(params.sources.out_dir)
+    wanted = [(REAL_SPLIT, out)]
+    if params.sources.validation_sources:
+        wanted.append((VAL_REAL_SPLIT, val_out))
+    for split, folder in wanted:
+        summary = build_real_set(params, library, folder, split=split)
+        console.print(
+            f"{split}: {summary.recordings} recordings ({summary.recording_s / 60:.1f} min), "
+            f"{summary.clips} isolated clips, {len(summary.labels)} prompts "
+            f"({len(summary.background_labels)} ambiences) from {', '.join(summary.sources)}"
+        )
 
 
 @synth_app.command("shards")
@@ -306,11 +315,19 @@ def train_command(
 def calibrate_command(
     model: Annotated[Path | None, typer.Option(help="Model folder (default: train.out_dir).")] = None,
     reports: Annotated[Path, typer.Option(help="Plots and metrics folder.")] = Path("reports/calibration"),
+    real: Annotated[
+        Path | None,
+        typer.Option(help="Real-recording validation set (default: test_real.val_out_dir, if built)."),
+    ] = None,
 ) -> None:
-    """Calibrate the unbiased detector on val and val_unseen: thresholds, ECE, beta vs prior."""
+    """Calibrate the unbiased detector on val and val_unseen: thresholds, ECE, beta vs prior; and
+    measure it on the real-recording validation set."""
     from flam_core.calibrate import calibrate
 
-    result = calibrate(state.params(), model_dir=model, report_dir=reports)
+    params = state.params()
+    if real is None and Path(params.test_real.val_out_dir).exists():
+        real = Path(params.test_real.val_out_dir)
+    result = calibrate(params, model_dir=model, report_dir=reports, real_dir=real)
     console.print(
         f"threshold {result.threshold} for novel prompts (val_unseen macro segment F1 "
         f"{result.threshold_segment_f1_macro}), {result.threshold_seen} over training labels (val); "
@@ -318,6 +335,15 @@ def calibrate_command(
         f"posterior {result.ece_balanced['posterior']} -> unbiased {result.ece_balanced['unbiased']}; "
         f"sigmoid(beta) vs frame prior: Spearman {result.beta_prior_spearman}"
     )
+    for system, figures in (result.val_real or {}).items():
+        if system != "set":
+            found, shot = figures["recordings"], figures["zero_shot"]
+            console.print(
+                f"val_real {system}: frame AUROC macro {found['frame_auroc_macro']} pooled "
+                f"{found['frame_auroc_pooled']}, event found {found['event_found']}, segment F1 "
+                f"{found['segment_f1_macro']}, false alarms {found['false_alarm_rate']}, zero-shot "
+                f"top-1 {shot['top1']}"
+            )
 
 
 @app.command("evaluate")

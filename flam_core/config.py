@@ -155,6 +155,12 @@ class SourcesParams(_Section):
     # Debian package, generated source or "user:<folder name>") or "<package>:<glob>" (its
     # files whose origin matches the glob, e.g. "some-data:sounds/ambience/*").
     held_out_sources: list[str] = Field(default_factory=lambda: ["scratch"])
+    # Sources kept out of training and of the test: their clips form the `val_real` split, the
+    # real-recording validation set (entries as in held_out_sources). Settings that only show
+    # on real recordings are chosen there, never on `test_real`.
+    validation_sources: list[str] = Field(
+        default_factory=lambda: ["qabcs-data:all/noises/[m-z]*", "redeclipse-data:ambience/morph/*"]
+    )
     activity: ActivityParams = ActivityParams()
     processing: ProcessingParams = ProcessingParams()
     midi: MidiParams = MidiParams()
@@ -170,7 +176,7 @@ class SourcesParams(_Section):
             raise ValueError(f"unknown package(s) {unknown}; allowed: {list(DEBIAN_PACKAGES)}")
         return packages
 
-    @field_validator("held_out_sources")
+    @field_validator("held_out_sources", "validation_sources")
     @classmethod
     def _known_sources(cls, sources: list[str]) -> list[str]:
         for entry in sources:
@@ -190,15 +196,17 @@ class SourcesParams(_Section):
 
     @model_validator(mode="after")
     def _held_out_sources_are_built(self) -> SourcesParams:
-        unbuilt = [
-            entry
-            for entry in self.held_out_sources
-            if (package := split_source(entry)[0]) in DEBIAN_PACKAGES and package not in self.packages
-        ]
-        if unbuilt:
-            raise ValueError(
-                f"sources.held_out_sources names {unbuilt}, which sources.packages does not build"
-            )
+        for name in ("held_out_sources", "validation_sources"):
+            unbuilt = [
+                entry
+                for entry in getattr(self, name)
+                if (package := split_source(entry)[0]) in DEBIAN_PACKAGES and package not in self.packages
+            ]
+            if unbuilt:
+                raise ValueError(f"sources.{name} names {unbuilt}, which sources.packages does not build")
+        both = sorted(set(self.held_out_sources) & set(self.validation_sources))
+        if both:
+            raise ValueError(f"{both} listed in both sources.held_out_sources and sources.validation_sources")
         return self
 
 
@@ -428,10 +436,12 @@ class EvaluationParams(_Section):
 
 
 class RealTestParams(_Recordings):
-    """Stage `test_real`: the real-recording test from the held-out sources (`sources.held_out_sources`)."""
+    """Stage `test_real`: the real-recording test from the held-out sources (`sources.held_out_sources`),
+    and its validation twin from `sources.validation_sources`."""
 
     SECTION: ClassVar[str] = "test_real"
     out_dir: str = "data/test_real"
+    val_out_dir: str = "data/val_real"  # the same kind of set from `sources.validation_sources`
     recordings: int = Field(40, ge=1, le=10_000)  # long recordings, each min_s..max_s seconds
     min_s: float = Field(10.0, gt=0.0, le=3600.0)
     max_s: float = Field(60.0, gt=0.0, le=3600.0)

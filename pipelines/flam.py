@@ -102,7 +102,11 @@ def flam_pipeline(
             # `gpus` goes in as an input too: it wires the loop's accelerator count into the loop DAG.
             flam = train_model(**data, mode="flam", gpus=gpus).set_display_name("train-flam")
             with_secrets(on_gpu_pool(flam, gpus))
-            calibrated = calibrate_model(**data, model=flam.outputs["model"]).outputs["calibrated"]
+            val_real = build_real_set(params=p, library=library, split="val_real")
+            val_real.set_display_name("build-val-real-set")
+            calibrated = calibrate_model(
+                **data, model=flam.outputs["model"], real_set=val_real.outputs["real_set"]
+            ).outputs["calibrated"]
             with dsl.ParallelFor(plan_baselines(params=p).output, name="baselines") as mode:
                 baseline = train_model(**data, mode=mode, gpus=gpus).set_display_name("train-baseline")
                 with_secrets(on_gpu_pool(baseline, gpus))

@@ -113,3 +113,13 @@ def real_set(smoke_library, tmp_path_factory) -> tuple[Path, object]:
     library, _ = smoke_library
     out = tmp_path_factory.mktemp("real") / "test_real"
     return out, build_real_set(smoke_params(), library, out)
+
+
+@pytest.fixture(scope="session")
+def val_real_set(smoke_library, tmp_path_factory) -> tuple[Path, object]:
+    """The real-recording validation set of the smoke library: (folder, summary)."""
+    from flam_core.data.realset import VAL_REAL_SPLIT, build_real_set
+
+    library, _ = smoke_library
+    out = tmp_path_factory.mktemp("real") / "val_real"
+    return out, build_real_set(smoke_params(), library, out, split=VAL_REAL_SPLIT)

@@ -23,7 +23,7 @@ PARAMS = ("evaluation.baselines=[flam, global]",)
 
 
 @pytest.fixture(scope="module")
-def calibrated(smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path_factory):
+def calibrated(smoke_models, smoke_features, smoke_library, smoke_recipes, val_real_set, tmp_path_factory):
     library, _ = smoke_library
     recipes, _ = smoke_recipes
     report = tmp_path_factory.mktemp("calibration")
@@ -34,6 +34,7 @@ def calibrated(smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_p
         library_dir=library,
         recipes_dir=recipes,
         report_dir=report,
+        real_dir=val_real_set[0],
     )
     return result, report
 
@@ -73,7 +74,7 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert saved == result.to_json()
     assert json.loads((report / "metrics.json").read_text()) == {
         k: v for k, v in saved.items() if k != "per_prompt"
-    }
+    } | {"val_real": result.val_real}
     assert 0.0 < result.threshold < 1.0 and 0.0 < result.threshold_seen < 1.0
     # The detector's threshold is the segment-F1 optimum over the held-out labels of
     # val_unseen (none of which is a test_unseen label), on the median-filtered scores the
@@ -105,6 +106,25 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert result.per_prompt and all(0.0 < t < 1.0 for t in result.per_prompt.values())
     for name in ("reliability.png", "beta_prior.png", "metrics.json"):
         assert (report / name).stat().st_size > 0
+
+
+def test_calibration_measures_the_detector_on_the_real_validation_set(calibrated, val_real_set, smoke_models):
+    from flam_core.evaluation.real import evaluate_real_set
+    from flam_core.inference import FlamDetector
+
+    result, _ = calibrated
+    real = result.val_real
+    assert real is not None and set(real) == {"set", "flam", "audioset"}
+    assert real["set"]["recordings"] == val_real_set[1].recordings
+    assert real["set"]["sources"] == ["scratch"] and real["set"]["prompts"] == len(val_real_set[1].labels)
+    # exactly what the real-recording test reports for the calibrated detector at its threshold
+    model, params, calibration = load_model(smoke_models / "flam")
+    assert calibration["threshold"] == result.threshold
+    again = evaluate_real_set({"flam": FlamDetector(model, params, calibration)}, val_real_set[0])
+    assert again["flam"] == real["flam"]
+    for system in ("flam", "audioset"):
+        found = real[system]["recordings"]
+        assert 0.0 <= found["frame_auroc_pooled"] <= 1.0 and 0.0 <= found["frame_auroc_macro"] <= 1.0
 
 
 def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from flam_core.data.realset import ENCODINGS, REAL_SPLIT, build_real_set
-from flam_core.data.sources import load_manifest
+from flam_core.config import split_source
+from flam_core.data.realset import ENCODINGS, REAL_SPLIT, VAL_REAL_SPLIT, build_real_set
+from flam_core.data.sources import held_out_source_mask, load_manifest
 from flam_core.data.tsv import read_sed_tsv
 from flam_core.detection import Detection
 from flam_core.errors import DataError
@@ -25,7 +26,7 @@ from tests.conftest import HELD_OUT, smoke_params
 def test_the_set_holds_only_held_out_sources_with_their_ambiences_as_prompts(real_set, smoke_library):
     out, summary = real_set
     manifest = load_manifest(smoke_library[0])
-    assert smoke_params().sources.held_out_sources == [HELD_OUT]
+    assert {split_source(e)[0] for e in smoke_params().sources.held_out_sources} == {HELD_OUT}
     assert set(manifest.loc[manifest["split"] == REAL_SPLIT, "source_package"]) == {HELD_OUT}
     held = manifest[manifest["split"] == REAL_SPLIT]
     others = manifest[manifest["split"] != REAL_SPLIT]
@@ -42,6 +43,31 @@ def test_the_set_holds_only_held_out_sources_with_their_ambiences_as_prompts(rea
         # one ambience plays under the whole recording: its label is in the truth
         assert {e.label for e in events} & ambience_labels, name
     assert json.loads((out / "summary.json").read_text())["labels"] == summary.labels
+
+
+def test_the_validation_twin_holds_only_validation_sources_and_no_test_clip(
+    real_set, smoke_library, tmp_path
+):
+    _, summary = real_set
+    params = smoke_params()
+    manifest = load_manifest(smoke_library[0])
+    val = build_real_set(params, smoke_library[0], tmp_path / "val_real", split=VAL_REAL_SPLIT)
+    chosen = held_out_source_mask(
+        manifest["source_package"], manifest["origin"], params.sources.validation_sources
+    )
+    assert set(manifest.loc[manifest["split"] == VAL_REAL_SPLIT, "clip_id"]) == set(
+        manifest.loc[chosen, "clip_id"]
+    )
+    val_clips = manifest[manifest["split"] == VAL_REAL_SPLIT]
+    assert val.recordings == params.test_real.recordings and val.clips > 0 and val.background_labels
+    assert set(val.labels) <= set(val_clips["label"])
+    # the two sets share no recording: the test's labels come from other clips of the source
+    test_clips = manifest[manifest["split"] == REAL_SPLIT]
+    assert not set(val_clips["clip_id"]) & set(test_clips["clip_id"])
+    assert set(val.labels) != set(summary.labels)
+    with pytest.raises(DataError, match="no real-recording set for split 'val'"):
+        build_real_set(params, smoke_library[0], tmp_path / "nope", split="val")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_recordings_rotate_formats_rates_and_channels_and_match_their_truth(real_set):

@@ -14,6 +14,7 @@ from flam_core.data.catalog.debian import AUDIO_SUFFIXES, fetch_package, load_ma
 from flam_core.data.sources import (
     MANIFEST_COLUMNS,
     REAL_SPLIT,
+    VAL_REAL_SPLIT,
     assign_splits,
     build_source_library,
     cap_per_label,
@@ -29,6 +30,7 @@ from tests.conftest import ROOT, smoke_params
 USER_ONLY = (
     "sources.packages=[]",
     "sources.held_out_sources=[]",
+    "sources.validation_sources=[]",
     "sources.max_clips_per_label=40",
     "sources.midi.enabled=false",
     "sources.speech.enabled=false",
@@ -43,7 +45,7 @@ def test_manifest_contract(smoke_library):
     assert tuple(manifest.columns) == MANIFEST_COLUMNS
     assert manifest["clip_id"].is_unique
     assert set(manifest["kind"]) == {"event", "background"}
-    assert set(manifest["split"]) <= {"train", "val", "test", "test_real"}
+    assert set(manifest["split"]) <= {"train", "val", "test", "test_real", "val_real"}
     assert set(manifest.loc[manifest["split"] == "test_real", "source_package"]) == {"scratch"}
     assert (manifest["sample_rate"] == 16000).all()
     assert check_readable(manifest, folder) == []
@@ -71,7 +73,7 @@ def test_clips_are_conditioned(smoke_library):
 def test_heldout_labels_never_reach_train_and_split_by_label(smoke_library):
     folder, summary = smoke_library
     manifest = load_manifest(folder)
-    events = manifest[(manifest["kind"] == "event") & (manifest["split"] != "test_real")]
+    events = manifest[(manifest["kind"] == "event") & ~manifest["split"].isin(["test_real", "val_real"])]
     heldout = set(summary.heldout_labels)
     assert len(heldout) / events["label"].nunique() >= 0.15
     assert set(events.loc[events["heldout"], "label"]) == heldout
@@ -193,6 +195,30 @@ def test_held_out_sources_by_package_and_glob_land_only_in_test_real():
     assert "real only" not in heldout_labels
 
 
+def test_validation_sources_land_only_in_val_real_beside_the_test_sources():
+    table, splits = split_table(), SplitParams(heldout_label_fraction=0.2)
+    split, heldout_labels = assign_splits(table, splits, ["real"], ["mixed:recordings/*"])
+    real, val_real = split["source_package"].eq("real"), split["clip_id"].eq("mixed-in")
+    assert (split.loc[real, "split"] == REAL_SPLIT).all()
+    assert (
+        split.loc[val_real, "split"].tolist() == [VAL_REAL_SPLIT] and not split.loc[val_real, "heldout"].any()
+    )
+    rest = ~(real | val_real)
+    assert not split.loc[rest, "split"].isin([REAL_SPLIT, VAL_REAL_SPLIT]).any()
+    alone, alone_heldout = assign_splits(table[rest.to_numpy()], splits)
+    pd.testing.assert_frame_equal(split[rest], alone)
+    assert heldout_labels == alone_heldout
+    with pytest.raises(DataError, match=r"both sources\.held_out_sources and sources\.validation_sources"):
+        assign_splits(table, splits, ["real"], ["real:r1*"])
+
+
+def test_a_source_listed_for_test_and_validation_is_refused():
+    with pytest.raises(ConfigError, match="both"):
+        smoke_params('sources.held_out_sources=["scratch:Effects/*"]')
+    with pytest.raises(ConfigError, match="validation_sources"):
+        smoke_params("sources.packages=[sound-theme-freedesktop]", "sources.held_out_sources=[]")
+
+
 def test_held_out_sources_have_their_own_label_quota():
     def clip(package: str, i: int) -> RawClip:
         return RawClip(
@@ -236,6 +262,7 @@ def test_a_held_out_user_folder_and_glob_are_built_as_test_real(tmp_path):
     overrides = (
         f"sources.user_folders=[{train}, {real}, {real_only}]",
         'sources.held_out_sources=[user:field, "user:street:[02].wav"]',
+        'sources.validation_sources=["user:street:[13].wav"]',
     )
     build_source_library(smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT)
     manifest = load_manifest(tmp_path / "library")
@@ -246,15 +273,26 @@ def test_a_held_out_user_folder_and_glob_are_built_as_test_real(tmp_path):
     assert not (manifest.loc[~real_rows, "split"] == REAL_SPLIT).any()
     street = real_rows & manifest["source_package"].eq("user:street")
     assert set(manifest.loc[street, "label"]) == {"car horn"}
+    val_rows = manifest["source_package"].eq("user:street") & manifest["origin"].isin(["1.wav", "3.wav"])
+    assert set(manifest.loc[manifest["split"] == VAL_REAL_SPLIT, "clip_id"]) == set(
+        manifest.loc[val_rows, "clip_id"]
+    )
+    assert set(manifest.loc[val_rows, "label"]) == {"siren"}
 
 
 def test_a_held_out_glob_that_matches_no_clip_is_refused(tmp_path):
     train = write_clips(tmp_path / "studio", ["door knocking", "dog barking"], 6, seed=1)
     overrides = (f"sources.user_folders=[{train}]", 'sources.held_out_sources=["user:studio:*.flac"]')
-    with pytest.raises(DataError, match="gave the library no clip"):
+    with pytest.raises(DataError, match=r"held_out_sources names .* gave the library no clip"):
         build_source_library(
             smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT
         )
+    overrides = (f"sources.user_folders=[{train}]", 'sources.validation_sources=["user:studio:*.flac"]')
+    with pytest.raises(DataError, match=r"validation_sources names .* gave the library no clip"):
+        build_source_library(
+            smoke_params(*USER_ONLY, *overrides), out_dir=tmp_path / "library", base_dir=ROOT
+        )
+    assert not (tmp_path / "library").exists()
 
 
 def test_a_library_whose_events_are_all_held_out_is_refused(tmp_path):
@@ -270,6 +308,7 @@ def test_build_is_deterministic(tmp_path):
     overrides = (
         "sources.packages=[sound-theme-freedesktop]",
         "sources.held_out_sources=[]",
+        "sources.validation_sources=[]",
         "sources.midi.clips_per_label=1",
         "sources.speech.clips_per_label=1",
         "sources.procedural.clips_per_label=1",

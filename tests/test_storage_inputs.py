@@ -362,6 +362,7 @@ def test_staging_error_for_a_truncated_download_leaves_nothing(bucket, proxy, pr
 USER_ONLY = (
     "sources.packages=[]",
     "sources.held_out_sources=[]",
+    "sources.validation_sources=[]",
     "sources.midi.enabled=false",
     "sources.speech.enabled=false",
     "sources.procedural.clips_per_label=1",

@@ -263,6 +263,27 @@ def trained_source_clip_in_test_real(data: Inputs) -> Planted:
     )
 
 
+def validation_source_in_train(data: Inputs) -> Planted:
+    """The same leak for the real-recording validation set: a validation source's clip in train."""
+    manifest = data.manifest
+    plain = ~manifest["origin"].str.contains(r"[\[\]*?]")
+    clip = manifest[(manifest["split"] == "train") & (manifest["kind"] == "event") & plain].iloc[1]
+    sources = data.params.sources.model_copy(
+        update={"validation_sources": [f"{clip['source_package']}:{clip['origin']}"]}
+    )
+    data.params = data.params.model_copy(update={"sources": sources})
+    return Planted("validation_sources_only_in_val_real", "manifest", (f"clip_id={clip['clip_id']}",))
+
+
+def trained_source_clip_in_val_real(data: Inputs) -> Planted:
+    manifest = data.manifest
+    row = manifest.index[(manifest["split"] == "val") & (manifest["kind"] == "event")][0]
+    manifest.loc[row, "split"] = "val_real"
+    return Planted(
+        "val_real_only_validation_sources", "manifest", (f"clip_id={manifest.loc[row, 'clip_id']}",)
+    )
+
+
 def shard_count_mismatch(data: Inputs) -> Planted:
     counts = data.shard_counts or recipe_counts(data.recipes_dir)
     data.shard_counts = {**counts, "train": counts["train"] - 1}
@@ -288,6 +309,8 @@ VIOLATIONS: list[Callable[[Inputs], Planted]] = [
     heldout_label_in_train,
     held_out_source_in_train,
     trained_source_clip_in_test_real,
+    validation_source_in_train,
+    trained_source_clip_in_val_real,
     shard_count_mismatch,
     shard_sample_without_audio,
 ]

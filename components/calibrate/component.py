@@ -13,11 +13,13 @@ def calibrate_model(
     library: Input[Dataset],
     recipes: Input[Dataset],
     features: Input[Dataset],
+    real_set: Input[Dataset],
     calibrated: Output[Model],
     calibration_report: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """`flam_core.calibrate.calibrate(params, model_dir, features, library, recipes, report_dir)`.
+    """`flam_core.calibrate.calibrate(params, model_dir, features, library, recipes, report_dir,
+    real_dir)`; `real_set` is the real-recording validation set (an empty folder: none).
 
     Input artifacts are read-only: the model folder is copied to `calibrated`, which receives
     `calibration.json` next to the weights.
@@ -37,6 +39,7 @@ def calibrate_model(
         library_dir=Path(library.path),
         recipes_dir=Path(recipes.path),
         report_dir=Path(calibration_report.path),
+        real_dir=Path(real_set.path) if (Path(real_set.path) / "summary.json").is_file() else None,
     )
     logged = {
         "threshold": result.threshold,
@@ -48,6 +51,11 @@ def calibrate_model(
     for key, value in logged.items():
         if value is not None:
             metrics.log_metric(key, float(value))
+    for system, figures in (result.val_real or {}).items():
+        if system != "set":
+            for key in ("frame_auroc_macro", "frame_auroc_pooled", "event_found"):
+                if figures["recordings"][key] is not None:
+                    metrics.log_metric(f"val_real.{system}.{key}", float(figures["recordings"][key]))
     for kind, value in result.ece_balanced.items():
         metrics.log_metric(f"ece_balanced.{kind}", float(value))
     calibrated.metadata.update(dict(model.metadata) | {"threshold": result.threshold})

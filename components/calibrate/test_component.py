@@ -6,7 +6,9 @@ from components.calibrate.component import calibrate_model
 from tests.conftest import smoke_params
 
 
-def test_calibrates_a_copy_of_the_model(smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path):
+def test_calibrates_a_copy_of_the_model(
+    smoke_models, smoke_features, smoke_library, smoke_recipes, val_real_set, tmp_path
+):
     (tmp_path / "params.json").write_text(smoke_params().model_dump_json())
     trained = smoke_models / "flam"
     before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
@@ -20,6 +22,7 @@ def test_calibrates_a_copy_of_the_model(smoke_models, smoke_features, smoke_libr
         library=Dataset(uri=str(smoke_library[0])),
         recipes=Dataset(uri=str(smoke_recipes[0])),
         features=Dataset(uri=str(smoke_features)),
+        real_set=Dataset(uri=str(val_real_set[0])),
         calibrated=calibrated,
         calibration_report=report,
         metrics=metrics,
@@ -40,6 +43,10 @@ def test_calibrates_a_copy_of_the_model(smoke_models, smoke_features, smoke_libr
         assert metrics.metadata[key] == calibration[key]
     for kind in ("posterior", "unbiased"):
         assert metrics.metadata[f"ece_balanced.{kind}"] == calibration["ece_balanced"][kind]
+    real = json.loads((tmp_path / "report" / "metrics.json").read_text())["val_real"]
+    for system in ("flam", "audioset"):
+        pooled = real[system]["recordings"]["frame_auroc_pooled"]
+        assert metrics.metadata[f"val_real.{system}.frame_auroc_pooled"] == pooled
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "metrics.json",
         "reliability.png",

@@ -11,6 +11,7 @@ from tests.conftest import ROOT, smoke_params
 SMALL = (
     "sources.packages=[sound-theme-freedesktop]",
     "sources.held_out_sources=[]",
+    "sources.validation_sources=[]",
     "sources.midi.clips_per_label=1",
     "sources.speech.clips_per_label=1",
     "sources.procedural.clips_per_label=1",
@@ -45,6 +46,7 @@ def test_a_library_without_event_clips_fails_the_task_and_writes_nothing(tmp_pat
         tmp_path,
         "sources.packages=[]",
         "sources.held_out_sources=[]",
+        "sources.validation_sources=[]",
         "sources.midi.enabled=false",
         "sources.speech.enabled=false",
         "sources.procedural.clips_per_label=1",

@@ -16,6 +16,10 @@ of theirs is trained, validated or calibrated on. `build_real_set` makes, from t
 - isolated clips: up to `clips_per_label` event clips per label, each written alone in the same
   rotation.
 
+The validation twin (`val_real`, `split=VAL_REAL_SPLIT`) is made the same way from the clips of
+`sources.validation_sources` into `test_real.val_out_dir`: real recordings from other sources
+than the test's, on which settings that only show on real recordings are chosen.
+
 Ground truth (`recordings.tsv`, `clips.tsv`, DCASE format, readable by `flam evaluate --tsv`):
 every active span of every placed sound, exact (the Mixer's times), merged per label, and the
 ambience's own label over its active spans, since a person asks for "rain" or "wind" too. The
@@ -38,7 +42,7 @@ from flam_core.data.events import Event
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import ClipPool, sample_chunk
 from flam_core.data.recordings import continuous_backgrounds, merge_spans, mixtures_per_recording
-from flam_core.data.sources import REAL_SPLIT, load_manifest
+from flam_core.data.sources import REAL_SPLIT, VAL_REAL_SPLIT, load_manifest
 from flam_core.data.tsv import write_sed_tsv
 from flam_core.errors import DataError
 from flam_core.utils import atomic_dir, atomic_write_text, stable_seed
@@ -114,37 +118,43 @@ def _write(path_stem: Path, samples: np.ndarray, rate: int, n: int) -> tuple[str
     return path.name, f"{ext} {out_rate} Hz {'stereo' if channels == 2 else 'mono'}"
 
 
-def _held_out(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    held = manifest[manifest["split"] == REAL_SPLIT]
+SOURCES_PARAM = {REAL_SPLIT: "held_out_sources", VAL_REAL_SPLIT: "validation_sources"}
+
+
+def _held_out(manifest: pd.DataFrame, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    held = manifest[manifest["split"] == split]
     events = held[held["kind"] == "event"].sort_values("clip_id")
     backgrounds = held[held["kind"] == "background"].sort_values("clip_id")
     for what, table in (("event clip", events), ("ambience (background)", backgrounds)):
         if table.empty:
             raise DataError(
-                f"the source library has no {what} in its {REAL_SPLIT!r} split: set "
-                "sources.held_out_sources to sources that have them and rebuild the library"
+                f"the source library has no {what} in its {split!r} split: set "
+                f"sources.{SOURCES_PARAM[split]} to sources that have them and rebuild the library"
             )
     return events, backgrounds
 
 
 def build_real_set(
-    params: Params, library_dir: Path | str, out_dir: Path | str | None = None
+    params: Params, library_dir: Path | str, out_dir: Path | str | None = None, split: str = REAL_SPLIT
 ) -> RealSetSummary:
-    """Write the real-recording test set of the library in `library_dir` (see the module
-    docstring) to `out_dir` (default `test_real.out_dir`); the folder appears whole or not at all.
-    The same parameters and library give the same files."""
+    """Write the real-recording set of split `split` (`test_real`, or `val_real` from the
+    validation sources) of the library in `library_dir` (see the module docstring) to `out_dir`
+    (default `test_real.out_dir` or `test_real.val_out_dir`); the folder appears whole or not at
+    all. The same parameters and library give the same files."""
+    if split not in SOURCES_PARAM:
+        raise DataError(f"no real-recording set for split {split!r}: expected one of {list(SOURCES_PARAM)}")
     cfg = params.test_real
     library_dir = Path(library_dir)
-    out_dir = Path(out_dir or cfg.out_dir)
+    out_dir = Path(out_dir or (cfg.out_dir if split == REAL_SPLIT else cfg.val_out_dir))
     mixer = Mixer.for_library(params, library_dir)
-    events, backgrounds = _held_out(load_manifest(library_dir))
+    events, backgrounds = _held_out(load_manifest(library_dir), split)
     pool = ClipPool.of(events, backgrounds)
     synth = params.synth
-    rng = np.random.default_rng(stable_seed(cfg.seed, REAL_SPLIT))
+    rng = np.random.default_rng(stable_seed(cfg.seed, split))
     n_mixtures = mixtures_per_recording(rng, cfg.recordings, synth.mixture_s, cfg.min_s, cfg.max_s)
-    recipes = sample_chunk(
-        pool, synth, int(n_mixtures.sum()), 0, stable_seed(cfg.seed, "recipes")
-    ).to_pandas()
+    # the test keeps the seed it was first drawn with
+    recipe_seed = stable_seed(cfg.seed, "recipes", *(() if split == REAL_SPLIT else (split,)))
+    recipes = sample_chunk(pool, synth, int(n_mixtures.sum()), 0, recipe_seed).to_pandas()
     continuous_backgrounds(recipes, mixer, pool, n_mixtures, rng)
     plan = mixer.plan(recipes)
     rate = mixer.sample_rate

@@ -7,7 +7,8 @@ splits clips into train/val/test with a seeded set of whole labels held out for
 open-vocabulary tests. Clips of `sources.held_out_sources` (whole packages, a package's files
 matching a glob, or folders of real recordings) never enter train/val/test: they form the
 split `test_real`, a cross-source test of real recordings that no training mixture draws
-from. The library is written to a staging folder and swapped in only when complete, so a
+from; clips of `sources.validation_sources` form `val_real` in the same way, the real-recording
+validation set. The library is written to a staging folder and swapped in only when complete, so a
 failed build leaves the previous library untouched.
 
 Layout of `sources.out_dir`:
@@ -62,7 +63,7 @@ MANIFEST_COLUMNS = (
     "label",  # str, clean lower-case label
     "captions",  # list[str], the label first
     "kind",  # "event" | "background"
-    "split",  # "train" | "val" | "test", or "test_real" for every clip of `sources.held_out_sources`
+    "split",  # "train" | "val" | "test"; "test_real" / "val_real": the held-out / validation sources
     "heldout",  # bool: the label is held out of train/val (open-vocabulary test)
     "duration_s",  # float
     "sample_rate",  # int
@@ -74,7 +75,8 @@ MANIFEST_COLUMNS = (
     "sha256",  # str: hash of the FLAC file
 )
 REAL_SPLIT = "test_real"  # the clips of the held-out sources, and nothing else
-SPLITS = ("train", "val", "test", REAL_SPLIT)
+VAL_REAL_SPLIT = "val_real"  # the clips of the validation sources, and nothing else
+SPLITS = ("train", "val", "test", REAL_SPLIT, VAL_REAL_SPLIT)
 
 
 @dataclass(frozen=True)
@@ -282,12 +284,16 @@ def cap_per_label(
 
 
 def assign_splits(
-    table: pd.DataFrame, splits: SplitParams, held_out_sources: Sequence[str] = ()
+    table: pd.DataFrame,
+    splits: SplitParams,
+    held_out_sources: Sequence[str] = (),
+    validation_sources: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, list[str]]:
     """Add `split` and `heldout` columns; returns the table and the held-out labels.
 
-    Every clip of a held-out source (`held_out_source_mask`) goes to `test_real` (heldout False:
-    its label may well be trained on, from other sources), whatever its label; the rest is split
+    Every clip of a held-out source (`held_out_source_mask`) goes to `test_real`, every clip of
+    a validation source to `val_real` (heldout False: the label may well be trained on, from
+    other sources), whatever its label; a clip matched by both is a DataError. The rest is split
     as follows.
 
     A seeded `heldout_label_fraction` of event labels is held out (heldout=True): a seeded
@@ -297,15 +303,21 @@ def assign_splits(
     clip: it keeps at least one training clip, gets a test clip from 3 clips up and a
     validation clip from 4 clips up. Backgrounds are split the same way as one group.
     """
-    real = (
-        held_out_source_mask(table["source_package"], table["origin"], held_out_sources)
-        if held_out_sources
-        else None
-    )
-    if real is not None and real.any():
-        rest, heldout = assign_splits(table[~real], splits)
-        held = table[real].assign(split=REAL_SPLIT, heldout=False)
-        return pd.concat([rest, held]).loc[table.index], heldout
+    if held_out_sources or validation_sources:
+        real = held_out_source_mask(table["source_package"], table["origin"], held_out_sources)
+        val_real = held_out_source_mask(table["source_package"], table["origin"], validation_sources)
+        if (real & val_real).any():
+            clips = table.loc[real & val_real, "clip_id"].tolist()
+            raise DataError(
+                f"clips {clips[:5]} belong to both sources.held_out_sources and sources.validation_sources"
+            )
+        rest, heldout = assign_splits(table[~(real | val_real)], splits)
+        parts = [
+            rest,
+            table[real].assign(split=REAL_SPLIT, heldout=False),
+            table[val_real].assign(split=VAL_REAL_SPLIT, heldout=False),
+        ]
+        return pd.concat(parts).loc[table.index], heldout
     event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
     n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
     rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
@@ -360,9 +372,8 @@ def build_source_library(
     sources = params.sources
     out_dir = Path(out_dir) if out_dir is not None else base_dir / sources.out_dir
     raw_clips, reports = gather_raw_clips(params, base_dir)
-    raw_clips = cap_per_label(
-        raw_clips, sources.max_clips_per_label, sources.splits.seed, sources.held_out_sources
-    )
+    kept_out = [*sources.held_out_sources, *sources.validation_sources]  # of training, val and test
+    raw_clips = cap_per_label(raw_clips, sources.max_clips_per_label, sources.splits.seed, kept_out)
     workers = workers or min(os.cpu_count() or 1, 8)
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
@@ -397,24 +408,27 @@ def build_source_library(
             raise DataError("the source library would hold no event clip; check sources.* params")
         events = [r for r in rows if r["kind"] == "event"]
         if held_out_source_mask(
-            [r["source_package"] for r in events], [r["origin"] for r in events], sources.held_out_sources
+            [r["source_package"] for r in events], [r["origin"] for r in events], kept_out
         ).all():
             raise DataError(
-                "the source library would hold no event clip outside sources.held_out_sources"
-                f" {sources.held_out_sources}: nothing to train on"
+                "the source library would hold no event clip outside sources.held_out_sources and"
+                f" sources.validation_sources {kept_out}: nothing to train on"
             )
         table = pd.DataFrame(rows).sort_values("clip_id", ignore_index=True)
-        table, heldout = assign_splits(table, sources.splits, sources.held_out_sources)
-        missing = [
-            entry
-            for entry in sources.held_out_sources
-            if not held_out_source_mask(table["source_package"], table["origin"], [entry]).any()
-        ]
-        if missing:
-            raise DataError(
-                f"sources.held_out_sources names {missing}, which gave the library no clip: name sources "
-                f"it builds from (these ones: {sorted(set(table['source_package']))})"
-            )
+        table, heldout = assign_splits(
+            table, sources.splits, sources.held_out_sources, sources.validation_sources
+        )
+        for name in ("held_out_sources", "validation_sources"):
+            missing = [
+                entry
+                for entry in getattr(sources, name)
+                if not held_out_source_mask(table["source_package"], table["origin"], [entry]).any()
+            ]
+            if missing:
+                raise DataError(
+                    f"sources.{name} names {missing}, which gave the library no clip: name sources "
+                    f"it builds from (these ones: {sorted(set(table['source_package']))})"
+                )
         builder_captions = {c.label: (c.kind, c.captions) for c in raw_clips}
         captions = caption_table(builder_captions, params.captions, base_dir)
         table["captions"] = table["label"].map(captions)

@@ -45,7 +45,14 @@ from flam_core.data.recipes import (
     max_concurrency,
     read_recipes,
 )
-from flam_core.data.sources import REAL_SPLIT, SPLITS, held_out_source_mask, load_manifest, manifest_hash
+from flam_core.data.sources import (
+    REAL_SPLIT,
+    SPLITS,
+    VAL_REAL_SPLIT,
+    held_out_source_mask,
+    load_manifest,
+    manifest_hash,
+)
 from flam_core.errors import DataError
 from flam_core.utils import atomic_write_text
 
@@ -257,18 +264,21 @@ def _span_flags(spans_column: pd.Series, durations: np.ndarray) -> tuple[np.ndar
     return n_spans, inside, ordered
 
 
-def manifest_frame(manifest: pd.DataFrame, held_out_sources: Sequence[str] = ()) -> pd.DataFrame:
+def manifest_frame(
+    manifest: pd.DataFrame, held_out_sources: Sequence[str] = (), validation_sources: Sequence[str] = ()
+) -> pd.DataFrame:
     """The manifest's scalar columns plus the helper columns its suite checks.
 
     Helpers: `n_spans`, `spans_inside`, `spans_ordered` (see `_span_flags`), `rms_finite`,
-    `n_captions` and `first_caption` (None when `captions` is empty or not a list), and
+    `n_captions` and `first_caption` (None when `captions` is empty or not a list),
     `held_out_source` (the clip belongs to one of `held_out_sources`: a whole source, or a
-    source's files matching a glob; `flam_core.data.sources.held_out_source_mask`).
+    source's files matching a glob; `flam_core.data.sources.held_out_source_mask`) and
+    `validation_source` (the same for `validation_sources`).
     """
     frame = manifest.drop(columns=["active_spans", "captions"]).copy()
-    frame["held_out_source"] = held_out_source_mask(
-        manifest["source_package"].astype(str), manifest["origin"].astype(str), held_out_sources
-    )
+    packages, origins = manifest["source_package"].astype(str), manifest["origin"].astype(str)
+    frame["held_out_source"] = held_out_source_mask(packages, origins, held_out_sources)
+    frame["validation_source"] = held_out_source_mask(packages, origins, validation_sources)
     durations = pd.to_numeric(manifest["duration_s"], errors="coerce").to_numpy(np.float64)
     frame["n_spans"], frame["spans_inside"], frame["spans_ordered"] = _span_flags(
         manifest["active_spans"], durations
@@ -371,6 +381,22 @@ def manifest_expectations(params: Params) -> list[Expectation]:
             column="held_out_source",
             value_set=[True],
             row_condition=Column("split") == REAL_SPLIT,
+        ),
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            "validation_sources_only_in_val_real",
+            f"every clip of a validation source (sources.validation_sources) is in split {VAL_REAL_SPLIT}",
+            column="split",
+            value_set=[VAL_REAL_SPLIT],
+            row_condition=Column("validation_source") == True,  # noqa: E712 (a GE condition, not a comparison)
+        ),
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            "val_real_only_validation_sources",
+            f"split {VAL_REAL_SPLIT} holds clips of the validation sources only",
+            column="validation_source",
+            value_set=[True],
+            row_condition=Column("split") == VAL_REAL_SPLIT,
         ),
         _named(
             gxe.ExpectColumnValuesToBeInSet,
@@ -966,7 +992,7 @@ def validate_all(
     session = _GxSession()
     checks = session.validate(
         "manifest",
-        manifest_frame(manifest, params.sources.held_out_sources),
+        manifest_frame(manifest, params.sources.held_out_sources, params.sources.validation_sources),
         manifest_expectations(params),
         ["clip_id"],
     )

@@ -379,3 +379,43 @@ def test_clip_retrieval_matches_flam_global_within_noise(smoke_features, tmp_pat
         mean_recall[mode] = np.mean([metrics[f"{d}_R@{k}"] for d in ("t2a", "a2t") for k in (1, 5, 10)])
     assert min(mean_recall.values()) > 1.4 * CHANCE_MEAN_RECALL, mean_recall
     assert abs(mean_recall["mga_clap"] - mean_recall["global"]) <= TOLERANCE, mean_recall
+
+
+@pytest.mark.slow
+def test_evaluation_carries_mga_clap_everywhere(
+    mga_clap_model, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, tmp_path
+):
+    """`evaluate` with MGA-CLAP among the baselines: its SED, retrieval and zero-shot results,
+    the real-recording test, moment retrieval, the near/far split, the ordering claim and a
+    row of results.md under its name."""
+    from flam_core.evaluation.report import evaluate
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for mode, folder in (("flam", smoke_models / "flam"), ("global", smoke_models / "global")):
+        (models / mode).symlink_to(folder, target_is_directory=True)
+    (models / "mga_clap").symlink_to(mga_clap_model, target_is_directory=True)
+    result = evaluate(
+        smoke_params("evaluation.baselines=[flam, global, mga_clap]"),
+        models_dir=models,
+        features_dir=smoke_features,
+        library_dir=smoke_library[0],
+        recipes_dir=smoke_recipes[0],
+        out_dir=tmp_path / "eval",
+        real_dir=real_set[0],
+    )
+    mga = result.models["mga_clap"]
+    assert mga["threshold_source"] == "validation"
+    for split in ("test_unseen", "test_seen"):
+        assert 0 <= mga[split]["frame_auroc_macro"] <= 1 and 0 <= mga[split]["psds1_alpha_st0"] <= 1
+    assert mga["retrieval"]["n_pairs"] > 0 and "seen" in mga["zero_shot"]
+    assert "mga_clap" in result.test_real and "mga_clap" in result.moment_retrieval["systems"]
+    assert "mga_clap" in result.near_far["splits"]["test_unseen"]["frame_auroc_macro"]
+    claims = result.claims
+    assert claims["mga_clap_unseen_auroc_macro"] == mga["test_unseen"]["frame_auroc_macro"]
+    assert claims["unseen_auroc_gain_over_mga_clap"] == pytest.approx(
+        result.models["flam"]["test_unseen"]["frame_auroc_macro"] - mga["test_unseen"]["frame_auroc_macro"],
+        abs=1e-4,
+    )
+    text = (tmp_path / "eval" / "results.md").read_text()
+    assert text.count("| MGA-CLAP |") >= 10 and "MGA-CLAP between them" in text

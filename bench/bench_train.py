@@ -3,6 +3,7 @@ for each audio encoder, at the default profile's batch (16 mixtures, 80 text slo
 
     python bench/bench_train.py [--steps 5] [--batch 16]
     python bench/bench_train.py --gpu-profile [--steps 5] [--batch 64]     # a GPU machine
+    python bench/bench_train.py --modes [--steps 5]     # the cached head: FLAM, FLAM-Global, MGA-CLAP
 
 `--gpu-profile` measures what `profile: gpu` trains instead: HTSAT-base from the waveform at
 48 kHz, 64 mixtures and 320 text slots a step, MiniLM on the device, with torch Adam (float32
@@ -16,6 +17,9 @@ Encoders:
   only the head trains (context block, projections, scale/bias MLPs);
 - `yamnet (frozen, on the fly)`: the same model computing YAMNet's features every step;
 - `yamnet (fine-tuned)`, `cnn`, `htsat tiny`, `htsat base`: end to end from the waveform.
+`--modes` measures the default CPU profile's cached path once per model of the comparison
+(`train.mode` flam, global, mga_clap: FLAM's three terms, FLAM-Global's CLIP term, MGA-CLAP's
+codebook, locality-aware block and hard-negative loss), the teacher left out of all three.
 Prints one Markdown table row per encoder (the BENCHMARKS.md format).
 """
 
@@ -120,6 +124,29 @@ def measure(
         torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def head_inference_ms(overrides: list[str], clips: int = 64, prompts: int = 20, repeats: int = 20) -> float:
+    """Median milliseconds of what evaluation and detection run on the head for cached frame
+    features: the prompts' embeddings, scale and bias (text features given), every frame's
+    detector score and every clip's embedding; the encoders are left out."""
+    params = load_params("params.yaml", overrides=overrides)
+    head = build_model(params, 1024).head.eval()
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(clips, params.frames.n_frames, 1024, generator=generator)
+    text_features = torch.randn(prompts, 384, generator=generator)
+    timings = []
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        text_emb = head.text_embeddings(text_features)
+        alpha, beta = head.text_scale_bias(text_features)
+        frames = head.contextualise(features)
+        head.detector_scores(head.frame_embeddings(frames), text_emb, alpha, beta)
+        head.global_embedding(frames)
+        if step:
+            timings.append(time.perf_counter() - start)
+    return 1000 * float(np.median(timings))
+
+
 def deepspeed_variant(base: str, folder: Path, stage: int, bf16: bool) -> str:
     """The override `train.deepspeed_config=` a copy of the DeepSpeed JSON `base` with ZeRO
     `stage` and bf16 on or off, written into `folder`."""
@@ -156,6 +183,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, help="mixtures a step (default 16; 64 with --gpu-profile)")
     parser.add_argument("--gpu-profile", action="store_true", help="the GPU profile's model and batch")
+    parser.add_argument("--modes", action="store_true", help="the cached head for flam, global and mga_clap")
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="key=value for every row")
     args = parser.parse_args()
     common = args.overrides
@@ -166,6 +194,15 @@ def main() -> None:
         gpu_rows(common, args.steps, args.batch or 64)
         return
     n = args.batch or 16
+    if args.modes:
+        modes = ("flam", "global", "mga_clap")
+        for mode in modes:
+            name = f"cached yamnet, train.mode={mode}"
+            measure(name, [f"train.mode={mode}", *common], args.steps * 4, n, cached_dim=1024)
+        print("\n| model | head inference, 64 clips x 20 prompts (ms, median) |\n|---|---|")
+        for mode in modes:
+            print(f"| train.mode={mode} | {head_inference_ms([f'train.mode={mode}', *common]):.1f} |")
+        return
     measure("cached yamnet (default CPU profile)", common, args.steps * 4, n, cached_dim=1024)
     measure("yamnet (frozen, on the fly)", common, args.steps, n)
     measure("yamnet (fine-tuned)", ["model.frozen_audio=false", *common], args.steps, n)

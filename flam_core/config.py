@@ -333,9 +333,15 @@ class ModelParams(_Section):
     context_layers: int = Field(1, ge=0, le=12)
     context_heads: int = Field(8, ge=1, le=64)
     dropout: float = Field(0.3, ge=0.0, le=0.9)  # context block; chosen on val_unseen (gpu profile: 0.1)
+    # MGA-CLAP (train.mode=mga_clap) only: its modality-shared codebook and locality-aware block
+    mga_codebook_size: int = Field(4096, ge=2, le=65536)  # codewords (paper: 4096)
+    mga_codebook_temperature: float = Field(1000.0, gt=0.0, le=1e6)  # affinity / (sqrt(D) * this)
+    mga_local_window: int = Field(0, ge=0, le=1024)  # frames either side (0: each frame alone, the paper's)
 
 
-TrainMode = Literal["flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss"]
+TrainMode = Literal[
+    "flam", "global", "mga_clap", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss"
+]
 
 
 class TrainParams(_Section):
@@ -356,6 +362,8 @@ class TrainParams(_Section):
     w_clip: float = Field(5.0, ge=0.0, le=1000.0)  # the spec's 1 in the smoke and gpu profiles
     w_sed: float = Field(200.0, ge=0.0, le=10000.0)
     w_prior: float = Field(1.0, ge=0.0, le=1000.0)
+    # MGA-CLAP's hard-negative-guided contrastive loss: negatives weighted by exp(this * logit)
+    mga_hard_negative_beta: float = Field(0.15, ge=0.0, le=10.0)  # 0: plain InfoNCE (paper's code: 0.15)
     loss_chunk: int = Field(256, ge=0, le=1_000_000)  # texts per chunk in the frame loss; 0 = naive
     # AudioSet knowledge transfer: the backbone's classifier posteriors on each training frame as
     # soft targets for its class names as texts. It reads cached YAMNet features: a model with
@@ -388,7 +396,7 @@ class ValidateParams(_Section):
     check_shards: bool = False
 
 
-BASELINES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias")
+BASELINES = ("flam", "global", "mga_clap", "no_text_scale", "no_text_bias", "no_text_scale_bias")
 
 
 class _Recordings(_Section):

@@ -1,4 +1,5 @@
-"""FLAM training objectives: global CLIP InfoNCE, frame-wise SED loss, per-text prior loss.
+"""FLAM training objectives: global CLIP InfoNCE, frame-wise SED loss, per-text prior loss; and
+MGA-CLAP's hard-negative-guided CLIP loss, for that baseline.
 
 Shapes (one training step; see `flam_core.data.loader` for the batch):
 
@@ -51,8 +52,8 @@ from torch import Tensor
 
 from flam_core.errors import FlamError
 
-Mode = Literal["flam", "global", "frame"]
-MODES: tuple[str, ...] = ("flam", "global", "frame")
+Mode = Literal["flam", "global", "mga_clap", "frame"]
+MODES: tuple[str, ...] = ("flam", "global", "mga_clap", "frame")
 
 
 class LossInputError(FlamError, ValueError):
@@ -379,6 +380,106 @@ def clip_loss(
     Returns:
         Scalar float32 loss (0 when no pair is positive).
     """
+    _check_clip_inputs(audio_emb, text_emb, positives, text_mask, logit_scale)
+    device = audio_emb.device
+    valid = _valid_index(text_mask, device)
+    with _fp32(device):
+        text = text_emb.index_select(0, valid).float()
+        pos = positives.to(device).index_select(1, valid)  # [B, Kv]
+        logits = logit_scale.float().reshape(()) * (audio_emb.float() @ text.T)  # [B, Kv]
+        audio_to_text = _multi_positive_nll(logits.log_softmax(dim=1), pos, dim=1)
+        text_to_audio = _multi_positive_nll(logits.log_softmax(dim=0), pos, dim=0)
+        return (audio_to_text + text_to_audio) / 2
+
+
+def hard_negative_weights(logits: Tensor, positives: Tensor, strength: float, dim: int = 1) -> Tensor:
+    """MGA-CLAP's weights of the negatives in each softmax along `dim` (float32, same shape).
+
+    For an anchor (a row when `dim` = 1: an audio; a column when `dim` = 0: a text) with
+    negatives N (the entries that are not positive), a negative j weighs
+    `w_j = |N| * exp(beta * z_j) / sum_{n in N} exp(beta * z_n)`: the negatives' weights average
+    to 1 and grow with their logit z (the harder the negative, the larger its share of the
+    denominator); a positive weighs 1. `beta` = `strength`; 0 gives every weight 1. The
+    weights are not detached (the paper's code lets the gradient through them).
+
+    Args:
+        logits: `[B, K]` scaled similarities `s * <a_i, t_k>`.
+        positives: `[B, K]` bool.
+        strength: beta >= 0.
+        dim: 1 (audio -> text) or 0 (text -> audio).
+    """
+    if logits.dim() != 2 or positives.shape != logits.shape or positives.dtype != torch.bool:
+        raise LossInputError(
+            f"logits must be [B, K] with bool positives of the same shape, got {tuple(logits.shape)} and "
+            f"{positives.dtype} {tuple(positives.shape)}"
+        )
+    if dim not in (0, 1):
+        raise LossInputError(f"dim must be 0 or 1, got {dim}")
+    if strength < 0:
+        raise LossInputError(f"the hard-negative strength must be >= 0, got {strength}")
+    with _fp32(logits.device):
+        return _hard_negative_log_weights(logits.float(), positives.to(logits.device), strength, dim).exp()
+
+
+def _hard_negative_log_weights(logits: Tensor, pos: Tensor, strength: float, dim: int) -> Tensor:
+    """log of `hard_negative_weights` (0 for positives), free of NaN for anchors without negatives."""
+    neg = ~pos
+    n_neg = neg.sum(dim=dim, keepdim=True).clamp_min(1).float()  # a constant: no gradient
+    # An anchor without negatives normalises over all its entries instead (-inf everywhere would
+    # give NaN gradients); none of those values is used.
+    pool = neg | ~neg.any(dim=dim, keepdim=True)
+    share = (strength * logits).masked_fill(~pool, float("-inf")).log_softmax(dim=dim)
+    return torch.where(neg, n_neg.log() + share, 0.0)
+
+
+def hard_negative_clip_loss(
+    audio_emb: Tensor,
+    text_emb: Tensor,
+    positives: Tensor,
+    text_mask: Tensor,
+    logit_scale: Tensor,
+    strength: float = 0.15,
+) -> Tensor:
+    """MGA-CLAP's hard-negative-guided contrastive loss: `clip_loss` with reweighted negatives.
+
+    In each direction, the softmax denominator of an anchor weighs its negatives by
+    `hard_negative_weights`: `log p_ij = z_ij - log sum_k w_ik exp(z_ik)` with `w = 1` on
+    positives, then the same multi-positive mean as `clip_loss` (audio -> text over valid texts,
+    text -> audio over audios, the mean of the two). With `strength` 0 every weight is 1 and this
+    is `clip_loss` exactly. The paper's public code uses beta = 0.15 on the temperature-scaled
+    logits; it divides each weight by the sum over the row's other entries (the positive
+    included), where here an anchor's negatives are normalised among themselves so that their
+    weights average to 1 (the HN-NCE form `(B - 1) exp(beta z_ij) / sum_{k != i} exp(beta z_ik)`
+    for one positive per row, extended to several positives).
+
+    Args:
+        audio_emb: `[B, D]`; text_emb: `[K, D]`; positives: `[B, K]` bool; text_mask: `[K]` bool;
+        logit_scale: scalar tensor `s = exp(theta)` (see `clip_loss`).
+        strength: beta >= 0.
+
+    Returns:
+        Scalar float32 loss (0 when no pair is positive).
+    """
+    _check_clip_inputs(audio_emb, text_emb, positives, text_mask, logit_scale)
+    if strength < 0:
+        raise LossInputError(f"the hard-negative strength must be >= 0, got {strength}")
+    device = audio_emb.device
+    valid = _valid_index(text_mask, device)
+    with _fp32(device):
+        text = text_emb.index_select(0, valid).float()
+        pos = positives.to(device).index_select(1, valid)  # [B, Kv]
+        logits = logit_scale.float().reshape(()) * (audio_emb.float() @ text.T)  # [B, Kv]
+        directions = []
+        for dim in (1, 0):
+            log_weights = _hard_negative_log_weights(logits, pos, strength, dim)
+            log_prob = logits - (logits + log_weights).logsumexp(dim=dim, keepdim=True)
+            directions.append(_multi_positive_nll(log_prob, pos, dim=dim))
+        return (directions[0] + directions[1]) / 2
+
+
+def _check_clip_inputs(
+    audio_emb: Tensor, text_emb: Tensor, positives: Tensor, text_mask: Tensor, logit_scale: Tensor
+) -> None:
     if audio_emb.dim() != 2 or text_emb.dim() != 2 or audio_emb.shape[1] != text_emb.shape[1]:
         raise LossInputError(
             f"audio_emb must be [B, D] and text_emb [K, D], got {tuple(audio_emb.shape)} and "
@@ -392,15 +493,6 @@ def clip_loss(
     _check_text_mask(text_mask, k)
     if logit_scale.numel() != 1:
         raise LossInputError(f"logit_scale must be a scalar tensor, got shape {tuple(logit_scale.shape)}")
-    device = audio_emb.device
-    valid = _valid_index(text_mask, device)
-    with _fp32(device):
-        text = text_emb.index_select(0, valid).float()
-        pos = positives.to(device).index_select(1, valid)  # [B, Kv]
-        logits = logit_scale.float().reshape(()) * (audio_emb.float() @ text.T)  # [B, Kv]
-        audio_to_text = _multi_positive_nll(logits.log_softmax(dim=1), pos, dim=1)
-        text_to_audio = _multi_positive_nll(logits.log_softmax(dim=0), pos, dim=0)
-        return (audio_to_text + text_to_audio) / 2
 
 
 def _multi_positive_nll(log_prob: Tensor, pos: Tensor, dim: int) -> Tensor:
@@ -420,6 +512,8 @@ class FlamLoss(torch.nn.Module):
     Modes:
         "flam": all three terms (the paper's FLAM).
         "global": CLIP only (FLAM-Global); frame labels matter only through `positives`.
+        "mga_clap": MGA-CLAP's hard-negative CLIP term only (`hard_negative_clip_loss`), logged
+            as "clip"; like "global", no frame label is read.
         "frame": SED + prior, no CLIP (the "without global loss" ablation).
     A term whose weight is 0 is not computed. The per-text scale/bias ablations are
     model-side (constant alpha or beta) and need nothing here.
@@ -428,6 +522,7 @@ class FlamLoss(torch.nn.Module):
         mode: one of MODES.
         w_clip, w_sed, w_prior: term weights (openflam defaults 1, 200, 1).
         chunk_size: `sed_loss` chunk size (None = naive); see `sed_loss`.
+        hard_negative_strength: beta of "mga_clap"'s CLIP term.
     """
 
     def __init__(
@@ -437,12 +532,16 @@ class FlamLoss(torch.nn.Module):
         w_sed: float = 200.0,
         w_prior: float = 1.0,
         chunk_size: int | None = None,
+        hard_negative_strength: float = 0.15,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise LossInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if hard_negative_strength < 0:
+            raise LossInputError(f"the hard-negative strength must be >= 0, got {hard_negative_strength}")
         self.mode, self.chunk_size = mode, chunk_size
         self.w_clip, self.w_sed, self.w_prior = w_clip, w_sed, w_prior
+        self.hard_negative_strength = hard_negative_strength
 
     def forward(
         self,
@@ -464,14 +563,15 @@ class FlamLoss(torch.nn.Module):
                 gathered global batch in data-parallel training).
             text_emb: `[K, D]`; labels: `[B, K, L]` bool; text_mask: `[K]` bool.
             logit_scale: scalar CLIP temperature `exp(theta)`.
-            frame_emb: `[B, L, D]`; alpha, beta: `[K]` (needed unless mode is "global").
+            frame_emb: `[B, L, D]`; alpha, beta: `[K]` (needed unless mode is "global" or
+                "mga_clap").
             positives: `[B', K]` bool CLIP positives; default `labels.any(-1)` (then B' = B).
 
         Returns:
             {"loss": weighted total (with graph), and per computed term "clip" / "sed" /
             "prior": detached float32 copies for logging}.
         """
-        use_clip = self.mode in ("flam", "global") and self.w_clip != 0
+        use_clip = self.mode in ("flam", "global", "mga_clap") and self.w_clip != 0
         use_sed = self.mode in ("flam", "frame") and self.w_sed != 0
         use_prior = self.mode in ("flam", "frame") and self.w_prior != 0
         terms: dict[str, Tensor] = {}
@@ -480,7 +580,12 @@ class FlamLoss(torch.nn.Module):
             if audio_emb is None or logit_scale is None:
                 raise LossInputError("the CLIP term needs audio_emb and logit_scale")
             pos = positives if positives is not None else labels.any(dim=-1)
-            terms["clip"] = clip_loss(audio_emb, text_emb, pos, text_mask, logit_scale)
+            if self.mode == "mga_clap":
+                terms["clip"] = hard_negative_clip_loss(
+                    audio_emb, text_emb, pos, text_mask, logit_scale, self.hard_negative_strength
+                )
+            else:
+                terms["clip"] = clip_loss(audio_emb, text_emb, pos, text_mask, logit_scale)
             total = self.w_clip * terms["clip"]
         if use_sed or use_prior:
             if frame_emb is None or alpha is None or beta is None:

@@ -124,11 +124,13 @@ class Position:
 def build_loss(params: Params) -> FlamLoss:
     train = params.train
     return FlamLoss(
-        mode="global" if train.mode == "global" else "flam",
+        # FLAM-Global and MGA-CLAP train with their clip-level term only; the ablations are FLAM's
+        mode=train.mode if train.mode in ("global", "mga_clap") else "flam",
         w_clip=train.w_clip,
         w_sed=train.w_sed,
         w_prior=0.0 if train.mode == "no_prior_loss" else train.w_prior,
         chunk_size=train.loss_chunk or None,
+        hard_negative_strength=train.mga_hard_negative_beta,
     )
 
 
@@ -143,11 +145,11 @@ class TeacherTerms:
 
 def build_teacher(params: Params, items: Any) -> TeacherTerms | None:
     """The AudioSet teacher when `train.w_teacher` > 0 and the model trains on cached YAMNet
-    features (the classifier reads those); None otherwise, and for FLAM-Global, which has no
-    frame term to teach."""
+    features (the classifier reads those); None otherwise, and for FLAM-Global and MGA-CLAP,
+    which have no frame term to teach."""
     cfg = params.train
     cached_yamnet = isinstance(items, FeatureCache) and params.model.audio_encoder == "yamnet"
-    if cfg.w_teacher == 0 or cfg.mode == "global" or not cached_yamnet:
+    if cfg.w_teacher == 0 or cfg.mode in ("global", "mga_clap") or not cached_yamnet:
         return None
     return TeacherTerms(AudioSetTeacher.load(cfg.teacher_texts), cfg.w_teacher, cfg.w_teacher_prior)
 

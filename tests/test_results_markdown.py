@@ -104,6 +104,13 @@ def _metrics(
             "retrieval_r5_relative": claims[1],
             "retrieval_r5_relative_target": 0.8,
         }
+        if "mga_clap" in models:  # the paper's ordering: here FLAM > FLAM-Global > MGA-CLAP
+            metrics["claims"] |= {
+                "mga_clap_unseen_auroc_macro": 0.6123,
+                "unseen_auroc_gain_over_mga_clap": 0.0712,
+                "mga_clap_unseen_auroc_gain": -0.0139,
+                "mga_clap_retrieval_r5_relative": 0.9456,
+            }
     if real:
         metrics["test_real"] = _real(value, modes)
         metrics["moment_retrieval"] = _moments(value, modes)
@@ -172,7 +179,15 @@ def _near_far(value: _Numbers, modes: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-ALL_MODES = ("flam", "global", "no_text_scale", "no_text_bias", "no_text_scale_bias", "no_prior_loss")
+ALL_MODES = (
+    "flam",
+    "global",
+    "mga_clap",
+    "no_text_scale",
+    "no_text_bias",
+    "no_text_scale_bias",
+    "no_prior_loss",
+)
 CASES = {
     # everything: every baseline and one the names table does not know, the ground-truth rows,
     # the claims with FLAM's unseen PSDS1 at zero (the shortfall paragraph, its ground-truth
@@ -207,6 +222,11 @@ CASES = {
     ),
     # FLAM alone: no claims, but the ground-truth rows
     "flam_only": (("default", *PINNED), _metrics(("flam",), targets=True, claims=None)),
+    # MGA-CLAP beside FLAM and FLAM-Global: a row of every system table, the ordering claim
+    "mga_clap": (
+        ("default", *PINNED),
+        _metrics(("flam", "global", "mga_clap"), targets=False, claims=(0.0843, 0.9731), real=True),
+    ),
 }
 
 
@@ -233,8 +253,8 @@ def test_cases_cover_the_optional_parts() -> None:
     shortfall = "PSDS1 subtracts the spread of the true-positive rate over the labels"
     truth = "The ground-truth frame labels themselves reach"
     assert {c for c, t in texts.items() if ceiling in t} == {"full", "flam_only"}
-    real = {"real_recordings", "audioset_baseline"}
     assert {c for c, t in texts.items() if claim in t} == set(CASES) - {"flam_only", "real_recordings"}
+    real = {"real_recordings", "audioset_baseline", "mga_clap"}
     assert {c for c, t in texts.items() if "## Real recordings from held-out sources" in t} == real
     assert {c for c, t in texts.items() if "## Moment retrieval on long recordings" in t} == real
     assert {c for c, t in texts.items() if "## Held-out prompts near AudioSet" in t} == real
@@ -293,3 +313,17 @@ def test_a_missing_metric_fails_the_rendering() -> None:
     del broken["models"]["global"]["test_seen"]["psds2_alpha_st0"]
     with pytest.raises(jinja2.UndefinedError, match="psds2_alpha_st0"):
         results_markdown(broken, _params("default", *PINNED))
+
+
+def test_mga_clap_is_a_row_of_every_system_table_and_in_the_claims() -> None:
+    """MGA-CLAP among the models: its row after FLAM-Global's in every table of systems (SED
+    AUROC, PSDS, thresholds, single-class PSDS, retrieval, zero-shot, clip/within-clip, real
+    recordings, moment retrieval per split, near/far), and the paper's ordering in the claims."""
+    texts = {case: (GOLDEN / f"{case}.md").read_text(encoding="utf-8") for case in CASES}
+    ordering = "the paper's ordering does not hold"
+    assert {c for c, t in texts.items() if ordering in t} == {"claims_without_targets", "full", "mga_clap"}
+    lines = texts["mga_clap"].splitlines()
+    rows = [k for k, line in enumerate(lines) if line.startswith("| MGA-CLAP |")]
+    assert len(rows) == 11
+    before = [lines[k - 1].split(" | ")[0] for k in rows]
+    assert before == ["| FLAM-Global"] * 8 + ["| MGA-CLAP"] + ["| FLAM-Global"] * 2

@@ -1,7 +1,7 @@
 """Stage `evaluate`: FLAM against its baselines on the held-out test splits, as the paper's tables.
 
-Every model of `evaluation.baselines` (FLAM, FLAM-Global, the per-text scale/bias ablations),
-trained on the same data with the same budget, is scored on
+Every model of `evaluation.baselines` (FLAM, FLAM-Global, MGA-CLAP, the per-text scale/bias
+ablations), trained on the same data with the same budget, is scored on
 
 - open-vocabulary SED (`test_unseen`: labels never seen in training) and closed-set SED
   (`test_seen`): frame AUROC macro/micro, PSDS1/PSDS2 (sed_scores_eval, exact event times
@@ -17,7 +17,8 @@ trained on the same data with the same budget, is scored on
 
 Outputs in `evaluation.out_dir`: `metrics.json` (nested by model and split, each prompt's
 frame AUROC included; the flat gate metrics of FLAM; the claims: FLAM against FLAM-Global,
-the unseen AUROC gain with its 95% interval from a bootstrap over the held-out prompts),
+the unseen AUROC gain with its 95% interval from a bootstrap over the held-out prompts, and,
+with MGA-CLAP among the baselines, the paper's ordering FLAM > MGA-CLAP > FLAM-Global),
 `results.md` (the tables), `roc_test_unseen.png` and `heatmaps/*.png` (prompt x time scores
 over the ground truth).
 """
@@ -62,11 +63,13 @@ PSDS_COLUMNS = {
     "psds2_alpha_st0": "PSDS2 (alpha_st=0)",
 }
 AUDIOSET = "audioset"  # the frozen backbone's AudioSet classifier (`flam_core.model.audioset`)
-MOMENT_SYSTEMS = ("flam", "global", AUDIOSET)  # scored on moment retrieval
+MOMENT_SYSTEMS = ("flam", "global", "mga_clap", AUDIOSET)  # scored on moment retrieval
+HEATMAP_SYSTEMS = ("flam", "global", "mga_clap")  # drawn side by side in the heatmaps
 NAMES = {
     AUDIOSET: "AudioSet classifier (frozen backbone, no training)",
     "flam": "FLAM",
     "global": "FLAM-Global",
+    "mga_clap": "MGA-CLAP",
     "no_text_scale": "FLAM w/o per-text scale",
     "no_text_bias": "FLAM w/o per-text bias",
     "no_text_scale_bias": "FLAM w/o per-text scale and bias",
@@ -387,8 +390,8 @@ def _moment_retrieval(
     params: Params, detectors: dict[str, Any], library_dir: Path, recipes_dir: Path
 ) -> dict[str, Any] | None:
     """Moment retrieval (`flam_core.evaluation.moments`) of the `flam search` spans of FLAM,
-    FLAM-Global and the AudioSet classifier (`MOMENT_SYSTEMS`; the ablations add little here and
-    cost a minute each) on the same long recordings of each test split, and the frame-grid
+    FLAM-Global, MGA-CLAP and the AudioSet classifier (`MOMENT_SYSTEMS`; the ablations add little
+    here and cost a minute each) on the same long recordings of each test split, and the frame-grid
     ceiling (`grid_oracle`).
     None when `evaluation.moments.recordings` is 0."""
     from flam_core.evaluation.moments import grid_oracle, moment_retrieval
@@ -493,7 +496,8 @@ def _test_set_hash(recipes_dir: Path) -> str:
 
 
 def _claims(results: dict[str, Any]) -> dict[str, Any]:
-    """The paper's claim on this data: FLAM vs FLAM-Global."""
+    """The paper's claim on this data: FLAM vs FLAM-Global (and MGA-CLAP between them, when it
+    was evaluated: `_mga_clap_claims`)."""
     if "global" not in results:
         return {}
     flam, glob = results["flam"], results["global"]
@@ -504,7 +508,7 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
     r5 = "t2a_R@5"
     per_label = "frame_auroc_per_label"
     interval = macro_gain_interval(flam["test_unseen"][per_label], glob["test_unseen"][per_label])
-    return {
+    return _mga_clap_claims(results) | {
         "unseen_auroc_gain": gain("test_unseen", "frame_auroc_macro"),
         "unseen_auroc_gain_target": 0.10,
         # the gain's 95% interval over the held-out prompts (a bootstrap over labels)
@@ -523,6 +527,23 @@ def _claims(results: dict[str, Any]) -> dict[str, Any]:
         "seen_psds1_alpha_st0_gain": gain("test_seen", "psds1_alpha_st0"),
         "retrieval_r5_relative": round(flam["retrieval"][r5] / max(glob["retrieval"][r5], 1e-9), 4),
         "retrieval_r5_relative_target": 0.8,
+    }
+
+
+def _mga_clap_claims(results: dict[str, Any]) -> dict[str, Any]:
+    """The paper's ordering on held-out prompts, FLAM > MGA-CLAP > FLAM-Global in macro frame
+    AUROC, and MGA-CLAP's retrieval against FLAM-Global's; {} without MGA-CLAP."""
+    if "mga_clap" not in results:
+        return {}
+    auroc = {m: results[m]["test_unseen"]["frame_auroc_macro"] for m in ("flam", "mga_clap", "global")}
+    r5 = "t2a_R@5"
+    return {
+        "mga_clap_unseen_auroc_macro": auroc["mga_clap"],
+        "unseen_auroc_gain_over_mga_clap": round(auroc["flam"] - auroc["mga_clap"], 4),
+        "mga_clap_unseen_auroc_gain": round(auroc["mga_clap"] - auroc["global"], 4),
+        "mga_clap_retrieval_r5_relative": round(
+            results["mga_clap"]["retrieval"][r5] / max(results["global"]["retrieval"][r5], 1e-9), 4
+        ),
     }
 
 
@@ -679,7 +700,7 @@ def _plot_heatmaps(
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    shown = [m for m in ("flam", "global") if m in scores_of]
+    shown = [m for m in HEATMAP_SYSTEMS if m in scores_of]
     for m in range(min(count, len(split.ids))):
         present = np.flatnonzero(split.truth[m].any(axis=1))
         absent = np.flatnonzero(~split.truth[m].any(axis=1))[:2]

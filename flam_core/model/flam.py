@@ -16,6 +16,16 @@ shared embedding size (512 in the paper).
   `beta = MLP_b(t)` (final bias -8), each `[K]`. Ablations replace either by one learned
   scalar shared by every text.
 
+MGA-CLAP (`architecture="mga_clap"`, `flam_core.model.mga_clap`), the frame-aware baseline
+trained with a clip-level loss only: the last block of the temporal context is its
+locality-aware block (attention within `local_window` frames, no FFN), and the global audio
+and text embeddings are sparse mixtures of its modality-shared codebook (the projected frames,
+or the projected pooled text feature as a one-token sequence). Frame embeddings stay the
+projected frames, unit norm: the paper scores SED by the cosine of each frame's projection
+with the text's codebook embedding. Its alpha and beta are never trained (constant, as
+FLAM-Global's), so its frame scores are a per-prompt increasing function of that cosine, which
+is all frame AUROC and PSDS read.
+
 Scores: `p = sigmoid(alpha * cos + beta)`; the unbiased detector `p / (p + sigmoid(beta))`
 removes the learned label prior, so one threshold (0.5) serves every prompt; the
 approximate form `sigmoid(alpha * cos)` agrees when beta << -10.
@@ -35,6 +45,7 @@ from flam_core.config import Params
 from flam_core.errors import DataError
 from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.model.base import AudioEncoder
+from flam_core.model.mga_clap import LocalityAwareBlock, ModalitySharedCodebook
 from flam_core.model.text_encoder import TextEncoder
 from flam_core.postprocess import unbiased_scores
 
@@ -51,6 +62,10 @@ class FlamConfig:
     dropout: float = 0.1
     text_scale: bool = True  # False: one shared learned scale (ablation `no_text_scale`)
     text_bias: bool = True  # False: one shared learned bias (ablation `no_text_bias`)
+    architecture: Literal["flam", "mga_clap"] = "flam"  # mga_clap: the MGA-CLAP baseline
+    codebook_size: int = 4096  # MGA-CLAP: codewords M
+    codebook_temperature: float = 1000.0  # MGA-CLAP: affinity / (sqrt(D) * this) before sparsemax
+    local_window: int = 0  # MGA-CLAP: frames either side a frame attends to in the last block
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,24 +97,13 @@ class FlamHead(nn.Module):
         self.config = config
         width = config.context_dim or config.audio_dim
         self.input_proj = nn.Linear(config.audio_dim, width) if width != config.audio_dim else nn.Identity()
-        if config.context == "transformer":
-            layer = nn.TransformerEncoderLayer(
-                width,
-                config.context_heads,
-                dim_feedforward=2 * width,
-                dropout=config.dropout,
-                batch_first=True,
-                norm_first=True,
-            )
-            self.context: nn.Module = nn.TransformerEncoder(
-                layer, config.context_layers, enable_nested_tensor=False
-            )
-        elif config.context == "conv":
-            self.context = nn.Sequential(
-                *[_ConvContext(width, config.dropout) for _ in range(config.context_layers)]
-            )
-        else:
-            self.context = nn.Identity()
+        mga_clap = config.architecture == "mga_clap"
+        # MGA-CLAP: its locality-aware block stands in for the last context layer
+        n_layers = max(config.context_layers - 1, 0) if mga_clap else config.context_layers
+        self.context: nn.Module = self._context(config, width, n_layers)
+        if mga_clap:
+            block = LocalityAwareBlock(width, config.context_heads, config.local_window, config.dropout)
+            self.context = nn.Sequential(self.context, block)
         d = config.embed_dim
         self.audio_proj = _mlp(width, d, d, nn.ReLU)
         self.text_proj = _mlp(config.text_dim, d, d, nn.ReLU)
@@ -113,6 +117,26 @@ class FlamHead(nn.Module):
         self.shared_log_alpha = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.shared_beta = nn.Parameter(torch.full((1,), -8.0))
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # CLIP temperature theta
+        self.codebook = (
+            ModalitySharedCodebook(config.codebook_size, d, config.codebook_temperature) if mga_clap else None
+        )
+
+    @staticmethod
+    def _context(config: FlamConfig, width: int, n_layers: int) -> nn.Module:
+        """`n_layers` of the configured temporal context at `width` (identity when none)."""
+        if config.context == "transformer" and n_layers:
+            layer = nn.TransformerEncoderLayer(
+                width,
+                config.context_heads,
+                dim_feedforward=2 * width,
+                dropout=config.dropout,
+                batch_first=True,
+                norm_first=True,
+            )
+            return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        if config.context == "conv" and n_layers:
+            return nn.Sequential(*[_ConvContext(width, config.dropout) for _ in range(n_layers)])
+        return nn.Identity()
 
     # --- audio -------------------------------------------------------------------------------
     def contextualise(self, features: torch.Tensor) -> torch.Tensor:
@@ -124,12 +148,17 @@ class FlamHead(nn.Module):
         return F.normalize(self.audio_proj(frames), dim=-1)
 
     def global_embedding(self, frames: torch.Tensor) -> torch.Tensor:
-        """Contextualised `[B, L, Dc]` -> `[B, D]`: the projection of the frames' mean, unit norm."""
+        """Contextualised `[B, L, Dc]` -> `[B, D]`: the projection of the frames' mean, unit norm
+        (MGA-CLAP: the codebook mixture of the projected frames)."""
+        if self.codebook is not None:
+            return self.codebook(self.audio_proj(frames))
         return F.normalize(self.audio_proj(frames.mean(dim=1)), dim=-1)
 
     # --- text --------------------------------------------------------------------------------
     def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
-        """`[K, Dt]` -> `[K, D]`, unit norm."""
+        """`[K, Dt]` -> `[K, D]`, unit norm (MGA-CLAP: the codebook mixture of the projection)."""
+        if self.codebook is not None:
+            return self.codebook(self.text_proj(text_features)[:, None, :])
         return F.normalize(self.text_proj(text_features), dim=-1)
 
     def text_scale_bias(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,5 +264,9 @@ def build_model(params: Params, audio_dim: int | None = None, lazy_text: bool = 
         dropout=model.dropout,
         text_scale=train.mode not in ("no_text_scale", "no_text_scale_bias"),
         text_bias=train.mode not in ("no_text_bias", "no_text_scale_bias"),
+        architecture="mga_clap" if train.mode == "mga_clap" else "flam",
+        codebook_size=model.mga_codebook_size,
+        codebook_temperature=model.mga_codebook_temperature,
+        local_window=model.mga_local_window,
     )
     return FlamModel(FlamHead(config), text_encoder, audio_encoder)

@@ -380,13 +380,8 @@ def clip_loss(
     Returns:
         Scalar float32 loss (0 when no pair is positive).
     """
-    _check_clip_inputs(audio_emb, text_emb, positives, text_mask, logit_scale)
-    device = audio_emb.device
-    valid = _valid_index(text_mask, device)
-    with _fp32(device):
-        text = text_emb.index_select(0, valid).float()
-        pos = positives.to(device).index_select(1, valid)  # [B, Kv]
-        logits = logit_scale.float().reshape(()) * (audio_emb.float() @ text.T)  # [B, Kv]
+    logits, pos = _clip_logits(audio_emb, text_emb, positives, text_mask, logit_scale)
+    with _fp32(logits.device):
         audio_to_text = _multi_positive_nll(logits.log_softmax(dim=1), pos, dim=1)
         text_to_audio = _multi_positive_nll(logits.log_softmax(dim=0), pos, dim=0)
         return (audio_to_text + text_to_audio) / 2
@@ -460,21 +455,30 @@ def hard_negative_clip_loss(
     Returns:
         Scalar float32 loss (0 when no pair is positive).
     """
-    _check_clip_inputs(audio_emb, text_emb, positives, text_mask, logit_scale)
+    logits, pos = _clip_logits(audio_emb, text_emb, positives, text_mask, logit_scale)
     if strength < 0:
         raise LossInputError(f"the hard-negative strength must be >= 0, got {strength}")
-    device = audio_emb.device
-    valid = _valid_index(text_mask, device)
-    with _fp32(device):
-        text = text_emb.index_select(0, valid).float()
-        pos = positives.to(device).index_select(1, valid)  # [B, Kv]
-        logits = logit_scale.float().reshape(()) * (audio_emb.float() @ text.T)  # [B, Kv]
+    with _fp32(logits.device):
         directions = []
         for dim in (1, 0):
             log_weights = _hard_negative_log_weights(logits, pos, strength, dim)
             log_prob = logits - (logits + log_weights).logsumexp(dim=dim, keepdim=True)
             directions.append(_multi_positive_nll(log_prob, pos, dim=dim))
         return (directions[0] + directions[1]) / 2
+
+
+def _clip_logits(
+    audio_emb: Tensor, text_emb: Tensor, positives: Tensor, text_mask: Tensor, logit_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Checked clip-loss inputs -> the float32 logits `s * <a_i, t_k>` `[B, Kv]` over the valid
+    texts, and the positives `[B, Kv]` of those texts."""
+    _check_clip_inputs(audio_emb, text_emb, positives, text_mask, logit_scale)
+    device = audio_emb.device
+    valid = _valid_index(text_mask, device)
+    with _fp32(device):
+        text = text_emb.index_select(0, valid).float()
+        pos = positives.to(device).index_select(1, valid)
+        return logit_scale.float().reshape(()) * (audio_emb.float() @ text.T), pos
 
 
 def _check_clip_inputs(

@@ -337,6 +337,32 @@ def recipe_frame(recipes: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
 # --- great-expectations suites ------------------------------------------------------------
 
 
+def _kept_out_expectations(column: str, kind: str, param: str, split: str) -> list[Expectation]:
+    """The two checks that sources kept out of training fill `split` and nothing else: every clip
+    flagged in `column` (sources of `sources.<param>`) is in `split`, and `split` holds no other."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    return [
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            f"{param}_only_in_{split}",
+            f"every clip of a {kind} source (sources.{param}) is in split {split}",
+            column="split",
+            value_set=[split],
+            row_condition=Column(column) == True,  # noqa: E712 (a GE condition, not a comparison)
+        ),
+        _named(
+            gxe.ExpectColumnValuesToBeInSet,
+            f"{split}_only_{param}",
+            f"split {split} holds clips of the {kind} sources only",
+            column=column,
+            value_set=[True],
+            row_condition=Column("split") == split,
+        ),
+    ]
+
+
 def manifest_expectations(params: Params) -> list[Expectation]:
     """The source-manifest suite, to run on `manifest_frame(manifest)`."""
     import great_expectations.expectations as gxe
@@ -366,38 +392,8 @@ def manifest_expectations(params: Params) -> list[Expectation]:
             column="split",
             value_set=SPLITS,
         ),
-        _named(
-            gxe.ExpectColumnValuesToBeInSet,
-            "held_out_sources_only_in_test_real",
-            f"every clip of a held-out source (sources.held_out_sources) is in split {REAL_SPLIT}",
-            column="split",
-            value_set=[REAL_SPLIT],
-            row_condition=Column("held_out_source") == True,  # noqa: E712 (a GE condition, not a comparison)
-        ),
-        _named(
-            gxe.ExpectColumnValuesToBeInSet,
-            "test_real_only_held_out_sources",
-            f"split {REAL_SPLIT} holds clips of the held-out sources only",
-            column="held_out_source",
-            value_set=[True],
-            row_condition=Column("split") == REAL_SPLIT,
-        ),
-        _named(
-            gxe.ExpectColumnValuesToBeInSet,
-            "validation_sources_only_in_val_real",
-            f"every clip of a validation source (sources.validation_sources) is in split {VAL_REAL_SPLIT}",
-            column="split",
-            value_set=[VAL_REAL_SPLIT],
-            row_condition=Column("validation_source") == True,  # noqa: E712 (a GE condition, not a comparison)
-        ),
-        _named(
-            gxe.ExpectColumnValuesToBeInSet,
-            "val_real_only_validation_sources",
-            f"split {VAL_REAL_SPLIT} holds clips of the validation sources only",
-            column="validation_source",
-            value_set=[True],
-            row_condition=Column("split") == VAL_REAL_SPLIT,
-        ),
+        *_kept_out_expectations("held_out_source", "held-out", "held_out_sources", REAL_SPLIT),
+        *_kept_out_expectations("validation_source", "validation", "validation_sources", VAL_REAL_SPLIT),
         _named(
             gxe.ExpectColumnValuesToBeInSet,
             "heldout_is_bool",

@@ -1,4 +1,4 @@
-"""Calibration of the unbiased detector on the validation splits (stage `calibrate`).
+"""Calibration of the detector on the validation splits (stage `calibrate`).
 
 What the logit adjustment promises, measured on validation mixtures: `val` (labels seen in
 training, other recordings) and `val_unseen` (held-out labels, never trained on, disjoint
@@ -12,8 +12,15 @@ from the labels of `test_unseen`):
   the adjustment) and `s` (after). Plain, frequency-weighted ECE is reported too.
 - **Prior tracking.** The learned `sigmoid(beta_k)` of each training label against its
   empirical frame prior (Spearman and Pearson correlation, scatter plot).
-- **Threshold.** The single threshold on `s`, after the detector's 3-frame median filter,
-  that maximises macro segment F1 (1 s segments, sed_scores_eval) over a vocabulary. Segment
+- **One scale for every prompt.** With `calibration.score_norm: cohort` (the default) the
+  detector does not report `s`: each prompt's cosine becomes its z-score over a cohort of
+  training frames, and one logistic curve fitted on `val_unseen` maps it to a probability
+  (`flam_core.model.score_norm`; `fit_score_map`). The per-prompt scale and bias the head
+  predicts from the text do not carry to prompts far from the training labels; the cohort
+  measures every prompt on the same audio. The cohort's moments are written either way
+  (`cohort.npz`); `calibration.json`'s `score_norm` says whether the detector uses them.
+- **Threshold.** The single threshold on the detector's score, after its 3-frame median
+  filter, that maximises macro segment F1 (1 s segments, sed_scores_eval) over a vocabulary. Segment
   F1 asks whether the sound is reported where it sounds; collar-based event F1 also asks that
   each event come out as one segment with its onset within 200 ms, which the ~0.3 s frame
   grid rarely meets for never-trained prompts (its optimum on `val_unseen` sits near F1 0.02
@@ -56,10 +63,12 @@ from flam_core.evaluation.frames import (
 )
 from flam_core.evaluation.splits import MixtureSplit, detector_threshold
 from flam_core.features import FeatureCache
+from flam_core.model.score_norm import CohortNorm
 from flam_core.utils import atomic_write_text
 
 N_BINS = 15
 KINDS = ("posterior", "unbiased")  # the model's posterior p, and s with the learned prior removed
+NORMALISED = "normalised"  # the cohort-normalised score, when calibration normalises (the detector's)
 # Calibration fields whose key in the JSON is no Python name
 JSON_KEYS = {"segment_f1_macro_at_0_5": "segment_f1_macro_at_0.5"}
 
@@ -84,6 +93,8 @@ class Calibration:
     ece_balanced_unseen: dict[str, float]
     beta_prior_spearman: float | None  # None: one shared bias (no ranking to compare)
     beta_prior_pearson: float | None
+    # the cohort normalisation the detector scores with (`CohortNorm.entry`); None: unbiased scores
+    score_norm: dict[str, Any] | None
     n_labels: int  # of val_unseen
     n_mixtures: int
     n_labels_seen: int  # of val
@@ -155,27 +166,36 @@ def calibrate(
     library_dir = Path(library_dir or params.sources.out_dir)
     recipes_dir = Path(recipes_dir or params.synth.out_dir)
     model, model_params, _ = load_model(model_dir)
+    model.score_norm = None  # a calibration of its own, never the previous one's
     mixer = Mixer.for_library(params, library_dir)
     hop = params.frame_hop_s
     seen, unseen = (MixtureSplit(params, s, features_dir, mixer, recipes_dir) for s in ("val", "val_unseen"))
+    kinds = KINDS
+    cohort = cohort_moments(model, FeatureCache(features_dir, "train"), params)
+    if params.calibration.score_norm == "cohort":
+        model.score_norm = fit_score_map(model, cohort, unseen)
+        kinds = (*KINDS, NORMALISED)
     scores = {
-        (split.name, kind): vocabulary_scores(model, split.cache, split.vocabulary, kind=kind)
+        (split.name, kind): vocabulary_scores(
+            model, split.cache, split.vocabulary, kind="detector" if kind == NORMALISED else kind
+        )
         for split in (seen, unseen)
-        for kind in KINDS
+        for kind in kinds
     }
+    detected = NORMALISED if model.score_norm is not None else "unbiased"  # what the detector reports
     seen_args = (hop, seen.vocabulary, seen.ids, seen.events)
     unseen_args = (hop, unseen.vocabulary, unseen.ids, unseen.events)
     # Thresholds act on the detector's output: the unbiased scores after its median filter.
-    decided = {name: median_filter_frames(scores[name, "unbiased"]) for name in ("val", "val_unseen")}
-    threshold_seen, f1_seen = detector_threshold(scores["val", "unbiased"], seen, hop)
-    threshold, f1 = detector_threshold(scores["val_unseen", "unbiased"], unseen, hop)
+    decided = {name: median_filter_frames(scores[name, detected]) for name in ("val", "val_unseen")}
+    threshold_seen, f1_seen = detector_threshold(scores["val", detected], seen, hop)
+    threshold, f1 = detector_threshold(scores["val_unseen", detected], unseen, hop)
     at_half = segment_f1(decided["val_unseen"], *unseen_args, threshold=0.5)
     event = event_f1(decided["val_unseen"], *unseen_args, threshold=threshold)
     per_label = _per_label_thresholds(decided["val"], *seen_args)
-    curves = {kind: reliability(scores["val", kind], seen.truth, balanced=True) for kind in KINDS}
-    plain = {kind: reliability(scores["val", kind], seen.truth, balanced=False)["ece"] for kind in KINDS}
+    curves = {kind: reliability(scores["val", kind], seen.truth, balanced=True) for kind in kinds}
+    plain = {kind: reliability(scores["val", kind], seen.truth, balanced=False)["ece"] for kind in kinds}
     unseen_curves = {
-        kind: reliability(scores["val_unseen", kind], unseen.truth, balanced=True) for kind in KINDS
+        kind: reliability(scores["val_unseen", kind], unseen.truth, balanced=True) for kind in kinds
     }
     _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
     spearman = rank_correlation(learned, prior)
@@ -194,19 +214,68 @@ def calibrate(
         ece_balanced_unseen={k: round(v["ece"], 4) for k, v in unseen_curves.items()},
         beta_prior_spearman=spearman,
         beta_prior_pearson=pearson,
+        score_norm=None if model.score_norm is None else model.score_norm.entry(),
         n_labels=len(unseen.vocabulary),
         n_mixtures=len(unseen.ids),
         n_labels_seen=len(seen.vocabulary),
         n_mixtures_seen=len(seen.ids),
     )
+    # the cohort first, so a calibration.json that normalises is never left without it; written
+    # either way (the model's frame moments over training mixtures), used only as score_norm says
+    cohort.save(model_dir)
     atomic_write_text(model_dir / "calibration.json", json.dumps(calibration.to_json(), indent=2))
     real = _real_validation(params, model, model_params, calibration, model_dir, real_dir)
     calibration = replace(calibration, val_real=real)
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_dir / "metrics.json", json.dumps(calibration.metrics(), indent=2))
-    _plot_reliability(curves | {"unbiased_unseen": unseen_curves["unbiased"]}, report_dir / "reliability.png")
+    unseen_curve = {f"{detected}_unseen": unseen_curves[detected]}
+    _plot_reliability(curves | unseen_curve, report_dir / "reliability.png")
     _plot_beta_prior(prior, learned, calibration.beta_prior_spearman, report_dir / "beta_prior.png")
     return calibration
+
+
+def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNorm:
+    """The moments of `model`'s frame embeddings over `calibration.cohort_mixtures` training
+    mixtures, drawn with a fixed seed (`flam_core.model.score_norm`)."""
+    import torch
+
+    n = min(params.calibration.cohort_mixtures, len(train))
+    rows = np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
+    head, frames = model.head, []
+    with torch.no_grad():
+        for start in range(0, n, 64):
+            batch = torch.from_numpy(np.asarray(train.features[rows[start : start + 64]], dtype=np.float32))
+            emb = head.frame_embeddings(head.contextualise(batch.to(head.logit_scale.dtype)))
+            frames.append(emb.reshape(-1, emb.shape[-1]).float())
+    return CohortNorm.from_frames(torch.cat(frames))
+
+
+def fit_score_map(model: Any, cohort: CohortNorm, unseen: MixtureSplit) -> CohortNorm:
+    """`cohort` with the shared map `sigmoid(a z + b)` fitted to the novel labels of `val_unseen`
+    by logistic regression, each label's positive and negative frames weighted equally (the even
+    prior of the unbiased score)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model.score_norm = cohort
+    z = vocabulary_scores(model, unseen.cache, unseen.vocabulary, kind="cohort_z")
+    truth = unseen.truth
+    positives = truth.sum(axis=(0, 2), keepdims=True)
+    negatives = truth.size // truth.shape[1] - positives
+    weights = np.where(truth, 0.5 / np.maximum(positives, 1), 0.5 / np.maximum(negatives, 1))
+    weights = (weights * ((positives > 0) & (negatives > 0))).ravel()
+    if not weights.any():
+        raise DataError("val_unseen has no label with both sounding and silent frames to calibrate on")
+    keep = weights > 0
+    fit = LogisticRegression(C=1e4).fit(
+        z.reshape(-1, 1)[keep], truth.ravel()[keep], sample_weight=weights[keep] / weights[keep].mean()
+    )
+    scale, shift = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if not scale > 0:
+        raise DataError(
+            f"on val_unseen the cohort z-score does not rise with the truth (slope {scale:.3g}): "
+            "the model does not detect novel labels; set calibration.score_norm=none"
+        )
+    return cohort.with_map(scale, shift)
 
 
 def _real_validation(
@@ -259,6 +328,8 @@ def _plot_reliability(curves: dict[str, dict[str, Any]], path: Path) -> None:
         "posterior": "val, posterior p (prior kept)",
         "unbiased": "val, unbiased s (prior removed)",
         "unbiased_unseen": "val_unseen (never trained on), unbiased s",
+        NORMALISED: "val, cohort-normalised (the detector's)",
+        f"{NORMALISED}_unseen": "val_unseen (never trained on), cohort-normalised",
     }
     for name, curve in curves.items():
         share = np.asarray(curve["share"])

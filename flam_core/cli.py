@@ -320,8 +320,9 @@ def calibrate_command(
         typer.Option(help="Real-recording validation set (default: test_real.val_out_dir, if built)."),
     ] = None,
 ) -> None:
-    """Calibrate the unbiased detector on val and val_unseen: thresholds, ECE, beta vs prior; and
-    measure it on the real-recording validation set."""
+    """Calibrate the detector on val and val_unseen: its score normalisation over training frames
+    (calibration.score_norm), thresholds, ECE, beta vs prior; and measure it on the
+    real-recording validation set."""
     from flam_core.calibrate import calibrate
 
     params = state.params()
@@ -331,8 +332,7 @@ def calibrate_command(
     console.print(
         f"threshold {result.threshold} for novel prompts (val_unseen macro segment F1 "
         f"{result.threshold_segment_f1_macro}), {result.threshold_seen} over training labels (val); "
-        "balanced ECE "
-        f"posterior {result.ece_balanced['posterior']} -> unbiased {result.ece_balanced['unbiased']}; "
+        "balanced ECE " + " -> ".join(f"{kind} {ece}" for kind, ece in result.ece_balanced.items()) + "; "
         f"sigmoid(beta) vs frame prior: Spearman {result.beta_prior_spearman}"
     )
     for system, figures in (result.val_real or {}).items():

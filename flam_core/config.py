@@ -443,6 +443,15 @@ class EvaluationParams(_Section):
         return self
 
 
+class CalibrationParams(_Section):
+    """Stage `calibrate`: how the detector's scores are put on one scale for every prompt."""
+
+    # cohort: each prompt's scores normalised over a cohort of training frames
+    # (`flam_core.model.score_norm`); none: the head's unbiased score as it stands
+    score_norm: Literal["cohort", "none"] = "cohort"
+    cohort_mixtures: int = Field(1000, ge=1, le=1_000_000)  # training mixtures whose frames form the cohort
+
+
 class RealTestParams(_Recordings):
     """Stage `test_real`: the real-recording test from the held-out sources (`sources.held_out_sources`),
     and its validation twin from `sources.validation_sources`."""
@@ -499,6 +508,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
     evaluation: EvaluationParams = EvaluationParams()
+    calibration: CalibrationParams = CalibrationParams()
     test_real: RealTestParams = RealTestParams()
     registry: RegistryParams = RegistryParams()
     monitor: MonitorParams = MonitorParams()

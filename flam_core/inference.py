@@ -3,7 +3,8 @@
     audio (any rate, any channels) -> mono at the model's rate -> windows of the training
     mixture length (10 s), overlapping by `overlap` -> audio encoder + context block per window
     -> frame embeddings stitched onto one timeline (each frame from the window where it is most
-    central) -> unbiased scores `p / (p + sigmoid(beta))` per prompt -> median filter ->
+    central) -> scores per prompt (normalised over the calibration's cohort of training frames,
+    `flam_core.model.score_norm`; the unbiased `p / (p + sigmoid(beta))` without one) -> median filter ->
     calibrated threshold -> segments merged per prompt
 
 Frame embeddings of a recording do not depend on the prompts: `FlamDetector.embed` computes
@@ -309,7 +310,7 @@ class FlamDetector:
         frames = torch.from_numpy(frame_emb)[None]  # [1, T, D]
         if not unbiased:
             return self.model.head.approximate_scores(frames, text_emb, alpha)[0].numpy()
-        return self.model.head.detector_scores(frames, text_emb, alpha, beta)[0].numpy()
+        return self.model.scores(frames, text_emb, alpha, beta)[0].numpy()
 
     def threshold_for(self, prompt: str) -> float:
         return self.prompt_thresholds.get(prompt, self.threshold)

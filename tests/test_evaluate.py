@@ -99,13 +99,49 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert saved["segment_f1_macro_at_0.5"] == result.segment_f1_macro_at_0_5
     event = event_f1(*args, threshold=result.threshold)["f1_macro"]
     assert result.threshold_event_f1_macro == pytest.approx(event, abs=1e-4)
-    assert set(result.ece_balanced) == {"posterior", "unbiased"}
-    assert set(result.ece_balanced_unseen) == {"posterior", "unbiased"}
+    # the detector scores are normalised over a cohort of training frames (calibration.score_norm)
+    assert model.score_norm is not None and saved["score_norm"] == model.score_norm.entry()
+    assert saved["score_norm"]["scale"] > 0 and (smoke_models / "flam" / "cohort.npz").is_file()
+    assert set(result.ece_balanced) == {"posterior", "unbiased", "normalised"}
+    assert set(result.ece_balanced_unseen) == {"posterior", "unbiased", "normalised"}
     assert all(0.0 <= v <= 1.0 for v in result.ece_balanced.values())
     assert result.beta_prior_spearman is not None and -1.0 <= result.beta_prior_spearman <= 1.0
     assert result.per_prompt and all(0.0 < t < 1.0 for t in result.per_prompt.values())
     for name in ("reliability.png", "beta_prior.png", "metrics.json"):
         assert (report / name).stat().st_size > 0
+
+
+def test_calibration_without_normalisation_leaves_the_unbiased_detector(
+    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
+):
+    import shutil
+
+    folder = tmp_path / "flam"
+    shutil.copytree(smoke_models / "flam", folder)
+    assert (folder / "cohort.npz").is_file()
+    result = calibrate(
+        smoke_params(*PARAMS, "calibration.score_norm=none"),
+        model_dir=folder,
+        features_dir=smoke_features,
+        library_dir=smoke_library[0],
+        recipes_dir=smoke_recipes[0],
+        report_dir=tmp_path / "report",
+    )
+    assert result.score_norm is None and set(result.ece_balanced) == {"posterior", "unbiased"}
+    assert (folder / "cohort.npz").is_file()  # the model's frame moments, written either way, unused
+    model, _, calibration = load_model(folder)
+    assert model.score_norm is None and calibration["score_norm"] is None
+    split = MixtureSplit(smoke_params(), "val", smoke_features, _mixer(smoke_library), smoke_recipes[0])
+    np.testing.assert_array_equal(
+        vocabulary_scores(model, split.cache, split.vocabulary),
+        vocabulary_scores(model, split.cache, split.vocabulary, kind="unbiased"),
+    )
+
+
+def _mixer(smoke_library):
+    from flam_core.data.mixer import Mixer
+
+    return Mixer.for_library(smoke_params(), smoke_library[0])
 
 
 def test_calibration_measures_the_detector_on_the_real_validation_set(calibrated, val_real_set, smoke_models):

@@ -22,7 +22,7 @@ def calibrate_model(
     real_dir)`; `real_set` is the real-recording validation set (an empty folder: none).
 
     Input artifacts are read-only: the model folder is copied to `calibrated`, which receives
-    `calibration.json` next to the weights.
+    `calibration.json` and `cohort.npz` next to the weights.
     """
     import shutil
     from pathlib import Path
@@ -48,6 +48,8 @@ def calibrate_model(
         "threshold_seen": result.threshold_seen,
         "beta_prior_spearman": result.beta_prior_spearman,
     }
+    if result.score_norm is not None:
+        logged |= {f"score_norm.{key}": result.score_norm[key] for key in ("scale", "shift")}
     for key, value in logged.items():
         if value is not None:
             metrics.log_metric(key, float(value))

@@ -9,7 +9,7 @@ that have both positive and negative frames).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from flam_core.errors import DataError
 from flam_core.features import FeatureCache
 from flam_core.model.flam import FlamModel
 
-ScoreKind = Literal["unbiased", "approximate", "posterior"]
+ScoreKind = Literal["detector", "unbiased", "approximate", "posterior", "cohort_z"]
 
 
 def truth_matrix(cache: FeatureCache, vocabulary: Sequence[str]) -> np.ndarray:
@@ -40,15 +40,19 @@ def vocabulary_scores(
     cache: FeatureCache,
     vocabulary: Sequence[str],
     batch_size: int = 64,
-    kind: ScoreKind = "unbiased",
+    kind: ScoreKind = "detector",
 ) -> np.ndarray:
     """`[M, K, L]` float32 frame scores of every vocabulary label in every mixture.
 
-    `kind`: "unbiased" `p / (p + sigmoid(beta))` (the detector), "approximate"
-    `sigmoid(alpha * cos)`, or "posterior" `p = sigmoid(alpha * cos + beta)` (the learned prior
-    left in)."""
+    `kind`: "detector" what the detector reports (`FlamModel.scores`: cohort-normalised when
+    the model is calibrated so, else unbiased), "unbiased" `p / (p + sigmoid(beta))`, "approximate"
+    `sigmoid(alpha * cos)`, "posterior" `p = sigmoid(alpha * cos + beta)` (the learned prior
+    left in), or "cohort_z" the z-score over the calibration's cohort (a model with a
+    `score_norm` only)."""
     model.eval()
     head = model.head
+    if kind == "cohort_z" and model.score_norm is None:
+        raise DataError("cohort z-scores need a model whose scores are normalised over a cohort")
     text_features = model.text_encoder(list(vocabulary))
     text_emb = head.text_embeddings(text_features)
     alpha, beta = head.text_scale_bias(text_features)
@@ -56,14 +60,19 @@ def vocabulary_scores(
     for start in range(0, len(cache), batch_size):
         frames = torch.from_numpy(np.asarray(cache.features[start : start + batch_size], dtype=np.float32))
         frame_emb = head.frame_embeddings(head.contextualise(frames))
-        if kind == "unbiased":
+        if kind == "detector":
+            scores.append(model.scores(frame_emb, text_emb, alpha, beta))
+        elif kind == "unbiased":
             scores.append(head.detector_scores(frame_emb, text_emb, alpha, beta))
         elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
+        elif kind == "cohort_z":
+            cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
+            scores.append(model.score_norm.z(cos, text_emb))  # type: ignore[union-attr]
         elif kind == "posterior":
             scores.append(torch.sigmoid(head.frame_logits(frame_emb, text_emb, alpha, beta)))
         else:
-            raise DataError(f"unknown score kind {kind!r}; allowed: unbiased, approximate, posterior")
+            raise DataError(f"unknown score kind {kind!r}; allowed: {', '.join(get_args(ScoreKind))}")
     return torch.cat(scores).numpy()
 
 

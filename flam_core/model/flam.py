@@ -46,6 +46,7 @@ from flam_core.errors import DataError
 from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.model.base import AudioEncoder
 from flam_core.model.mga_clap import LocalityAwareBlock, ModalitySharedCodebook
+from flam_core.model.score_norm import CohortNorm
 from flam_core.model.text_encoder import TextEncoder
 from flam_core.postprocess import unbiased_scores
 
@@ -216,6 +217,19 @@ class FlamModel(torch.nn.Module):
     def __init__(self, head: FlamHead, text_encoder: TextEncoder, audio_encoder: AudioEncoder | None) -> None:
         super().__init__()
         self.head, self.text_encoder, self.audio_encoder = head, text_encoder, audio_encoder
+        # set by calibration (`flam calibrate`, read back by `load_model`): scores normalised
+        # over a cohort of training frames; None: the unbiased score
+        self.score_norm: CohortNorm | None = None
+
+    def scores(
+        self, frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """What the detector reports, `[B, L, D]` x `[K, D]` -> `[B, K, L]`: the cohort-normalised
+        score when the model is calibrated so (`flam_core.model.score_norm`), else the head's
+        unbiased score."""
+        if self.score_norm is not None:
+            return self.score_norm.scores(frame_emb, text_emb)
+        return self.head.detector_scores(frame_emb, text_emb, alpha, beta)
 
     def frames(self, batch: dict[str, Any]) -> torch.Tensor:
         if "frame_features" in batch:

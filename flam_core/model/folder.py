@@ -5,6 +5,8 @@
     config.json       the resolved params the model was trained with (rebuilds it), the head's
                       config, and references to the encoders
     calibration.json  optional: the calibrated threshold(s), written by `flam calibrate`
+    cohort.npz        with a calibration that normalises scores (its `score_norm`): the cohort's
+                      frame-embedding moments (`flam_core.model.score_norm`)
 
 Every file is read with `torch.load(weights_only=True)` or as JSON: loading a model never runs
 code from it. A damaged folder raises `ConfigError` naming the file and what is wrong.
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 from flam_core.config import Params
 from flam_core.errors import ConfigError
 from flam_core.model.flam import FlamModel, build_model
+from flam_core.model.score_norm import CohortNorm
 from flam_core.utils import atomic_path, atomic_write_text
 
 MODEL_FILES = ("model.pt", "config.json")  # what makes a folder a model (calibration.json is optional)
@@ -125,6 +128,8 @@ def load_model(model_dir: Path) -> tuple[FlamModel, Params, dict[str, Any]]:
         ) from exc
     calibration_path = model_dir / "calibration.json"
     calibration = _read_json(calibration_path) if calibration_path.is_file() else {}
+    if calibration.get("score_norm"):
+        model.score_norm = CohortNorm.load(model_dir, calibration["score_norm"])
     return model.eval(), params, calibration
 
 

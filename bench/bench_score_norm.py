@@ -1,0 +1,141 @@
+"""Cross-prompt score scales on the real-recording validation set (never the test set).
+
+    python bench/bench_score_norm.py models/flam [data/val_real]
+
+Every recording and clip of `val_real` is embedded once by the model and by the backbone's
+AudioSet classifier; then each way of scoring a prompt is measured as the real-recording test
+measures a detector (`flam_core.evaluation.real`): macro and pooled frame AUROC (pooled: all
+prompts' frames together, which asks whether one threshold can serve every prompt), event-found
+rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scorings:
+
+- `unbiased`: the head's `p / (p + sigmoid(beta))`, its per-prompt scale and bias predicted
+  from the text; `logit`: `alpha * cos + beta`; `cosine`: the bare cosine;
+- `cohort`: the cosine's z-score over the cohort of training frames
+  (`flam_core.model.score_norm`, the moments `flam calibrate` computes; monotone, so the map
+  to a probability does not change these figures);
+- `audioset`: the AudioSet classifier's prompt score (`flam_core.model.audioset`), and
+  `cohort+w*audioset`: the cohort z-score plus w times the classifier's logit z-scored over the
+  same cohort frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flam_core.calibrate import cohort_moments
+from flam_core.config import load_params
+from flam_core.evaluation.frames import frame_auroc, frame_truth
+from flam_core.evaluation.real import RealSet
+from flam_core.features import FeatureCache
+from flam_core.inference import FlamDetector
+from flam_core.model.audioset import audioset_model
+from flam_core.model.score_norm import CohortNorm
+
+FUSION_WEIGHTS = (0.25, 0.5, 1.0)
+
+
+def _embed(detector: FlamDetector, path: Path) -> np.ndarray:
+    _, blocks = detector.audio_blocks(path)
+    return np.concatenate(list(detector.embed_blocks(blocks)))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _measure(real: RealSet, scores: dict, hop: float) -> dict[str, float]:
+    prompts = real.labels
+    truths, found, ranks = [], [], []
+    for i in real.recordings.audio_ids:
+        s = scores["rec", i]
+        truth = frame_truth(real.recordings.ground_truth[i], prompts, s.shape[1], hop)
+        truths.append(truth)
+        for label in {e.label for e in real.recordings.ground_truth[i]}:
+            k = prompts.index(label)
+            if truth[k].any() and not truth[k].all():
+                found.append(s[k][truth[k]].max() > s[k][~truth[k]].max())
+    recordings = [scores["rec", i] for i in real.recordings.audio_ids]
+    auroc = frame_auroc(np.concatenate(truths, 1)[None], np.concatenate(recordings, 1)[None])
+    for i in real.clips.audio_ids:
+        (label,) = {e.label for e in real.clips.ground_truth[i]}
+        best = scores["clip", i].max(axis=1)
+        ranks.append(int((best > best[prompts.index(label)]).sum()))
+    rank = np.asarray(ranks)
+    return {
+        "macro": auroc["macro"],
+        "pooled": auroc["micro"],
+        "found": float(np.mean(found)),
+        "top1": float(np.mean(rank < 1)),
+        "top5": float(np.mean(rank < 5)),
+    }
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path)
+    parser.add_argument("real", type=Path, nargs="?", default=Path("data/val_real"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    if "test" in args.real.name:
+        raise SystemExit(f"{args.real}: settings are chosen on validation sets only")
+    params = load_params(args.params)
+    flam = FlamDetector.from_dir(args.model)
+    flam.model.score_norm = None
+    classifier = FlamDetector(audioset_model(params), params, {}, source="AudioSet classifier")
+    real = RealSet.read(args.real)
+    prompts = real.labels
+    text_emb, alpha, beta = flam.prompt_embeddings(prompts)
+    weights, _, _ = classifier.prompt_embeddings(prompts)
+    train = FeatureCache(Path(params.train.features_dir), "train")
+    cohort: CohortNorm = cohort_moments(flam.model, train, params)
+    mu, sigma = (x.float().numpy()[:, None] for x in cohort.moments(text_emb))
+    # the classifier's prompt logits over the same cohort mixtures' frames
+    n = min(params.calibration.cohort_mixtures, len(train))
+    rows = np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
+    features = torch.from_numpy(np.asarray(train.features[rows], dtype=np.float32)).flatten(0, 1)
+    cohort_as = _logit((classifier.model.head.frame_embeddings(features) @ weights.T).numpy())
+    mu_as, sd_as = cohort_as.mean(0)[:, None], cohort_as.std(0)[:, None]
+
+    files = {("rec", i): real.recordings.files[i] for i in real.recordings.audio_ids}
+    files |= {("clip", i): real.clips.files[i] for i in real.clips.audio_ids}
+    variants: dict[str, dict] = {}
+    for key, path in files.items():
+        emb = torch.from_numpy(_embed(flam, path))
+        cos = (emb @ text_emb.T).numpy().T
+        logit = alpha.numpy()[:, None] * cos + beta.numpy()[:, None]
+        as_score = (_embed(classifier, path) @ weights.numpy().T).T
+        z, z_as = (cos - mu) / sigma, (_logit(as_score) - mu_as) / sd_as
+        row = {
+            "unbiased": flam.model.head.detector_scores(emb[None], text_emb, alpha, beta)[0].numpy(),
+            "logit": logit,
+            "cosine": cos,
+            "cohort": z,
+            "audioset": as_score,
+        } | {f"cohort+{w}*audioset": z + w * z_as for w in FUSION_WEIGHTS}
+        for name, value in row.items():
+            variants.setdefault(name, {})[key] = value
+    print(
+        f"{args.real}: {len(real.recordings.audio_ids)} recordings, {len(real.clips.audio_ids)} clips, "
+        f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of {n} training mixtures"
+    )
+    print("| scoring | macro AUROC | pooled AUROC | event found | zero-shot top-1 | top-5 |")
+    print("|---|---|---|---|---|---|")
+    for name, scores in variants.items():
+        m = _measure(real, scores, flam.frame_hop_s)
+        print(
+            f"| {name} | "
+            + " | ".join(f"{m[k]:.3f}" for k in ("macro", "pooled", "found", "top1", "top5"))
+            + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()

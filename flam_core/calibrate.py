@@ -112,6 +112,15 @@ class Calibration:
         return kept | {"val_real": self.val_real}
 
 
+def balanced_weights(truth: np.ndarray) -> np.ndarray:
+    """`[M, K, L]` frame weights under the even prior: each label's positive frames and its
+    negative frames carry 0.5 in all; a label without both carries nothing."""
+    positives = truth.sum(axis=(0, 2), keepdims=True)
+    negatives = truth.size // truth.shape[1] - positives
+    weights = np.where(truth, 0.5 / np.maximum(positives, 1), 0.5 / np.maximum(negatives, 1))
+    return weights * ((positives > 0) & (negatives > 0))
+
+
 def reliability(scores: np.ndarray, truth: np.ndarray, balanced: bool, bins: int = N_BINS) -> dict[str, Any]:
     """Reliability curve and expected calibration error of `[M, K, L]` scores against truth.
 
@@ -122,13 +131,7 @@ def reliability(scores: np.ndarray, truth: np.ndarray, balanced: bool, bins: int
         raise DataError(f"scores {scores.shape} and truth {truth.shape} differ in shape")
     if not np.isfinite(scores).all():
         raise DataError("scores hold NaN or infinite values")
-    weights = np.ones(scores.shape, dtype=np.float64)
-    if balanced:
-        positives = truth.sum(axis=(0, 2), keepdims=True)
-        negatives = truth[:, :, :].size // truth.shape[1] - positives
-        usable = (positives > 0) & (negatives > 0)
-        weights = np.where(truth, 0.5 / np.maximum(positives, 1), 0.5 / np.maximum(negatives, 1))
-        weights = weights * usable
+    weights = balanced_weights(truth) if balanced else np.ones(scores.shape, dtype=np.float64)
     s, y, w = scores.ravel(), truth.ravel().astype(np.float64), weights.ravel()
     index = np.minimum((s * bins).astype(np.int64), bins - 1)
     total = np.bincount(index, weights=w, minlength=bins)
@@ -185,7 +188,7 @@ def calibrate(
     detected = NORMALISED if model.score_norm is not None else "unbiased"  # what the detector reports
     seen_args = (hop, seen.vocabulary, seen.ids, seen.events)
     unseen_args = (hop, unseen.vocabulary, unseen.ids, unseen.events)
-    # Thresholds act on the detector's output: the unbiased scores after its median filter.
+    # Thresholds act on the detector's output: its scores after its median filter.
     decided = {name: median_filter_frames(scores[name, detected]) for name in ("val", "val_unseen")}
     threshold_seen, f1_seen = detector_threshold(scores["val", detected], seen, hop)
     threshold, f1 = detector_threshold(scores["val_unseen", detected], unseen, hop)
@@ -259,10 +262,7 @@ def fit_score_map(model: Any, cohort: CohortNorm, unseen: MixtureSplit) -> Cohor
     model.score_norm = cohort
     z = vocabulary_scores(model, unseen.cache, unseen.vocabulary, kind="cohort_z")
     truth = unseen.truth
-    positives = truth.sum(axis=(0, 2), keepdims=True)
-    negatives = truth.size // truth.shape[1] - positives
-    weights = np.where(truth, 0.5 / np.maximum(positives, 1), 0.5 / np.maximum(negatives, 1))
-    weights = (weights * ((positives > 0) & (negatives > 0))).ravel()
+    weights = balanced_weights(truth).ravel()
     if not weights.any():
         raise DataError("val_unseen has no label with both sounding and silent frames to calibrate on")
     keep = weights > 0

@@ -26,7 +26,7 @@ class Detection:
     frame_hop_s: float
     duration_s: float
     prompts: list[str]
-    probs: np.ndarray  # [K, T] unbiased frame scores in [0, 1]
+    probs: np.ndarray  # [K, T] the detector's frame probabilities in [0, 1]
     segments: list[dict[str, Any]]  # {"prompt", "onset", "offset", "score"}, by prompt then onset
 
     def to_json(self, decimals: int = 4) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def plot_detection(detection: Detection, path: Path | str) -> Path:
         ax.plot([seg["onset"], seg["offset"]], [y + 0.85, y + 0.85], color="cyan", linewidth=3)
     ax.set_yticks(np.arange(k) + 0.5, detection.prompts)
     ax.set_xlabel("time (s); cyan: detected segments")
-    fig.colorbar(image, ax=ax, label="unbiased frame score")
+    fig.colorbar(image, ax=ax, label="frame score")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

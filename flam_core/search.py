@@ -3,7 +3,7 @@
 `build_index(audio_dir, index_dir, detector)` embeds every audio file once with
 `FlamDetector.embed` and stores the frame embeddings; `search(SearchIndex.open(index_dir),
 detector, "dog barking")` returns the best-matching segments of the corpus, ranked by the same
-unbiased frame scores that `flam detect` computes.
+frame scores that `flam detect` computes.
 
 An index folder holds
 
@@ -803,7 +803,7 @@ def search(
     """The `top` best segments of the corpus for a text query: `{"file", "onset", "offset", "score"}`.
 
     `file` is the path relative to the indexed folder (an object's URI for an S3 prefix); `score`
-    the segment's highest unbiased frame score. `threshold` defaults to the detector's calibrated
+    the segment's highest frame score. `threshold` defaults to the detector's calibrated
     threshold for the query. When no frame passes it, the best frames come back as one-frame
     segments (scores below threshold).
     """

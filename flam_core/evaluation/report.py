@@ -13,7 +13,9 @@ ablations), trained on the same data with the same budget, is scored on
   every model;
 - retrieval text<->audio on the test mixtures, each captioned by its first events' captions;
 - zero-shot classification of the source library's single test clips, seen and unseen labels;
-- for FLAM also with the approximate detector `sigmoid(alpha * cos)` (the inference ablation).
+- for FLAM also with the approximate detector `sigmoid(alpha * cos)` and, when its calibration
+  normalises scores over a cohort (`flam_core.model.score_norm`), with the head's unbiased
+  score at its own validation thresholds (the inference ablations).
 
 Outputs in `evaluation.out_dir`: `metrics.json` (nested by model and split, each prompt's
 frame AUROC included; the flat gate metrics of FLAM; the claims: FLAM against FLAM-Global,
@@ -42,6 +44,7 @@ from flam_core.data.mixer import Mixer
 from flam_core.data.sources import load_manifest
 from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import (
+    ScoreKind,
     frame_auroc,
     frame_truth,
     macro_gain_interval,
@@ -65,6 +68,8 @@ PSDS_COLUMNS = {
 AUDIOSET = "audioset"  # the frozen backbone's AudioSet classifier (`flam_core.model.audioset`)
 MOMENT_SYSTEMS = ("flam", "global", "mga_clap", AUDIOSET)  # scored on moment retrieval
 HEATMAP_SYSTEMS = ("flam", "global", "mga_clap")  # drawn side by side in the heatmaps
+UNBIASED_LABEL = "unbiased p / (p + sigmoid(beta))"
+DETECTOR_LABEL = "cohort-normalised sigmoid(a z + b) (the detector)"
 NAMES = {
     AUDIOSET: "AudioSet classifier (frozen backbone, no training)",
     "flam": "FLAM",
@@ -246,14 +251,24 @@ def calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
     return {"test_unseen": unseen, "test_seen": float(calibration.get("threshold_seen", unseen))}
 
 
-def validation_thresholds(model: Any, validation: dict[str, MixtureSplit], hop: float) -> dict[str, float]:
-    """Thresholds for a model without calibration, chosen as `flam calibrate` chooses FLAM's
-    (`detector_threshold`) on the matching validation split (val_unseen for test_unseen, val for
-    test_seen). Every model's F1 is then read at its own best validation threshold."""
+def _validation_splits(
+    params: Params, features_dir: Path, mixer: Any, recipes_dir: Path
+) -> dict[str, MixtureSplit]:
+    names = VALIDATION_OF.values()
+    return {name: MixtureSplit(params, name, features_dir, mixer, recipes_dir) for name in names}
+
+
+def validation_thresholds(
+    model: Any, validation: dict[str, MixtureSplit], hop: float, kind: ScoreKind = "detector"
+) -> dict[str, float]:
+    """Thresholds for a model without calibration (or for scores of `kind` that it does not
+    report), chosen as `flam calibrate` chooses FLAM's (`detector_threshold`) on the matching
+    validation split (val_unseen for test_unseen, val for test_seen). Every model's F1 is then
+    read at its own best validation threshold."""
     out = {}
     for test, name in VALIDATION_OF.items():
         split = validation[name]
-        scores = vocabulary_scores(model, split.cache, split.vocabulary)
+        scores = vocabulary_scores(model, split.cache, split.vocabulary, kind=kind)
         out[test] = detector_threshold(scores, split, hop)[0]
     return out
 
@@ -289,6 +304,7 @@ def evaluate(
     results: dict[str, Any] = {}
     scores_of: dict[str, dict[str, np.ndarray]] = {}
     validation: dict[str, MixtureSplit] = {}
+    unbiased_thresholds: dict[str, float] | None = None  # of FLAM's unbiased score, when it normalises
     unseen_thresholds: dict[str, float | None] = {}  # None: the model's own calibration
     # The backbone's classifier, built once: a row of every table (no training, no folder; it
     # scores the same cached features), a detector, and the class names of the near/far split.
@@ -302,16 +318,15 @@ def evaluate(
             thresholds = calibrated_thresholds(models_dir / mode)
         entry: dict[str, Any] = {"threshold_source": "calibration"}
         if thresholds is None:
-            if not validation:
-                validation = {
-                    name: MixtureSplit(params, name, features_dir, mixer, recipes_dir)
-                    for name in VALIDATION_OF.values()
-                }
+            validation = validation or _validation_splits(params, features_dir, mixer, recipes_dir)
             thresholds = validation_thresholds(model, validation, hop)
             entry["threshold_source"] = "validation"
         unseen_thresholds[mode] = (
             None if entry["threshold_source"] == "calibration" else thresholds["test_unseen"]
         )
+        if mode == "flam" and model.score_norm is not None:  # the head's own unbiased score too
+            validation = validation or _validation_splits(params, features_dir, mixer, recipes_dir)
+            unbiased_thresholds = validation_thresholds(model, validation, hop, kind="unbiased")
         scores_of[mode] = {}
         for split in splits:
             scores = vocabulary_scores(model, split.cache, split.vocabulary)
@@ -321,6 +336,11 @@ def evaluate(
             if mode == "flam":
                 approx = vocabulary_scores(model, split.cache, split.vocabulary, kind="approximate")
                 entry[f"{split.name}_approximate"] = _sed_metrics(split, approx, hop, threshold)
+                if unbiased_thresholds is not None:
+                    unbiased = vocabulary_scores(model, split.cache, split.vocabulary, kind="unbiased")
+                    entry[f"{split.name}_unbiased"] = _sed_metrics(
+                        split, unbiased, hop, unbiased_thresholds[split.name]
+                    )
         entry["retrieval"] = clip_retrieval(model, splits, cfg.caption_events)
         entry["zero_shot"] = _zero_shot(model, clips)
         results[mode] = entry
@@ -614,9 +634,11 @@ def results_markdown(metrics: dict[str, Any], params: Params) -> str:
         detectors=[
             (label, (flam[f"test_unseen{suffix}"], flam[f"test_seen{suffix}"]))
             for label, suffix in (
-                ("unbiased p / (p + sigmoid(beta))", ""),
+                (DETECTOR_LABEL if "test_unseen_unbiased" in flam else UNBIASED_LABEL, ""),
+                (UNBIASED_LABEL, "_unbiased"),
                 ("approximate sigmoid(alpha cos)", "_approximate"),
             )
+            if f"test_unseen{suffix}" in flam
         ],
         claims=claims,
         shortfall=_psds_shortfall(metrics, claims) if claims else None,

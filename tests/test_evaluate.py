@@ -317,7 +317,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         "Detection at a threshold",
         "Retrieval",
         "Zero-shot",
-        "unbiased vs approximate",
+        "the detector's score against the head's own",
         "FLAM-Global",
     )
     for heading in headings:

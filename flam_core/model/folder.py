@@ -5,8 +5,9 @@
     config.json       the resolved params the model was trained with (rebuilds it), the head's
                       config, and references to the encoders
     calibration.json  optional: the calibrated threshold(s), written by `flam calibrate`
-    cohort.npz        with a calibration that normalises scores (its `score_norm`): the cohort's
-                      frame-embedding moments (`flam_core.model.score_norm`)
+    cohort.npz        optional, written by `flam calibrate`: the moments of the model's frame
+                      embeddings over training frames (`flam_core.model.score_norm`), which the
+                      detector scores with when calibration.json's `score_norm` says so
 
 Every file is read with `torch.load(weights_only=True)` or as JSON: loading a model never runs
 code from it. A damaged folder raises `ConfigError` naming the file and what is wrong.

@@ -3,8 +3,8 @@
     python bench/bench_score_norm.py models/flam [data/val_real]
 
 Every recording and clip of `val_real` is embedded once by the model and by the backbone's
-AudioSet classifier; then each way of scoring a prompt is measured as the real-recording test
-measures a detector (`flam_core.evaluation.real`): macro and pooled frame AUROC (pooled: all
+AudioSet classifier; then each way of scoring a prompt is measured by the real-recording test's
+own metrics (`flam_core.evaluation.real.evaluate_real_set`): macro and pooled frame AUROC (pooled: all
 prompts' frames together, which asks whether one threshold can serve every prompt), event-found
 rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scorings:
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flam_core.calibrate import cohort_moments
+from flam_core.calibrate import cohort_moments, cohort_rows
 from flam_core.config import load_params
-from flam_core.evaluation.frames import frame_auroc, frame_truth
-from flam_core.evaluation.real import RealSet
+from flam_core.detection import Detection
+from flam_core.evaluation.real import RealSet, evaluate_real_set
 from flam_core.features import FeatureCache
 from flam_core.inference import FlamDetector
 from flam_core.model.audioset import audioset_model
@@ -48,31 +48,16 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _measure(real: RealSet, scores: dict, hop: float) -> dict[str, float]:
-    prompts = real.labels
-    truths, found, ranks = [], [], []
-    for i in real.recordings.audio_ids:
-        s = scores["rec", i]
-        truth = frame_truth(real.recordings.ground_truth[i], prompts, s.shape[1], hop)
-        truths.append(truth)
-        for label in {e.label for e in real.recordings.ground_truth[i]}:
-            k = prompts.index(label)
-            if truth[k].any() and not truth[k].all():
-                found.append(s[k][truth[k]].max() > s[k][~truth[k]].max())
-    recordings = [scores["rec", i] for i in real.recordings.audio_ids]
-    auroc = frame_auroc(np.concatenate(truths, 1)[None], np.concatenate(recordings, 1)[None])
-    for i in real.clips.audio_ids:
-        (label,) = {e.label for e in real.clips.ground_truth[i]}
-        best = scores["clip", i].max(axis=1)
-        ranks.append(int((best > best[prompts.index(label)]).sum()))
-    rank = np.asarray(ranks)
-    return {
-        "macro": auroc["macro"],
-        "pooled": auroc["micro"],
-        "found": float(np.mean(found)),
-        "top1": float(np.mean(rank < 1)),
-        "top5": float(np.mean(rank < 5)),
-    }
+class _Cached:
+    """One scoring of every file, computed beforehand, as a system the real-recording test runs
+    (`flam_core.evaluation.real.FileScorer`): its metrics, not a copy of them."""
+
+    def __init__(self, scores: dict[str, np.ndarray], hop: float) -> None:
+        self.scores, self.frame_hop_s = scores, hop
+
+    def detect(self, audio: Path, prompts: list[str]) -> Detection:
+        probs = self.scores[str(audio)]
+        return Detection("bench", self.frame_hop_s, probs.shape[1] * self.frame_hop_s, prompts, probs, [])
 
 
 @torch.inference_mode()
@@ -98,16 +83,15 @@ def main() -> None:
     cohort: CohortNorm = cohort_moments(flam.model, train, params)
     mu, sigma = (x.float().numpy()[:, None] for x in cohort.moments(text_emb))
     # the classifier's prompt logits over the same cohort mixtures' frames
-    n = min(params.calibration.cohort_mixtures, len(train))
-    rows = np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
+    rows = cohort_rows(train, params)
     features = torch.from_numpy(np.asarray(train.features[rows], dtype=np.float32)).flatten(0, 1)
     cohort_as = _logit((classifier.model.head.frame_embeddings(features) @ weights.T).numpy())
     mu_as, sd_as = cohort_as.mean(0)[:, None], cohort_as.std(0)[:, None]
 
-    files = {("rec", i): real.recordings.files[i] for i in real.recordings.audio_ids}
-    files |= {("clip", i): real.clips.files[i] for i in real.clips.audio_ids}
-    variants: dict[str, dict] = {}
-    for key, path in files.items():
+    files = [real.recordings.files[i] for i in real.recordings.audio_ids]
+    files += [real.clips.files[i] for i in real.clips.audio_ids]
+    variants: dict[str, dict[str, np.ndarray]] = {}
+    for path in files:
         emb = torch.from_numpy(_embed(flam, path))
         cos = (emb @ text_emb.T).numpy().T
         logit = alpha.numpy()[:, None] * cos + beta.numpy()[:, None]
@@ -121,20 +105,25 @@ def main() -> None:
             "audioset": as_score,
         } | {f"cohort+{w}*audioset": z + w * z_as for w in FUSION_WEIGHTS}
         for name, value in row.items():
-            variants.setdefault(name, {})[key] = value
+            variants.setdefault(name, {})[str(path)] = value
     print(
         f"{args.real}: {len(real.recordings.audio_ids)} recordings, {len(real.clips.audio_ids)} clips, "
-        f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of {n} training mixtures"
+        f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of {len(rows)} training mixtures"
     )
     print("| scoring | macro AUROC | pooled AUROC | event found | zero-shot top-1 | top-5 |")
     print("|---|---|---|---|---|---|")
-    for name, scores in variants.items():
-        m = _measure(real, scores, flam.frame_hop_s)
-        print(
-            f"| {name} | "
-            + " | ".join(f"{m[k]:.3f}" for k in ("macro", "pooled", "found", "top1", "top5"))
-            + " |"
+    systems = {name: _Cached(scores, flam.frame_hop_s) for name, scores in variants.items()}
+    measured = evaluate_real_set(systems, args.real)
+    for name in systems:
+        found, shot = measured[name]["recordings"], measured[name]["zero_shot"]
+        figures = (
+            found["frame_auroc_macro"],
+            found["frame_auroc_pooled"],
+            found["event_found"],
+            shot["top1"],
+            shot["top5"],
         )
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in figures) + " |")
 
 
 if __name__ == "__main__":

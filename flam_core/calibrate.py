@@ -173,10 +173,12 @@ def calibrate(
     mixer = Mixer.for_library(params, library_dir)
     hop = params.frame_hop_s
     seen, unseen = (MixtureSplit(params, s, features_dir, mixer, recipes_dir) for s in ("val", "val_unseen"))
+    train = FeatureCache(features_dir, "train")
     kinds = KINDS
-    cohort = cohort_moments(model, FeatureCache(features_dir, "train"), params)
+    cohort = cohort_moments(model, train, params)
     if params.calibration.score_norm == "cohort":
-        model.score_norm = fit_score_map(model, cohort, unseen)
+        model.score_norm = cohort
+        model.score_norm = fit_score_map(model, unseen)
         kinds = (*KINDS, NORMALISED)
     scores = {
         (split.name, kind): vocabulary_scores(
@@ -200,7 +202,7 @@ def calibrate(
     unseen_curves = {
         kind: reliability(scores["val_unseen", kind], unseen.truth, balanced=True) for kind in kinds
     }
-    _, prior, learned = learned_priors(model, FeatureCache(features_dir, "train"))
+    _, prior, learned = learned_priors(model, train)
     spearman = rank_correlation(learned, prior)
     pearson = None if spearman is None else round(float(pearsonr(learned, prior).statistic), 4)
     calibration = Calibration(
@@ -237,29 +239,34 @@ def calibrate(
     return calibration
 
 
+def cohort_rows(train: FeatureCache, params: Params) -> np.ndarray:
+    """The training mixtures whose frames form the cohort: `calibration.cohort_mixtures` of them
+    (all, when there are fewer), drawn with a fixed seed, in order."""
+    n = min(params.calibration.cohort_mixtures, len(train))
+    return np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
+
+
 def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNorm:
-    """The moments of `model`'s frame embeddings over `calibration.cohort_mixtures` training
-    mixtures, drawn with a fixed seed (`flam_core.model.score_norm`)."""
+    """The moments of `model`'s frame embeddings over the cohort's training mixtures
+    (`cohort_rows`; `flam_core.model.score_norm`)."""
     import torch
 
-    n = min(params.calibration.cohort_mixtures, len(train))
-    rows = np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
+    rows = cohort_rows(train, params)
     head, frames = model.head, []
     with torch.no_grad():
-        for start in range(0, n, 64):
+        for start in range(0, len(rows), 64):
             batch = torch.from_numpy(np.asarray(train.features[rows[start : start + 64]], dtype=np.float32))
             emb = head.frame_embeddings(head.contextualise(batch.to(head.logit_scale.dtype)))
             frames.append(emb.reshape(-1, emb.shape[-1]).float())
     return CohortNorm.from_frames(torch.cat(frames))
 
 
-def fit_score_map(model: Any, cohort: CohortNorm, unseen: MixtureSplit) -> CohortNorm:
-    """`cohort` with the shared map `sigmoid(a z + b)` fitted to the novel labels of `val_unseen`
-    by logistic regression, each label's positive and negative frames weighted equally (the even
-    prior of the unbiased score)."""
+def fit_score_map(model: Any, unseen: MixtureSplit) -> CohortNorm:
+    """The model's cohort normalisation (`model.score_norm`, its moments set) with the shared map
+    `sigmoid(a z + b)` fitted to the novel labels of `val_unseen` by logistic regression, each
+    label's positive and negative frames weighted equally (the even prior of the unbiased score)."""
     from sklearn.linear_model import LogisticRegression
 
-    model.score_norm = cohort
     z = vocabulary_scores(model, unseen.cache, unseen.vocabulary, kind="cohort_z")
     truth = unseen.truth
     weights = balanced_weights(truth).ravel()
@@ -275,7 +282,7 @@ def fit_score_map(model: Any, cohort: CohortNorm, unseen: MixtureSplit) -> Cohor
             f"on val_unseen the cohort z-score does not rise with the truth (slope {scale:.3g}): "
             "the model does not detect novel labels; set calibration.score_norm=none"
         )
-    return cohort.with_map(scale, shift)
+    return model.score_norm.with_map(scale, shift)
 
 
 def _real_validation(

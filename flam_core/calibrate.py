@@ -26,11 +26,17 @@ from the labels of `test_unseen`):
   grid rarely meets for never-trained prompts (its optimum on `val_unseen` sits near F1 0.02
   and moves with a handful of events). Event F1 at the chosen threshold is reported
   alongside. `threshold`, the one the detector applies to any prompt it has no own threshold
-  for, is chosen on `val_unseen`: a user's prompt is in general not a training label, and
+  for, is chosen on novel prompts: a user's prompt is in general not a training label, and
   scores of never-trained prompts run lower than those of training labels, so a threshold
-  chosen on training labels alone misses novel sounds. The optimum over `val` is kept as
-  `threshold_seen`, and per-label optima of the training labels as `per_prompt`
-  (closed-vocabulary use). Reliability is measured on both splits, on the frame scores.
+  chosen on training labels alone misses novel sounds. With the real-recording validation set
+  built (`calibration.threshold_from: val_real`, the default) it is chosen there, by the same
+  rule over its recordings (`flam_core.evaluation.real.real_threshold`): real recordings over
+  real ambiences, from sources training never saw, are what a user's recordings are like, and
+  a threshold fitted to synthetic mixtures over procedural backgrounds raises false alarms on
+  them. The optimum over `val_unseen` is kept either way as `threshold_unseen` (the synthetic
+  test `test_unseen` reads it), the optimum over `val` as `threshold_seen`, and per-label
+  optima of the training labels as `per_prompt` (closed-vocabulary use). Reliability is
+  measured on both synthetic splits, on the frame scores.
 
 - **Real recordings.** When the real-recording validation set (`val_real`, built by `flam synth
   real` from `sources.validation_sources`) exists, the calibrated detector is measured on it as
@@ -80,11 +86,13 @@ class Calibration:
     The ECE maps are keyed by score kind (`KINDS`), `per_prompt` by training label.
     """
 
-    split: str  # where `threshold` was chosen: val_unseen
+    split: str  # where `threshold` was chosen: val_real or val_unseen
     threshold: float  # for any prompt without its own threshold
-    threshold_segment_f1_macro: float
-    segment_f1_macro_at_0_5: float  # key "segment_f1_macro_at_0.5" in the JSON
-    threshold_event_f1_macro: float
+    threshold_segment_f1_macro: float  # on `split`, at `threshold`
+    threshold_unseen: float  # the optimum over the novel labels of val_unseen
+    threshold_unseen_segment_f1_macro: float
+    segment_f1_macro_at_0_5: float  # val_unseen; key "segment_f1_macro_at_0.5" in the JSON
+    threshold_event_f1_macro: float  # val_unseen, at `threshold_unseen`
     threshold_seen: float  # the optimum over the training labels (val)
     threshold_seen_segment_f1_macro: float
     per_prompt: dict[str, float]  # each training label's own threshold
@@ -209,6 +217,8 @@ def calibrate(
         split="val_unseen",
         threshold=float(threshold),  # already short: see best_threshold
         threshold_segment_f1_macro=round(float(f1), 4),
+        threshold_unseen=float(threshold),
+        threshold_unseen_segment_f1_macro=round(float(f1), 4),
         segment_f1_macro_at_0_5=round(float(at_half["f1_macro"]), 4),
         threshold_event_f1_macro=round(float(event["f1_macro"]), 4),
         threshold_seen=float(threshold_seen),
@@ -225,6 +235,8 @@ def calibrate(
         n_labels_seen=len(seen.vocabulary),
         n_mixtures_seen=len(seen.ids),
     )
+    if real_dir is not None and params.calibration.threshold_from == "val_real":
+        calibration = _real_threshold(model, model_params, calibration, model_dir, real_dir)
     # the cohort first, so a calibration.json that normalises is never left without it; written
     # either way (the model's frame moments over training mixtures), used only as score_norm says
     cohort.save(model_dir)
@@ -285,6 +297,23 @@ def fit_score_map(model: Any, unseen: MixtureSplit) -> CohortNorm:
     return model.score_norm.with_map(scale, shift)
 
 
+def _real_threshold(
+    model: Any, model_params: Params, calibration: Calibration, model_dir: Path, real_dir: Path
+) -> Calibration:
+    """`calibration` with its shared threshold chosen on the real-recording validation set."""
+    from flam_core.evaluation.real import real_threshold
+    from flam_core.inference import FlamDetector
+
+    detector = FlamDetector(model, model_params, calibration.to_json(), source=str(model_dir))
+    threshold, f1 = real_threshold(detector, real_dir)
+    return replace(
+        calibration,
+        split="val_real",
+        threshold=float(threshold),
+        threshold_segment_f1_macro=round(float(f1), 4),
+    )
+
+
 def _real_validation(
     params: Params,
     model: Any,
@@ -302,11 +331,14 @@ def _real_validation(
         return None
     systems = {"flam": FlamDetector(model, model_params, calibration.to_json(), source=str(model_dir))}
     if params.evaluation.audioset_baseline and params.model.audio_encoder == "yamnet":
+        from flam_core.evaluation.real import real_threshold
         from flam_core.model.audioset import audioset_model
 
-        systems["audioset"] = FlamDetector(
-            audioset_model(params), params, {"threshold": calibration.threshold}, source="AudioSet classifier"
-        )
+        # the classifier at its own threshold, chosen on this set by the same rule (its scores
+        # are on a scale of their own); a report figure, so the choice does not matter elsewhere
+        classifier = FlamDetector(audioset_model(params), params, {}, source="AudioSet classifier")
+        classifier.threshold = real_threshold(classifier, real_dir)[0]
+        systems["audioset"] = classifier
     return evaluate_real_set(systems, real_dir)
 
 

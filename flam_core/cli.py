@@ -330,8 +330,9 @@ def calibrate_command(
         real = Path(params.test_real.val_out_dir)
     result = calibrate(params, model_dir=model, report_dir=reports, real_dir=real)
     console.print(
-        f"threshold {result.threshold} for novel prompts (val_unseen macro segment F1 "
-        f"{result.threshold_segment_f1_macro}), {result.threshold_seen} over training labels (val); "
+        f"threshold {result.threshold} for novel prompts ({result.split} macro segment F1 "
+        f"{result.threshold_segment_f1_macro}; on val_unseen {result.threshold_unseen}), "
+        f"{result.threshold_seen} over training labels (val); "
         "balanced ECE " + " -> ".join(f"{kind} {ece}" for kind, ece in result.ece_balanced.items()) + "; "
         f"sigmoid(beta) vs frame prior: Spearman {result.beta_prior_spearman}"
     )

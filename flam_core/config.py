@@ -450,6 +450,10 @@ class CalibrationParams(_Section):
     # (`flam_core.model.score_norm`); none: the head's unbiased score as it stands
     score_norm: Literal["cohort", "none"] = "cohort"
     cohort_mixtures: int = Field(1000, ge=1, le=1_000_000)  # training mixtures whose frames form the cohort
+    # where the shared threshold for novel prompts is chosen: val_real, the real-recording
+    # validation set (when built; else val_unseen), or val_unseen, synthetic mixtures of held-out
+    # labels (the synthetic test's threshold either way)
+    threshold_from: Literal["val_real", "val_unseen"] = "val_real"
 
 
 class RealTestParams(_Recordings):

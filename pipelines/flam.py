@@ -114,6 +114,7 @@ def flam_pipeline(
             evaluation = evaluate_models(
                 **data,
                 real_set=real_set,
+                val_real_set=val_real.outputs["real_set"],
                 flam_model=calibrated,
                 baseline_models=dsl.Collected(baseline.outputs["model"]),
             ).outputs["evaluation"]

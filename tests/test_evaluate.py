@@ -76,15 +76,16 @@ def test_calibration_writes_threshold_ece_and_plots(
         k: v for k, v in saved.items() if k != "per_prompt"
     } | {"val_real": result.val_real}
     assert 0.0 < result.threshold < 1.0 and 0.0 < result.threshold_seen < 1.0
-    # The detector's threshold is the segment-F1 optimum over the held-out labels of
+    assert 0.0 < result.threshold_unseen < 1.0
+    # The synthetic test's threshold is the segment-F1 optimum over the held-out labels of
     # val_unseen (none of which is a test_unseen label), on the median-filtered scores the
-    # detector thresholds.
+    # detector thresholds; the detector's own comes from the real-recording validation set.
     library, _ = smoke_library
     recipes, _ = smoke_recipes
     mixer = Mixer.for_library(smoke_params(*PARAMS), library)
     split = MixtureSplit(smoke_params(*PARAMS), "val_unseen", smoke_features, mixer, recipes)
     cache, ids, events, vocabulary = split.cache, split.ids, split.events, split.vocabulary
-    assert result.n_labels == len(vocabulary) and result.split == "val_unseen"
+    assert result.n_labels == len(vocabulary) and result.split == "val_real"
     model, _, _ = load_model(smoke_models / "flam")
     scores = vocabulary_scores(model, cache, vocabulary)
     test_recipes = read_recipes(recipes / "test_unseen.parquet")
@@ -92,12 +93,12 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert not set(vocabulary) & test_labels
     args = (median_filter_frames(scores, 3), 10.0 / 32, vocabulary, ids, events)
     f1 = {t: segment_f1(*args, threshold=t)["f1_macro"] for t in (0.3, 0.5, 0.7)}
-    chosen = segment_f1(*args, threshold=result.threshold)["f1_macro"]
-    assert chosen == pytest.approx(result.threshold_segment_f1_macro, abs=1e-4)
+    chosen = segment_f1(*args, threshold=result.threshold_unseen)["f1_macro"]
+    assert chosen == pytest.approx(result.threshold_unseen_segment_f1_macro, abs=1e-4)
     assert chosen >= max(f1.values()) - 1e-9
     assert result.segment_f1_macro_at_0_5 == pytest.approx(f1[0.5], abs=1e-4)
     assert saved["segment_f1_macro_at_0.5"] == result.segment_f1_macro_at_0_5
-    event = event_f1(*args, threshold=result.threshold)["f1_macro"]
+    event = event_f1(*args, threshold=result.threshold_unseen)["f1_macro"]
     assert result.threshold_event_f1_macro == pytest.approx(event, abs=1e-4)
     # the detector scores are normalised over a cohort of training frames (calibration.score_norm)
     assert model.score_norm is not None and saved["score_norm"] == model.score_norm.entry()
@@ -128,6 +129,8 @@ def test_calibration_without_normalisation_leaves_the_unbiased_detector(
         report_dir=tmp_path / "report",
     )
     assert result.score_norm is None and set(result.ece_balanced) == {"posterior", "unbiased"}
+    # no real-recording set given: the shared threshold is val_unseen's
+    assert result.split == "val_unseen" and result.threshold == result.threshold_unseen
     assert (folder / "cohort.npz").is_file()  # the model's frame moments, written either way, unused
     model, _, calibration = load_model(folder)
     assert model.score_norm is None and calibration["score_norm"] is None
@@ -145,7 +148,7 @@ def _mixer(smoke_library):
 
 
 def test_calibration_measures_the_detector_on_the_real_validation_set(calibrated, val_real_set, smoke_models):
-    from flam_core.evaluation.real import evaluate_real_set
+    from flam_core.evaluation.real import evaluate_real_set, real_threshold
     from flam_core.inference import FlamDetector
 
     result, _ = calibrated
@@ -156,8 +159,14 @@ def test_calibration_measures_the_detector_on_the_real_validation_set(calibrated
     # exactly what the real-recording test reports for the calibrated detector at its threshold
     model, params, calibration = load_model(smoke_models / "flam")
     assert calibration["threshold"] == result.threshold
-    again = evaluate_real_set({"flam": FlamDetector(model, params, calibration)}, val_real_set[0])
-    assert again["flam"] == real["flam"]
+    detector = FlamDetector(model, params, calibration)
+    again = evaluate_real_set({"flam": detector}, val_real_set[0])
+    assert again["flam"] == real["flam"] and real["flam"]["recordings"]["threshold"] == result.threshold
+    # that threshold is the one that serves every prompt best on these recordings
+    assert real_threshold(detector, val_real_set[0]) == (
+        result.threshold,
+        pytest.approx(result.threshold_segment_f1_macro, abs=1e-4),
+    )
     for system in ("flam", "audioset"):
         found = real[system]["recordings"]
         assert 0.0 <= found["frame_auroc_pooled"] <= 1.0 and 0.0 <= found["frame_auroc_macro"] <= 1.0
@@ -186,8 +195,19 @@ def test_mixer_events_agree_with_frame_labels(mixer, smoke_recipes):
 
 
 def test_evaluation_report_compares_flam_with_its_baseline(
-    calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, mixer, real_set, tmp_path
+    calibrated,
+    smoke_models,
+    smoke_features,
+    smoke_library,
+    smoke_recipes,
+    mixer,
+    real_set,
+    val_real_set,
+    tmp_path,
 ):
+    from flam_core.evaluation.real import real_threshold
+    from flam_core.inference import FlamDetector
+
     library, _ = smoke_library
     recipes, _ = smoke_recipes
     out = tmp_path / "eval"
@@ -199,6 +219,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         recipes_dir=recipes,
         out_dir=out,
         real_dir=real_set[0],
+        val_real_dir=val_real_set[0],
     )
     assert set(result.models) == {"flam", "global", "audioset"}
     # the real-recording test: every model through its detector, every figure a share
@@ -209,6 +230,11 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         recordings, zero_shot = real[mode]["recordings"], real[mode]["zero_shot"]
         assert 0 <= recordings["frame_auroc_macro"] <= 1 and 0 <= recordings["frame_auroc_pooled"] <= 1
         assert 0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1
+    # each system at a threshold chosen on the real-recording validation set: FLAM's calibration,
+    # the uncalibrated baseline's own choice by the same rule
+    assert real["flam"]["recordings"]["threshold"] == calibrated[0].threshold
+    baseline = FlamDetector.from_dir(smoke_models / "global")
+    assert real["global"]["recordings"]["threshold"] == real_threshold(baseline, val_real_set[0])[0]
     assert "## Real recordings from held-out sources" in (out / "results.md").read_text()
     # moment retrieval on long recordings of the test clips, with the frame-grid ceiling
     moments = result.moment_retrieval
@@ -252,10 +278,10 @@ def test_evaluation_report_compares_flam_with_its_baseline(
             assert flam[split][f"psds{n}_alpha_st0"] == pytest.approx(
                 flam[split][f"psds{n}_class_mean"], abs=2e-4
             )
-    # FLAM uses its calibrated thresholds (novel prompts / training labels); the uncalibrated
-    # baseline gets thresholds by calibrate's rule: the segment-F1 optimum of its
+    # FLAM uses its calibrated thresholds (novel prompts of val_unseen / training labels); the
+    # uncalibrated baseline gets thresholds by calibrate's rule: the segment-F1 optimum of its
     # median-filtered scores on the matching validation split.
-    assert flam["test_unseen"]["threshold"] == calibrated[0].threshold
+    assert flam["test_unseen"]["threshold"] == calibrated[0].threshold_unseen
     assert flam["test_seen"]["threshold"] == calibrated[0].threshold_seen
     glob = result.models["global"]
     assert (flam["threshold_source"], glob["threshold_source"]) == ("calibration", "validation")

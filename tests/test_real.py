@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from flam_core.data.tsv import read_sed_tsv
 from flam_core.detection import Detection
 from flam_core.errors import DataError
 from flam_core.evaluation.frames import frame_truth
-from flam_core.evaluation.real import RealSet, evaluate_real_set
+from flam_core.evaluation.real import RealSet, evaluate_real_set, real_threshold
 from tests.conftest import HELD_OUT, smoke_params
 
 
@@ -194,3 +195,42 @@ def test_the_smoke_detector_is_scored_in_range(real_set, smoke_models):
         assert 0.0 <= recordings[key] <= 1.0, key
     assert set(recordings["per_label"]) == set(summary.labels)
     assert 0.0 <= zero_shot["top1"] <= zero_shot["top5"] <= 1.0
+
+
+class _Noisy(_Oracle):
+    """The truth blurred by seeded noise: sounding frames score 0.35-0.95, silent ones 0-0.6."""
+
+    def __init__(self, real: RealSet) -> None:
+        super().__init__(real)
+        self.threshold = 0.5
+
+    def threshold_for(self, prompt: str) -> float:
+        return self.threshold
+
+    def detect(self, path: Path, prompts: list[str]) -> Detection:
+        truth = super().detect(path, prompts)
+        rng = np.random.default_rng(zlib.crc32(Path(path).name.encode()))
+        probs = (0.35 * truth.probs + rng.uniform(0.0, 0.6, truth.probs.shape)).astype(np.float32)
+        segments = [
+            {"prompt": p} for p, row in zip(prompts, probs, strict=True) if (row > self.threshold).any()
+        ]
+        return Detection("noisy", self.frame_hop_s, truth.duration_s, prompts, probs, segments)
+
+
+def test_the_real_threshold_maximises_the_segment_f1_the_test_reports(real_set):
+    out, _ = real_set
+    noisy = _Noisy(RealSet.read(out))
+    threshold, best = real_threshold(noisy, out)
+    assert 0.0 < threshold < 1.0
+
+    def reported(t: float) -> float:
+        noisy.threshold = t
+        recordings = evaluate_real_set({"noisy": noisy}, out)["noisy"]["recordings"]
+        assert recordings["threshold"] == t
+        return recordings["segment_f1_macro"]
+
+    assert reported(threshold) == pytest.approx(best, abs=1e-4)
+    assert all(reported(t) <= best + 1e-4 for t in (0.3, 0.45, 0.5, 0.55, 0.7))
+    # a perfect ranking is separated wherever the threshold falls between its two levels
+    threshold, best = real_threshold(_Oracle(RealSet.read(out)), out)
+    assert 0.0 <= threshold < 1.0 and best > 0.9

@@ -44,6 +44,7 @@ def calibrate_model(
     logged = {
         "threshold": result.threshold,
         "threshold_segment_f1_macro": result.threshold_segment_f1_macro,
+        "threshold_unseen": result.threshold_unseen,
         "threshold_event_f1_macro": result.threshold_event_f1_macro,
         "threshold_seen": result.threshold_seen,
         "beta_prior_spearman": result.beta_prior_spearman,

@@ -15,12 +15,13 @@ def evaluate_models(
     recipes: Input[Dataset],
     features: Input[Dataset],
     real_set: Input[Dataset],
+    val_real_set: Input[Dataset],
     evaluation: Output[Dataset],
     results: Output[Markdown],
     metrics: Output[Metrics],
 ):
     """`flam_core.evaluation.report.evaluate(params, models_dir, features, library, recipes, out_dir,
-    real_dir)`.
+    real_dir, val_real_dir)`; `val_real_set` is an empty folder when no validation sources are set.
 
     The model artifacts are linked into `<tmp>/<mode>/` (the mode from each model's config.json),
     the layout `evaluate` reads. `metrics` carries the flat gate metrics and the claims.
@@ -46,6 +47,7 @@ def evaluate_models(
             recipes_dir=Path(recipes.path),
             out_dir=Path(evaluation.path),
             real_dir=Path(real_set.path),
+            val_real_dir=Path(val_real_set.path),
         )
     shutil.copyfile(Path(evaluation.path) / "results.md", results.path)
     for key, value in result.gate.items():

@@ -9,8 +9,18 @@ from tests.conftest import smoke_params
 
 
 def run_evaluate(
-    tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, baselines: list[str]
+    tmp_path,
+    smoke_models,
+    smoke_features,
+    smoke_library,
+    smoke_recipes,
+    real_set,
+    baselines: list[str],
+    val_real_dir=None,
 ):
+    if val_real_dir is None:  # no validation sources: the pipeline passes an empty folder
+        val_real_dir = tmp_path / "val_real"
+        val_real_dir.mkdir()
     (tmp_path / "params.json").write_text(
         smoke_params("evaluation.baselines=[flam, global]").model_dump_json()
     )
@@ -27,6 +37,7 @@ def run_evaluate(
         recipes=Dataset(uri=str(smoke_recipes[0])),
         features=Dataset(uri=str(smoke_features)),
         real_set=Dataset(uri=str(real_set[0])),
+        val_real_set=Dataset(uri=str(val_real_dir)),
         **outputs,
     )
     return outputs
@@ -34,14 +45,30 @@ def run_evaluate(
 
 @pytest.mark.slow
 def test_evaluates_flam_against_its_baseline(
-    smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, tmp_path
+    smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, val_real_set, tmp_path
 ):
+    from flam_core.evaluation.real import real_threshold
+    from flam_core.inference import FlamDetector
+
     outputs = run_evaluate(
-        tmp_path, smoke_models, smoke_features, smoke_library, smoke_recipes, real_set, ["global"]
+        tmp_path,
+        smoke_models,
+        smoke_features,
+        smoke_library,
+        smoke_recipes,
+        real_set,
+        ["global"],
+        val_real_dir=val_real_set[0],
     )
     saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert set(saved["models"]) == {"flam", "global", "audioset"}  # each artifact under its config's mode
     assert set(saved["test_real"]) == {"set", "flam", "global", "audioset"}  # the real-recording test
+    # the uncalibrated baseline decides at its threshold chosen on the real validation set
+    baseline = FlamDetector.from_dir(smoke_models / "global")
+    assert (
+        saved["test_real"]["global"]["recordings"]["threshold"]
+        == real_threshold(baseline, val_real_set[0])[0]
+    )
     assert (tmp_path / "results.md").read_text() == (tmp_path / "evaluation" / "results.md").read_text()
     logged = outputs["metrics"].metadata
     assert saved["gate"] and all(logged[key] == value for key, value in saved["gate"].items())

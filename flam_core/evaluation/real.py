@@ -25,7 +25,7 @@ import numpy as np
 from flam_core.data.tsv import SedDataset
 from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import frame_auroc, frame_truth
-from flam_core.evaluation.sed import segment_f1
+from flam_core.evaluation.sed import best_threshold, segment_f1
 from flam_core.postprocess import median_filter_frames
 
 if TYPE_CHECKING:
@@ -80,19 +80,68 @@ def _detect(system: FileScorer, path: Path, prompts: list[str], duration_s: floa
     return detection.probs, detection.segments
 
 
-def _recording_metrics(system: FileScorer, dataset: SedDataset, prompts: list[str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Scored:
+    """One system's scores on a set's recordings, in `dataset.audio_ids` order: `[K, T_i]`
+    scores, truth and segments per recording, and the median-filtered scores (what the
+    detector thresholds) zero-padded to `[M, K, T_max]`."""
+
+    ids: list[str]
+    probs: list[np.ndarray]
+    truths: list[np.ndarray]
+    segments: list[list]
+    decided: np.ndarray
+
+
+def _score_recordings(system: FileScorer, dataset: SedDataset, prompts: list[str]) -> _Scored:
     hop = system.frame_hop_s
     ids = list(dataset.audio_ids)
+    probs, truths, segments, decided = [], [], [], []
+    for i in ids:
+        scores, found = _detect(system, dataset.files[i], prompts, dataset.durations[i])
+        probs.append(scores)
+        truths.append(frame_truth(dataset.ground_truth[i], prompts, scores.shape[1], hop))
+        segments.append(found)
+        decided.append(median_filter_frames(scores, getattr(system, "median_frames", 1)))
+    padded = np.zeros((len(ids), len(prompts), max(d.shape[1] for d in decided)), dtype=np.float32)
+    for m, d in enumerate(decided):
+        padded[m, :, : d.shape[1]] = d
+    return _Scored(ids, probs, truths, segments, padded)
+
+
+def _occurring(dataset: SedDataset) -> list[str]:
+    """The labels that sound in some recording: segment F1 is taken over them (recall is
+    undefined for the rest; their false alarms are counted by the false-alarm rate)."""
+    return sorted({e.label for i in dataset.audio_ids for e in dataset.ground_truth[i]})
+
+
+def real_threshold(system: FileScorer, real_dir: Path | str) -> tuple[float, float]:
+    """The single threshold, shared by every prompt, that maximises macro segment F1 of `system`
+    over the recordings of the set in `real_dir` after its median filter: the rule of
+    `flam_core.evaluation.splits.detector_threshold`, on real recordings. Returns (threshold, F1)."""
+    real = RealSet.read(real_dir)
+    dataset, prompts = real.recordings, real.labels
+    scored = _score_recordings(system, dataset, prompts)
+    occurring = _occurring(dataset)
+    rows = [prompts.index(p) for p in occurring]
+    return best_threshold(
+        scored.decided[:, rows],
+        system.frame_hop_s,
+        occurring,
+        scored.ids,
+        dataset.ground_truth,
+        criterion="segment",
+    )
+
+
+def _recording_metrics(system: FileScorer, dataset: SedDataset, prompts: list[str]) -> dict[str, Any]:
+    scored = _score_recordings(system, dataset, prompts)
     index = {p: k for k, p in enumerate(prompts)}
-    scores, truths, decided = [], [], []
     found: dict[str, list[bool]] = {p: [] for p in prompts}
     alarms = absent = 0
-    for i in ids:
-        probs, segments = _detect(system, dataset.files[i], prompts, dataset.durations[i])
-        truth = frame_truth(dataset.ground_truth[i], prompts, probs.shape[1], hop)
-        scores.append(probs)
-        truths.append(truth)
-        decided.append(median_filter_frames(probs, getattr(system, "median_frames", 1)))
+    for i, probs, truth, segments in zip(
+        scored.ids, scored.probs, scored.truths, scored.segments, strict=True
+    ):
         sounding = {e.label for e in dataset.ground_truth[i]}
         for p in sounding:
             k = index[p]
@@ -102,22 +151,17 @@ def _recording_metrics(system: FileScorer, dataset: SedDataset, prompts: list[st
         detected = {s["prompt"] for s in segments}
         absent += len(prompts) - len(sounding)
         alarms += len(detected - sounding)
-    auroc = frame_auroc(np.concatenate(truths, axis=1)[None], np.concatenate(scores, axis=1)[None])
-    width = max(s.shape[1] for s in decided)
-    padded = np.zeros((len(ids), len(prompts), width), dtype=np.float32)
-    for m, d in enumerate(decided):
-        padded[m, :, : d.shape[1]] = d
+    auroc = frame_auroc(
+        np.concatenate(scored.truths, axis=1)[None], np.concatenate(scored.probs, axis=1)[None]
+    )
     threshold_for = getattr(system, "threshold_for", None)
     thresholds = {p: float(threshold_for(p)) if threshold_for else 0.5 for p in prompts}
-    # segment F1 over the labels that sound in some recording (recall is undefined for the rest;
-    # their false alarms are counted by `false_alarm_rate`)
-    occurring = sorted({e.label for i in ids for e in dataset.ground_truth[i]})
-    rows = [index[p] for p in occurring]
+    occurring = _occurring(dataset)
     f1 = segment_f1(
-        padded[:, rows],
-        hop,
+        scored.decided[:, [index[p] for p in occurring]],
+        system.frame_hop_s,
         occurring,
-        ids,
+        scored.ids,
         dataset.ground_truth,
         threshold={p: thresholds[p] for p in occurring},
     )
@@ -135,7 +179,8 @@ def _recording_metrics(system: FileScorer, dataset: SedDataset, prompts: list[st
         "event_found": round(float(np.mean(all_found)), 4) if all_found else None,
         "segment_f1_macro": round(float(f1["f1_macro"]), 4),
         "false_alarm_rate": round(alarms / absent, 4) if absent else None,
-        "n_recordings": len(ids),
+        "threshold": getattr(system, "threshold", None),  # its shared one, for prompts without their own
+        "n_recordings": len(scored.ids),
         "n_prompts": len(prompts),
         "n_events_found_checked": len(all_found),
         "per_label": per_label,

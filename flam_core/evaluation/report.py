@@ -238,16 +238,17 @@ def _zero_shot(model: Any, clips: _Clips) -> dict[str, Any]:
 
 
 def calibrated_thresholds(model_dir: Path) -> dict[str, float] | None:
-    """The thresholds of `flam calibrate` per test split: test_unseen gets the one chosen on
-    held-out labels (`threshold`), test_seen the one chosen on training labels
-    (`threshold_seen`). None for a model without `calibration.json`."""
+    """The thresholds of `flam calibrate` per test split: test_unseen gets the one chosen on the
+    held-out labels of val_unseen (`threshold_unseen`; the detector's own `threshold` may come
+    from real recordings), test_seen the one chosen on training labels (`threshold_seen`). None
+    for a model without `calibration.json`."""
     path = model_dir / "calibration.json"
     if not path.is_file():
         return None
     calibration = json.loads(path.read_text())
     if "threshold" not in calibration:
         raise DataError(f"{path} has no 'threshold': rerun `flam calibrate --model {model_dir}`")
-    unseen = float(calibration["threshold"])
+    unseen = float(calibration.get("threshold_unseen", calibration["threshold"]))
     return {"test_unseen": unseen, "test_seen": float(calibration.get("threshold_seen", unseen))}
 
 
@@ -281,11 +282,15 @@ def evaluate(
     recipes_dir: Path | None = None,
     out_dir: Path | None = None,
     real_dir: Path | None = None,
+    val_real_dir: Path | None = None,
 ) -> EvaluationResult:
     """Evaluate every baseline in `<models_dir>/<mode>/`; writes metrics.json, results.md, plots.
 
     The real-recording test runs on the set in `real_dir` (default `test_real.out_dir`, skipped
-    when that default was never built; a `real_dir` given must hold a set)."""
+    when that default was never built; a `real_dir` given must hold a set). Models without a
+    calibration take their threshold for novel prompts from the real-recording validation set in
+    `val_real_dir` (default `test_real.val_out_dir`) when it is built and
+    `calibration.threshold_from` says so, else from val_unseen."""
     from flam_core.model.folder import load_model
 
     cfg = params.evaluation
@@ -345,6 +350,7 @@ def evaluate(
         entry["zero_shot"] = _zero_shot(model, clips)
         results[mode] = entry
     detectors = _detectors(params, models_dir, unseen_thresholds, audioset)
+    _thresholds_on_real(params, detectors, unseen_thresholds, val_real_dir)
     flam = results["flam"]
     gate = {f"{s}.{k}": v for s in TEST_SPLITS for k, v in flam[s].items() if isinstance(v, float)}
     gate |= {f"retrieval.{k}": v for k, v in flam["retrieval"].items() if isinstance(v, float)}
@@ -390,6 +396,23 @@ def _detectors(
             calibration = {"threshold": threshold}
         detectors[mode] = FlamDetector(model, model_params, calibration, source=source)
     return detectors
+
+
+def _thresholds_on_real(
+    params: Params, detectors: dict[str, Any], chosen: dict[str, float | None], val_real: Path | None
+) -> None:
+    """With `calibration.threshold_from: val_real` and the real-recording validation set built
+    (`val_real`, default `test_real.val_out_dir`), every detector without a calibration of its
+    own takes its threshold for a novel prompt from that set (`real_threshold`), as FLAM's
+    calibration does: each system on real recordings at a threshold chosen on real recordings."""
+    from flam_core.evaluation.real import real_threshold
+
+    val_real = Path(val_real or params.test_real.val_out_dir)
+    if params.calibration.threshold_from != "val_real" or not (val_real / "summary.json").is_file():
+        return
+    for mode, detector in detectors.items():
+        if chosen[mode] is not None:  # not calibrated: its threshold came from val_unseen
+            detector.threshold = real_threshold(detector, val_real)[0]
 
 
 def _real_recordings(

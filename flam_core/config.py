@@ -37,6 +37,13 @@ DEBIAN_PACKAGES = (
     "bucklespring-data",
     "extremetuxracer-data",
     "freeciv-data",
+    "gcompris-qt-data",
+    "sonic-pi-samples",
+    "simutrans-pak64",
+    "minetest-mod-homedecor",
+    "hedgewars-data",
+    "frozen-bubble-data",
+    "openttd-opensfx",
 )
 
 # Sources the library renders itself (midi, speech, procedural catalog builders).

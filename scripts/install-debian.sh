@@ -7,7 +7,8 @@ deb_cache=${1:?usage: install-debian.sh DEB_CACHE_DIR}
 tools=(fluidsynth espeak-ng)
 packages=(scratch tuxpaint-stamps-default minetest-data qabcs-data sound-theme-freedesktop sound-icons
           redeclipse-data supertux-data bucklespring-data extremetuxracer-data freeciv-data
-          fluid-soundfont-gm)
+          gcompris-qt-data sonic-pi-samples simutrans-pak64 minetest-mod-homedecor hedgewars-data
+          frozen-bubble-data openttd-opensfx fluid-soundfont-gm)
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

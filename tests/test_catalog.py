@@ -1,6 +1,8 @@
 import fnmatch
 import importlib.util
 import itertools
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,17 @@ import soundfile as sf
 
 from flam_core.config import DEBIAN_PACKAGES, MidiParams, Params, ProceduralParams, UserFolder
 from flam_core.data.catalog.base import RawClip
-from flam_core.data.catalog.debian import AUDIO_SUFFIXES, MappingRule, PackageMapping, load_mapping, map_files
+from flam_core.data.catalog.debian import (
+    AUDIO_SUFFIXES,
+    MappingRule,
+    PackageMapping,
+    is_openttd_catalogue,
+    load_mapping,
+    map_files,
+    qt_resources,
+    unpack_openttd_catalogue,
+    unpack_qt_resources,
+)
 from flam_core.data.catalog.folder import folder_clips
 from flam_core.data.catalog.midi import GM_SOUNDS, plan_slots
 from flam_core.data.catalog.procedural import coloured_noise, procedural_clips
@@ -65,6 +77,72 @@ def test_mapping_file_errors_name_the_file(tmp_path):
         load_mapping("pkg", tmp_path)
     with pytest.raises(DataError, match="no label mapping"):
         load_mapping("missing", tmp_path)
+
+
+def qt_resource_bundle(files: dict[str, tuple[bytes, bool]]) -> bytes:
+    """A version-2 Qt rcc bundle with one folder `res` holding `files` (name -> (data, compress))."""
+    names, data, entries = b"", b"", []
+
+    def add_name(name: str) -> int:
+        nonlocal names
+        offset = len(names)
+        names += struct.pack(">HI", len(name), 0) + name.encode("utf-16-be")
+        return offset
+
+    root_name, res_name = add_name(""), add_name("res")
+    entries.append(struct.pack(">IHII", root_name, 2, 1, 1) + bytes(8))  # root: 1 child at index 1
+    entries.append(struct.pack(">IHII", res_name, 2, len(files), 2) + bytes(8))
+    for name, (payload, compress) in files.items():
+        stored = struct.pack(">I", len(payload)) + zlib.compress(payload) if compress else payload
+        entries.append(
+            struct.pack(">IHHHI", add_name(name), 1 if compress else 0, 0, 0, len(data)) + bytes(8)
+        )
+        data += struct.pack(">I", len(stored)) + stored
+    tree = b"".join(entries)
+    header_size = 20
+    tree_at, data_at = header_size, header_size + len(tree)
+    return b"qres" + struct.pack(">IIII", 2, tree_at, data_at, data_at + len(data)) + tree + data + names
+
+
+def test_qt_resource_bundles_are_unpacked_to_their_audio(tmp_path):
+    bundle = tmp_path / "activity.rcc"
+    bundle.write_bytes(
+        qt_resource_bundle(
+            {"dog.ogg": (b"OggS-dog", True), "cat.wav": (b"RIFF-cat", False), "icon.svg": (b"<svg/>", True)}
+        )
+    )
+    assert qt_resources(bundle) == {
+        "res/dog.ogg": b"OggS-dog",
+        "res/cat.wav": b"RIFF-cat",
+        "res/icon.svg": b"<svg/>",
+    }
+    assert unpack_qt_resources(bundle, tmp_path / "activity.rcc.d") == 2
+    assert (tmp_path / "activity.rcc.d/res/dog.ogg").read_bytes() == b"OggS-dog"
+    assert not (tmp_path / "activity.rcc.d/res/icon.svg").exists()
+    (tmp_path / "broken.rcc").write_bytes(b"qres" + bytes(8))
+    with pytest.raises(DataError, match=r"broken\.rcc: unreadable Qt resource bundle"):
+        qt_resources(tmp_path / "broken.rcc")
+
+
+def test_openttd_sound_catalogues_are_unpacked_to_titled_wav_files(tmp_path):
+    wavs = [b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body for body in (b"cow!", b"jet")]
+    titles = [b'"Cow". Original "moo.wav" by someone.\0', b'"Early jet take off". By someone.\0']
+    table_size = 8 * len(wavs)
+    entries, offsets = b"", []
+    for title, wav in zip(titles, wavs, strict=True):
+        offsets.append(table_size + len(entries))
+        entries += bytes([len(title)]) + title + wav
+    table = b"".join(
+        struct.pack("<II", off | 0x80000000, len(w)) for off, w in zip(offsets, wavs, strict=True)
+    )
+    bundle = tmp_path / "sounds.cat"
+    bundle.write_bytes(table + entries)
+    assert is_openttd_catalogue(bundle)
+    assert unpack_openttd_catalogue(bundle, tmp_path / "sounds.cat.d") == 2
+    assert (tmp_path / "sounds.cat.d/00_cow.wav").read_bytes() == wavs[0]
+    assert (tmp_path / "sounds.cat.d/01_early-jet-take-off.wav").read_bytes() == wavs[1]
+    (tmp_path / "messages.cat").write_bytes(b"not a sound catalogue")
+    assert not is_openttd_catalogue(tmp_path / "messages.cat")
 
 
 def test_midi_plan_is_seeded_and_slots_do_not_overlap():

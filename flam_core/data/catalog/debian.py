@@ -1,7 +1,10 @@
 """Debian sound packages -> labelled clips, through reviewed mapping files.
 
 A package is fetched with `apt-get download` (no dependencies, nothing installed) and unpacked
-with `dpkg-deb -x` into the cache; both steps are skipped when their result is there.
+with `dpkg-deb -x` into the cache; both steps are skipped when their result is there. Audio
+packed in bundles is unpacked next to the bundle, so mappings address it like any other file:
+Qt resource bundles (`*.rcc`, gcompris-qt-data) into `<bundle>.rcc.d/<resource path>`, OpenTTD
+sound catalogues (`*.cat`, openttd-opensfx) into `<bundle>.cat.d/<NN>_<title>.wav`.
 `mappings/<package>.yaml` says which files are which sound (first matching pattern wins);
 files matching `exclude` were reviewed and left out; the rest are counted as unmapped.
 """
@@ -9,6 +12,9 @@ files matching `exclude` were reviewed and left out; the rest are counted as unm
 from __future__ import annotations
 
 import fnmatch
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +76,61 @@ def fetch_package(package: str, cache_dir: Path) -> Path:
             raise ExternalToolError(f"apt-get download {package} produced no .deb in {debs}")
     with atomic_dir(target) as staging:
         run_tool(["dpkg-deb", "-x", str(found[-1]), str(staging)])
+        for bundle in sorted(staging.rglob("*.rcc")):
+            unpack_qt_resources(bundle, bundle.with_name(bundle.name + ".d"))
+        for bundle in sorted(staging.rglob("*.cat")):
+            if is_openttd_catalogue(bundle):
+                unpack_openttd_catalogue(bundle, bundle.with_name(bundle.name + ".d"))
         (staging / ".complete").write_text(found[-1].name + "\n")
     return target
+
+
+def qt_resources(bundle: Path) -> dict[str, bytes]:
+    """The files of a Qt binary resource bundle (rcc format 1-3), by path, decompressed."""
+    blob = bundle.read_bytes()
+    try:
+        if blob[:4] != b"qres":
+            raise ValueError("no 'qres' magic")
+        version, tree, data, names = struct.unpack_from(">IIII", blob, 4)
+        entry_size = 14 if version == 1 else 22
+        files: dict[str, bytes] = {}
+
+        def name_at(offset: int) -> str:
+            (length,) = struct.unpack_from(">H", blob, names + offset)
+            return blob[names + offset + 6 : names + offset + 6 + 2 * length].decode("utf-16-be")
+
+        def walk(node: int, prefix: str) -> None:
+            at = tree + node * entry_size
+            name_offset, flags = struct.unpack_from(">IH", blob, at)
+            path = f"{prefix}/{name_at(name_offset)}" if node else ""
+            if flags & 2:  # directory: children are entries first .. first+count-1
+                count, first = struct.unpack_from(">II", blob, at + 6)
+                for child in range(first, first + count):
+                    walk(child, path)
+                return
+            (data_offset,) = struct.unpack_from(">I", blob, at + 10)
+            (size,) = struct.unpack_from(">I", blob, data + data_offset)
+            payload = blob[data + data_offset + 4 : data + data_offset + 4 + size]
+            if flags & 4:
+                raise ValueError(f"{path}: zstd-compressed resources are not supported")
+            files[path.lstrip("/")] = zlib.decompress(payload[4:]) if flags & 1 else payload
+
+        walk(0, "")
+    except (ValueError, struct.error, zlib.error, UnicodeDecodeError) as exc:
+        raise DataError(f"{bundle}: unreadable Qt resource bundle: {exc}") from exc
+    return files
+
+
+def unpack_qt_resources(bundle: Path, out_dir: Path) -> int:
+    """Write the audio files of a Qt resource bundle under `out_dir`; return how many."""
+    written = 0
+    for path, payload in qt_resources(bundle).items():
+        if Path(path).suffix.lower() in AUDIO_SUFFIXES and ".." not in Path(path).parts:
+            target = out_dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(payload)
+            written += 1
+    return written
 
 
 def map_files(
@@ -131,3 +190,44 @@ def debian_clips(package: str, cache_dir: Path, seed: int) -> tuple[list[RawClip
         for rel, rule in selected
     ]
     return clips, report
+
+
+def _catalogue_entries(blob: bytes) -> list[tuple[str, bytes]]:
+    """(title, RIFF WAV bytes) of an OpenTTD sound catalogue; ValueError/struct.error if it is not one."""
+    (first,) = struct.unpack_from("<I", blob, 0)
+    count = (first & 0x7FFFFFFF) // 8
+    if not 0 < count <= 4096:
+        raise ValueError(f"implausible entry count {count}")
+    entries = []
+    for index in range(count):
+        offset, _ = struct.unpack_from("<II", blob, 8 * index)
+        offset &= 0x7FFFFFFF
+        name = blob[offset + 1 : offset + 1 + blob[offset]].split(b"\0")[0].decode("utf-8", "replace")
+        start = offset + 1 + blob[offset]
+        if blob[start : start + 4] != b"RIFF":
+            raise ValueError(f"entry {index} is not a RIFF file")
+        (riff_size,) = struct.unpack_from("<I", blob, start + 4)
+        entries.append((name, blob[start : start + 8 + riff_size]))
+    return entries
+
+
+def is_openttd_catalogue(bundle: Path) -> bool:
+    try:
+        return bool(_catalogue_entries(bundle.read_bytes()))
+    except (ValueError, struct.error, IndexError):
+        return False
+
+
+def unpack_openttd_catalogue(bundle: Path, out_dir: Path) -> int:
+    """Write each sound of an OpenTTD catalogue as `<NN>_<title>.wav` (title: the entry's quoted
+    name, lower-case, non-alphanumerics as '-'); return how many."""
+    try:
+        entries = _catalogue_entries(bundle.read_bytes())
+    except (ValueError, struct.error, IndexError) as exc:
+        raise DataError(f"{bundle}: unreadable OpenTTD sound catalogue: {exc}") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, (name, wav) in enumerate(entries):
+        quoted = re.match(r'\s*"([^"]*)"', name)
+        title = re.sub(r"[^a-z0-9]+", "-", (quoted.group(1) if quoted else name).lower()).strip("-")
+        (out_dir / f"{index:02d}_{title or 'sound'}.wav").write_bytes(wav)
+    return len(entries)

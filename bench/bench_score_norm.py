@@ -13,14 +13,16 @@ rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scori
 - `cohort`: the cosine's z-score over the cohort of training frames
   (`flam_core.model.score_norm`, the moments `flam calibrate` computes; monotone, so the map
   to a probability does not change these figures);
-- `audioset`: the AudioSet classifier's prompt score (`flam_core.model.audioset`), and
-  `cohort+w*audioset`: the cohort z-score plus w times the classifier's logit z-scored over the
-  same cohort frames.
+- `audioset`: the AudioSet classifier baseline's prompt score (`flam_core.model.audioset`);
+- `fused floor F w W`: the detector fused with the backbone's classifier
+  (`flam_core.model.fusion`): logits floored at F, the classifier's part weighed W, the z-score
+  of the sum over the same cohort (the library's own `cohort_moments`, fused).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +35,16 @@ from flam_core.evaluation.real import RealSet, evaluate_real_set
 from flam_core.features import FeatureCache
 from flam_core.inference import FlamDetector
 from flam_core.model.audioset import audioset_model
+from flam_core.model.fusion import ClassifierFusion
 from flam_core.model.score_norm import CohortNorm
 
-FUSION_WEIGHTS = (0.25, 0.5, 1.0)
+FLOORS = (-20.0, -13.8, -10.0, -6.9, -4.6, -2.2)
+WEIGHTS = (0.125, 0.25, 0.375, 0.5, 1.0)
 
 
 def _embed(detector: FlamDetector, path: Path) -> np.ndarray:
     _, blocks = detector.audio_blocks(path)
     return np.concatenate(list(detector.embed_blocks(blocks)))
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 class _Cached:
@@ -80,35 +79,45 @@ def main() -> None:
     text_emb, alpha, beta = flam.prompt_embeddings(prompts)
     weights, _, _ = classifier.prompt_embeddings(prompts)
     train = FeatureCache(Path(params.train.features_dir), "train")
-    cohort: CohortNorm = cohort_moments(flam.model, train, params)
+    model = flam.model
+    cohort: CohortNorm = cohort_moments(model, train, params)  # FLAM alone (model.fusion is None)
     mu, sigma = (x.float().numpy()[:, None] for x in cohort.moments(text_emb))
-    # the classifier's prompt logits over the same cohort mixtures' frames
-    rows = cohort_rows(train, params)
-    features = torch.from_numpy(np.asarray(train.features[rows], dtype=np.float32)).flatten(0, 1)
-    cohort_as = _logit((classifier.model.head.frame_embeddings(features) @ weights.T).numpy())
-    mu_as, sd_as = cohort_as.mean(0)[:, None], cohort_as.std(0)[:, None]
-
     files = [real.recordings.files[i] for i in real.recordings.audio_ids]
     files += [real.clips.files[i] for i in real.clips.audio_ids]
+    # every file embedded once, with the classifier's raw logits after FLAM's embeddings
+    model.fusion = ClassifierFusion.of(
+        model.audio_encoder.yamnet.classifier, classifier.model.head.class_features
+    )
+    vectors = {str(path): torch.from_numpy(_embed(flam, path)) for path in files}
+    prompt = torch.cat([text_emb, model.fusion.prompt_weights(model.text_encoder(prompts))], dim=1)
+    d = model.head.config.embed_dim
     variants: dict[str, dict[str, np.ndarray]] = {}
-    for path in files:
-        emb = torch.from_numpy(_embed(flam, path))
+    for path, vec in vectors.items():
+        emb = vec[:, :d]
         cos = (emb @ text_emb.T).numpy().T
-        logit = alpha.numpy()[:, None] * cos + beta.numpy()[:, None]
-        as_score = (_embed(classifier, path) @ weights.numpy().T).T
-        z, z_as = (cos - mu) / sigma, (_logit(as_score) - mu_as) / sd_as
         row = {
-            "unbiased": flam.model.head.detector_scores(emb[None], text_emb, alpha, beta)[0].numpy(),
-            "logit": logit,
+            "unbiased": model.head.detector_scores(emb[None], text_emb, alpha, beta)[0].numpy(),
+            "logit": alpha.numpy()[:, None] * cos + beta.numpy()[:, None],
             "cosine": cos,
-            "cohort": z,
-            "audioset": as_score,
-        } | {f"cohort+{w}*audioset": z + w * z_as for w in FUSION_WEIGHTS}
+            "cohort": (cos - mu) / sigma,
+            "audioset": (_embed(classifier, path) @ weights.numpy().T).T,
+        }
         for name, value in row.items():
-            variants.setdefault(name, {})[str(path)] = value
+            variants.setdefault(name, {})[path] = value
+    raw = model.fusion
+    for floor in FLOORS:
+        model.fusion = replace(raw, floor=floor)
+        fused = cohort_moments(model, train, params)  # the weight is set per variant below
+        center = model.fusion.center
+        for path, vec in vectors.items():
+            frames = torch.cat([vec[:, :d], vec[:, d:].clamp_min(floor) - center], dim=1)[None]
+            for w in WEIGHTS:
+                z = replace(fused, weight=w).z(frames, prompt)[0].numpy()
+                variants.setdefault(f"fused floor {floor} w {w}", {})[path] = z
     print(
         f"{args.real}: {len(real.recordings.audio_ids)} recordings, {len(real.clips.audio_ids)} clips, "
-        f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of {len(rows)} training mixtures"
+        f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of "
+        f"{len(cohort_rows(train, params))} training mixtures"
     )
     print("| scoring | macro AUROC | pooled AUROC | event found | zero-shot top-1 | top-5 |")
     print("|---|---|---|---|---|---|")

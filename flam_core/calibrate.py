@@ -61,7 +61,7 @@ import numpy as np
 
 from flam_core.config import Params
 from flam_core.data.mixer import Mixer
-from flam_core.errors import DataError
+from flam_core.errors import ConfigError, DataError
 from flam_core.evaluation.frames import (
     learned_priors,
     rank_correlation,
@@ -69,6 +69,7 @@ from flam_core.evaluation.frames import (
 )
 from flam_core.evaluation.splits import MixtureSplit, detector_threshold
 from flam_core.features import FeatureCache
+from flam_core.model.fusion import ClassifierFusion
 from flam_core.model.score_norm import CohortNorm
 from flam_core.utils import atomic_write_text
 
@@ -178,6 +179,7 @@ def calibrate(
     recipes_dir = Path(recipes_dir or params.synth.out_dir)
     model, model_params, _ = load_model(model_dir)
     model.score_norm = None  # a calibration of its own, never the previous one's
+    model.fusion = classifier_fusion(model, params)
     mixer = Mixer.for_library(params, library_dir)
     hop = params.frame_hop_s
     seen, unseen = (MixtureSplit(params, s, features_dir, mixer, recipes_dir) for s in ("val", "val_unseen"))
@@ -258,19 +260,62 @@ def cohort_rows(train: FeatureCache, params: Params) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(len(train), size=n, replace=False))
 
 
+def classifier_fusion(model: Any, params: Params) -> ClassifierFusion | None:
+    """The backbone classifier the detector's scores are fused with (`flam_core.model.fusion`),
+    when `calibration.classifier_weight` > 0 and the scores are normalised over the cohort
+    (`score_norm: cohort`): YAMNet's classifier and the text encoder's features of its 521 class
+    names. None otherwise."""
+    import torch
+
+    from flam_core.model.audioset import load_class_names
+
+    if not params.calibration.classifier_weight > 0 or params.calibration.score_norm != "cohort":
+        return None
+    yamnet = getattr(model.audio_encoder, "yamnet", None)
+    if yamnet is None:
+        raise ConfigError(
+            "calibration.classifier_weight > 0 fuses the scores with YAMNet's classifier, which needs "
+            "model.audio_encoder=yamnet; set calibration.classifier_weight=0"
+        )
+    with torch.no_grad():
+        class_features = model.text_encoder(load_class_names())
+    return ClassifierFusion.of(
+        yamnet.classifier, class_features, floor=params.calibration.classifier_logit_floor
+    )
+
+
 def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNorm:
-    """The moments of `model`'s frame embeddings over the cohort's training mixtures
-    (`cohort_rows`; `flam_core.model.score_norm`)."""
+    """The moments of `model`'s frame vectors (`FlamModel.frame_vectors`: fused with the
+    classifier when `model.fusion` is set) over the cohort's training mixtures (`cohort_rows`;
+    `flam_core.model.score_norm`). Fused, the classifier's logits are centred on their cohort
+    mean: `model.fusion` becomes the centred classifier, which the moments describe."""
     import torch
 
     rows = cohort_rows(train, params)
-    head, frames = model.head, []
+    frames = []
     with torch.no_grad():
         for start in range(0, len(rows), 64):
             batch = torch.from_numpy(np.asarray(train.features[rows[start : start + 64]], dtype=np.float32))
-            emb = head.frame_embeddings(head.contextualise(batch.to(head.logit_scale.dtype)))
-            frames.append(emb.reshape(-1, emb.shape[-1]).float())
-    return CohortNorm.from_frames(torch.cat(frames))
+            vectors = model.frame_vectors(batch)
+            frames.append(vectors.reshape(-1, vectors.shape[-1]).float())
+    cohort = torch.cat(frames)
+    fusion = model.fusion
+    if fusion is None:
+        return CohortNorm.from_frames(cohort)
+    # the classifier's logits centred on their cohort mean (`ClassifierFusion.center`)
+    d = model.head.config.embed_dim
+    shift = cohort[:, d:].double().mean(0).float()
+    cohort[:, d:] -= shift
+    center = shift + (fusion.center if fusion.center is not None else 0.0)
+    model.fusion = fusion.centred(center)
+    return CohortNorm.from_frames(
+        cohort,
+        split=d,
+        weight=params.calibration.classifier_weight,
+        class_features=fusion.class_features,
+        class_center=center,
+        logit_floor=fusion.floor,
+    )
 
 
 def fit_score_map(model: Any, unseen: MixtureSplit) -> CohortNorm:

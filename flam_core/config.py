@@ -461,6 +461,13 @@ class CalibrationParams(_Section):
     # validation set (when built; else val_unseen), or val_unseen, synthetic mixtures of held-out
     # labels (the synthetic test's threshold either way)
     threshold_from: Literal["val_real", "val_unseen"] = "val_real"
+    # > 0: the detector's score fuses FLAM's with the backbone's AudioSet classifier, this
+    # weight on the classifier's part (`flam_core.model.fusion`; with score_norm: cohort only,
+    # and model.audio_encoder: yamnet); 0: FLAM alone
+    classifier_weight: float = Field(0.25, ge=0.0, le=100.0)
+    # the classifier's logits are floored here before they are weighed (a class far below it is
+    # as absent as one at it; `flam_core.model.fusion`)
+    classifier_logit_floor: float = Field(-6.9, ge=-1e4, le=0.0)
 
 
 class RealTestParams(_Recordings):

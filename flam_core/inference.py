@@ -254,9 +254,8 @@ class FlamDetector:
     def window_embeddings(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         """Windows of `window_frames` frames of samples -> `[N, window_frames, D]` frame
         embeddings, each window on its own (the model's context spans one window)."""
-        head = self.model.head
         frames = self.model.audio_encoder(torch.from_numpy(np.stack(windows)))
-        return head.frame_embeddings(head.contextualise(frames.to(head.logit_scale.dtype))).float().numpy()
+        return self.model.frame_vectors(frames).float().numpy()
 
     @torch.inference_mode()
     def _embed_windows(
@@ -288,10 +287,7 @@ class FlamDetector:
             self._texts.update(self.prompt_cache.get(missing))
             missing = [p for p in missing if p not in self._texts]
         if missing:
-            head = self.model.head
-            features = self.model.text_encoder(missing).to(head.logit_scale.dtype)
-            emb = head.text_embeddings(features)
-            alpha, beta = head.text_scale_bias(features)
+            emb, alpha, beta = self.model.prompt_vectors(self.model.text_encoder(missing))
             computed = {p: (emb[k].float(), alpha[k].float(), beta[k].float()) for k, p in enumerate(missing)}
             self._texts.update(computed)
             if self.prompt_cache is not None:
@@ -309,8 +305,15 @@ class FlamDetector:
         text_emb, alpha, beta = self.prompt_embeddings(prompts)
         frames = torch.from_numpy(frame_emb)[None]  # [1, T, D]
         if not unbiased:
-            return self.model.head.approximate_scores(frames, text_emb, alpha)[0].numpy()
+            d = self.model.head.config.embed_dim
+            return self.model.head.approximate_scores(frames[..., :d], text_emb[:, :d], alpha)[0].numpy()
         return self.model.scores(frames, text_emb, alpha, beta)[0].numpy()
+
+    def ranking_vector(self, prompt: str) -> np.ndarray:
+        """`[D]`: the direction whose dot product with frame vectors orders them as `score` does
+        (what a search index retrieves candidates by)."""
+        text_emb, _, _ = self.prompt_embeddings([prompt])
+        return self.model.ranking_vectors(text_emb)[0].numpy()
 
     def threshold_for(self, prompt: str) -> float:
         return self.prompt_thresholds.get(prompt, self.threshold)

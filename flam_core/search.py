@@ -116,7 +116,7 @@ def model_reference(detector: Any) -> dict[str, Any]:
     return {
         "source": str(detector.source),
         "fingerprint": digest.hexdigest(),
-        "embed_dim": int(detector.model.head.config.embed_dim),
+        "embed_dim": int(detector.model.vector_dim),
         "frame_hop_s": float(detector.frame_hop_s),
         "sample_rate": int(detector.sample_rate),
     }
@@ -842,8 +842,7 @@ def _search(
     from flam_core.postprocess import median_filter_frames
 
     cut = float(threshold) if threshold is not None else float(detector.threshold_for(query))
-    text_emb, _, _ = detector.prompt_embeddings([query])
-    rows, emb = index.top_frames(text_emb[0].numpy(), max(top, index.rerank))
+    rows, emb = index.top_frames(detector.ranking_vector(query), max(top, index.rerank))
     scores = detector.score(emb, [query])[0]
     order = np.argsort(-scores, kind="stable")
     rows, scores = rows[order], scores[order]

@@ -123,3 +123,41 @@ def val_real_set(smoke_library, tmp_path_factory) -> tuple[Path, object]:
     library, _ = smoke_library
     out = tmp_path_factory.mktemp("real") / "val_real"
     return out, build_real_set(smoke_params(), library, out, split=VAL_REAL_SPLIT)
+
+
+def fuse_with_classifier(folder: Path, features: Path, weight: float = 0.5, floor: float = -13.8) -> None:
+    """Calibrate the model folder's detector as fused with the backbone's classifier
+    (`flam_core.model.fusion`) over a small cohort of the training features, by hand: the
+    cohort's moments and an arbitrary increasing map, no threshold search."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from flam_core.features import FeatureCache
+    from flam_core.model.audioset import load_class_names
+    from flam_core.model.folder import load_model
+    from flam_core.model.fusion import ClassifierFusion
+    from flam_core.model.score_norm import CohortNorm
+
+    model, _, _ = load_model(folder)
+    with torch.no_grad():
+        model.fusion = ClassifierFusion.of(
+            model.audio_encoder.yamnet.classifier, model.text_encoder(load_class_names()), floor=floor
+        )
+        cache = FeatureCache(features, "train")
+        vectors = model.frame_vectors(torch.from_numpy(np.asarray(cache.features[:40], dtype=np.float32)))
+    d = model.head.config.embed_dim
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    center = vectors[:, d:].mean(0)
+    vectors[:, d:] -= center  # the logits centred, as calibration centres them
+    norm = CohortNorm.from_frames(
+        vectors,
+        split=d,
+        weight=weight,
+        class_features=model.fusion.class_features,
+        class_center=center,
+        logit_floor=floor,
+    ).with_map(1.0, -0.5)
+    norm.save(folder)
+    (folder / "calibration.json").write_text(json.dumps({"threshold": 0.5, "score_norm": norm.entry()}))

@@ -79,10 +79,22 @@ def test_a_folder_of_200_files_in_one_run_then_resumed(flam_model, detector, tmp
             frames.shape[0] == 2
             and -1e-3 <= frames.shape[1] * record["frame_hop_s"] - record["duration_s"] < 0.3135
         )
-    # Decoding in workers changes nothing: the same detections as the single-file path.
+    # Decoding in workers changes nothing: the same detections as the single-file path, up to the
+    # float noise of another process's thread count (the default detector reads the classifier's
+    # logits, whose range makes that noise reach the 4th decimal now and then).
     for record in records[:: len(records) // 4]:
         alone = detector.detect(record["file"], PROMPTS).to_json()
-        assert {k: v for k, v in record.items() if k not in ("file", "threshold")} == alone
+        exact = ("file", "threshold", "probs", "segments")
+        assert {k: v for k, v in record.items() if k not in exact} == {
+            k: v for k, v in alone.items() if k not in exact
+        }
+        np.testing.assert_allclose(record["probs"], alone["probs"], atol=2e-4)
+        assert [(s["prompt"], s["onset"], s["offset"]) for s in record["segments"]] == [
+            (s["prompt"], s["onset"], s["offset"]) for s in alone["segments"]
+        ]
+        np.testing.assert_allclose(
+            [s["score"] for s in record["segments"]], [s["score"] for s in alone["segments"]], atol=2e-4
+        )
 
     tsv = (out / "segments.tsv").read_text()
     assert tsv.splitlines()[0] == "filename\tonset\toffset\tevent_label\tscore"

@@ -20,6 +20,8 @@ def test_params_yaml_matches_the_model_defaults():
 def test_every_profile_loads(profile):
     params = load_params(PARAMS, profile=profile)
     assert params.profile == profile
+    # the detector's fusion reads YAMNet's classifier: a profile on another encoder turns it off
+    assert params.calibration.classifier_weight == 0 or params.model.audio_encoder == "yamnet"
 
 
 def test_gpu_profile_is_48k_and_smoke_is_small():

@@ -185,12 +185,11 @@ def embed_whole(detector: FlamDetector, samples: np.ndarray) -> np.ndarray:
     n_windows = max(1, math.ceil(max(total - keep[1], 0) / step) + 1)
     padded = np.zeros((n_windows - 1) * step * fs + frames * fs, dtype=np.float32)
     padded[: len(samples)] = samples
-    head = detector.model.head
-    out = np.zeros((total, head.config.embed_dim), dtype=np.float32)
+    out = np.zeros((total, detector.model.vector_dim), dtype=np.float32)
     for first in range(0, n_windows, detector.batch_windows):
         ws = range(first, min(first + detector.batch_windows, n_windows))
         batch = torch.from_numpy(np.stack([padded[w * step * fs : (w * step + frames) * fs] for w in ws]))
-        emb = head.frame_embeddings(head.contextualise(detector.model.audio_encoder(batch))).numpy()
+        emb = detector.model.frame_vectors(detector.model.audio_encoder(batch)).numpy()
         for j, w in enumerate(ws):
             lo = 0 if w == 0 else keep[0]
             hi = min(frames if w == n_windows - 1 else keep[1], total - w * step)
@@ -394,7 +393,7 @@ def test_the_cache_location_and_switch(smoke_models, detector, tmp_path, monkeyp
     monkeypatch.setenv("FLAM_PROMPT_CACHE", str(blocker / "prompts"))
     stuck = FlamDetector.from_dir(smoke_models / "flam", cache_prompts=True)
     text_emb, _, _ = stuck.prompt_embeddings(["dog barking"])
-    assert text_emb.shape == (1, stuck.model.head.config.embed_dim) and blocker.read_text() == ""
+    assert text_emb.shape == (1, stuck.model.vector_dim) and blocker.read_text() == ""
 
 
 def test_only_the_models_used_last_are_kept(smoke_models, detector, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Cohort score normalisation: exact cohort moments, the folded scale and bias, one scale for
-prompts whose raw scores sit at different levels, and the model folder's cohort file."""
+prompts whose raw scores sit at different levels, the fusion with the backbone's classifier, and
+the model folder's cohort file."""
 
 from __future__ import annotations
 
@@ -37,10 +38,9 @@ def test_scores_are_the_shared_map_of_the_z_score_and_fold_into_a_scale_and_bias
     z = (cos.double() - brute.mean(0)[None, :, None]) / brute.std(0)[None, :, None]
     expected = torch.sigmoid(1.7 * z - 0.4)
     torch.testing.assert_close(norm.scores(frames, texts).double(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(norm.z(cos, texts).double(), z, atol=1e-5, rtol=0)
-    alpha, beta = norm.scale_bias(texts)
-    folded = torch.sigmoid(alpha[None, :, None] * cos + beta[None, :, None])
-    torch.testing.assert_close(folded.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(norm.z(frames, texts).double(), z, atol=1e-5, rtol=0)
+    # per prompt, an increasing function of the cosine: the head's frame order is kept
+    assert (norm.direction(texts) == texts.double()).all()
 
 
 def test_prompts_at_different_levels_come_out_on_one_scale():
@@ -55,7 +55,7 @@ def test_prompts_at_different_levels_come_out_on_one_scale():
     cohort[:, 0] = cohort[:, 0] * 4 + 0.6  # prompt 0: high, wide
     cohort[:, 1] = cohort[:, 1] - 0.3  # prompt 1: low, narrow
     norm = CohortNorm.from_frames(cohort)
-    z = norm.z((cohort @ texts.T).T[None], texts)[0]
+    z = norm.z(cohort[None], texts)[0]
     np.testing.assert_allclose(z.mean(1).numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(z.std(1).numpy(), 1.0, atol=1e-3)
     mu, sigma = norm.moments(texts)
@@ -110,3 +110,96 @@ def test_a_model_folder_with_a_cohort_scores_with_it(flam_model, tmp_path):
     (folder / COHORT_FILE).unlink()
     with pytest.raises(ConfigError, match="run `flam calibrate` again"):
         load_model(folder)
+
+
+def _fused_cohort(n: int, d: int, c: int, seed: int) -> torch.Tensor:
+    """Frame vectors `[n, d + c]`: unit embeddings, then logits correlated with them."""
+    emb = _unit(n, d, seed=seed)
+    logits = 3 * torch.randn(n, c, generator=torch.Generator().manual_seed(seed + 1)) + emb @ torch.ones(d, c)
+    return torch.cat([emb, logits], 1)
+
+
+def test_the_fused_score_is_the_z_score_of_the_weighted_sum_of_both_parts_z_scores():
+    d, c, w = 6, 5, 0.5
+    cohort = _fused_cohort(500, d, c, seed=10)
+    texts = _unit(3, d, seed=12)
+    weights = torch.softmax(torch.randn(3, c, generator=torch.Generator().manual_seed(13)), 1)
+    prompts = torch.cat([texts, weights], 1)
+    norm = CohortNorm.from_frames(cohort, split=d, weight=w, class_features=torch.zeros(c, 4))
+    # brute force over the cohort: each part z-scored per prompt, summed with weight w, the sum
+    # z-scored again
+    parts = [(cohort[:, :d] @ texts.T).double(), (cohort[:, d:] @ weights.T).double()]
+    mean, sd = [p.mean(0) for p in parts], [p.std(0) for p in parts]
+    summed = (parts[0] - mean[0]) / sd[0] + w * (parts[1] - mean[1]) / sd[1]
+    frames = _fused_cohort(8, d, c, seed=14)[None]
+    new = [(frames[0, :, :d] @ texts.T).double(), (frames[0, :, d:] @ weights.T).double()]
+    fused = (new[0] - mean[0]) / sd[0] + w * (new[1] - mean[1]) / sd[1]
+    expected = ((fused - summed.mean(0)) / summed.std(0)).T[None]  # [1, K, L]
+    torch.testing.assert_close(norm.z(frames, prompts).double(), expected, atol=1e-5, rtol=0)
+    mapped = norm.with_map(1.5, -0.5)
+    torch.testing.assert_close(
+        mapped.scores(frames, prompts).double(), torch.sigmoid(1.5 * expected - 0.5), atol=1e-5, rtol=0
+    )
+    # the direction orders frames as the score does (what search retrieves by)
+    order = torch.argsort(frames[0].double() @ norm.direction(prompts).T, dim=0)
+    assert (order == torch.argsort(expected[0].T, dim=0)).all()
+    with pytest.raises(DataError, match="class features"):
+        CohortNorm.from_frames(cohort, split=d, weight=w)
+    with pytest.raises(DataError, match="positive"):
+        CohortNorm.from_frames(cohort, split=d, weight=0.0, class_features=torch.zeros(c, 4))
+
+
+def test_a_fused_cohort_file_round_trips_and_a_misfit_is_refused(tmp_path):
+    d, c = 4, 3
+    classes = torch.randn(c, 5, generator=torch.Generator().manual_seed(15))
+    norm = CohortNorm.from_frames(
+        _fused_cohort(60, d, c, seed=16),
+        split=d,
+        weight=0.25,
+        class_features=classes,
+        class_center=torch.ones(c),
+        logit_floor=-5.0,
+    )
+    norm = norm.with_map(0.9, 0.2)
+    norm.save(tmp_path)
+    entry = json.loads(json.dumps(norm.entry()))
+    assert entry["fusion"] == {"frame_dim": d, "classifier_weight": 0.25, "logit_floor": -5.0}
+    again = CohortNorm.load(tmp_path, entry)
+    assert (again.split, again.weight, again.logit_floor) == (d, 0.25, -5.0)
+    torch.testing.assert_close(again.class_features, classes)
+    torch.testing.assert_close(again.class_center, torch.ones(c))
+    torch.testing.assert_close(again.cov, norm.cov)
+    with pytest.raises(ConfigError, match="do not fit a fusion"):
+        CohortNorm.load(tmp_path, entry | {"fusion": {"frame_dim": d + 1, "classifier_weight": 0.25}})
+    CohortNorm.from_frames(_unit(60, d + c, seed=17)).save(tmp_path)  # no class features
+    with pytest.raises(ConfigError, match="class_features"):
+        CohortNorm.load(tmp_path, entry)
+
+
+def test_a_model_folder_fused_with_the_classifier_scores_with_both(flam_model, smoke_features, tmp_path):
+    from flam_core.inference import FlamDetector
+    from flam_core.model.fusion import class_weights
+    from tests.conftest import fuse_with_classifier
+
+    folder = tmp_path / "model"
+    shutil.copytree(flam_model, folder)
+    fuse_with_classifier(folder, smoke_features, weight=0.5)
+    detector = FlamDetector.from_dir(folder)
+    model, norm = detector.model, detector.model.score_norm
+    d = model.head.config.embed_dim
+    assert model.fusion is not None and norm is not None and (norm.split, norm.weight) == (d, 0.5)
+    window = np.random.default_rng(0).normal(0, 0.1, detector.window_frames * detector.frame_samples)
+    vectors = detector.window_embeddings([window.astype(np.float32)])[0]  # [L, d + 521]
+    assert vectors.shape[1] == model.vector_dim == d + 521
+    # the frame vector: the unit embedding, then the classifier's logits less the cohort's mean
+    with torch.no_grad():
+        features = model.audio_encoder(torch.from_numpy(window.astype(np.float32))[None])[0]
+        logits = model.audio_encoder.yamnet.classifier(features).clamp_min(-13.8) - norm.class_center
+    np.testing.assert_allclose(vectors[:, d:], logits.numpy(), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(vectors[:, :d], axis=1), 1.0, atol=1e-5)
+    prompts = ["dog barking", "rain"]
+    prompt, _, _ = detector.prompt_embeddings(prompts)
+    features = model.text_encoder(prompts)
+    torch.testing.assert_close(prompt[:, d:], class_weights(features, norm.class_features))
+    expected = norm.scores(torch.from_numpy(vectors)[None], prompt)[0].numpy()
+    np.testing.assert_allclose(detector.score(vectors, prompts), expected, atol=1e-6)

@@ -20,7 +20,7 @@ from flam_core.search import (
     write_embeddings,
 )
 from flam_core.train import train
-from tests.conftest import smoke_params
+from tests.conftest import fuse_with_classifier, smoke_params
 
 RATE = 16000
 BEDS = range(8, 16)  # train mixtures whose background beds (events left out) form the corpus
@@ -44,6 +44,15 @@ def model_dir(smoke_features, tmp_path_factory):
 @pytest.fixture(scope="module")
 def detector(model_dir):
     return FlamDetector.from_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def fused_detector(model_dir, smoke_features, tmp_path_factory):
+    """The same model, its scores fused with the backbone's classifier (frame vectors of 512 + 521)."""
+    folder = tmp_path_factory.mktemp("fused") / "model"
+    shutil.copytree(model_dir, folder)
+    fuse_with_classifier(folder, smoke_features)
+    return FlamDetector.from_dir(folder)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +161,11 @@ def test_empty_folder_and_undecodable_folder_are_errors(tmp_path, detector):
         SearchIndex.open(tmp_path / "bad")
 
 
-def test_search_matches_brute_force_detection(tmp_path, mixer, plan, detector):
+@pytest.mark.parametrize("which", ["detector", "fused_detector"])
+def test_search_matches_brute_force_detection(tmp_path, mixer, plan, which, request):
+    detector = request.getfixturevalue(which)
+    if which == "fused_detector":  # the classifier's logits ride along in every frame vector
+        assert detector.model.vector_dim == detector.model.head.config.embed_dim + 521
     folder = tmp_path / "mixtures"
     for i in MIXTURES:
         write_wav(folder / f"part{i % 3}" / f"mix-{i:03d}.wav", mixer.render(plan, i))

@@ -53,22 +53,24 @@ def vocabulary_scores(
     head = model.head
     if kind == "cohort_z" and model.score_norm is None:
         raise DataError("cohort z-scores need a model whose scores are normalised over a cohort")
-    text_features = model.text_encoder(list(vocabulary))
-    text_emb = head.text_embeddings(text_features)
-    alpha, beta = head.text_scale_bias(text_features)
+    # the detector's vectors (the classifier's part after the embeddings, when fused); the head's
+    # own scores read the embeddings alone
+    prompt, alpha, beta = model.prompt_vectors(model.text_encoder(list(vocabulary)))
+    d = head.config.embed_dim
+    text_emb = prompt[:, :d]
     scores = []
     for start in range(0, len(cache), batch_size):
         frames = torch.from_numpy(np.asarray(cache.features[start : start + batch_size], dtype=np.float32))
-        frame_emb = head.frame_embeddings(head.contextualise(frames))
+        vectors = model.frame_vectors(frames)
+        frame_emb = vectors[..., :d]
         if kind == "detector":
-            scores.append(model.scores(frame_emb, text_emb, alpha, beta))
+            scores.append(model.scores(vectors, prompt, alpha, beta))
         elif kind == "unbiased":
             scores.append(head.detector_scores(frame_emb, text_emb, alpha, beta))
         elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
         elif kind == "cohort_z":
-            cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
-            scores.append(model.score_norm.z(cos, text_emb))  # type: ignore[union-attr]
+            scores.append(model.score_norm.z(vectors, prompt))  # type: ignore[union-attr]
         elif kind == "posterior":
             scores.append(torch.sigmoid(head.frame_logits(frame_emb, text_emb, alpha, beta)))
         else:

@@ -9,7 +9,8 @@ logit is the mean of the per-frame logits used here.
 
 A prompt is matched to the class names by the project's text encoder (MiniLM): the cosine of
 its mean-pooled features with each class name's; the `TOP_K` (3) nearest classes, weighted by
-the softmax of their cosines over `TEMPERATURE`, equal cosines ordered by class index. A
+the softmax of their cosines over `TEMPERATURE` (`flam_core.model.fusion.class_weights`, which the
+fused detector shares), equal cosines ordered by class index. A
 prompt's frame score is that weighted sum of the three classes' posteriors; its clip embedding
 (retrieval, zero-shot) the mean of the frame posteriors, and a text's the same class weights
 over all 521 classes, so similarity is the weighted posterior.
@@ -37,6 +38,7 @@ from torch import nn
 
 from flam_core.errors import ConfigError
 from flam_core.model.flam import FlamModel
+from flam_core.model.fusion import class_weights
 from flam_core.model.text_encoder import TextEncoder
 from flam_core.model.yamnet import EMBEDDING_SIZE, NUM_CLASSES, default_weights_path
 
@@ -44,10 +46,6 @@ if TYPE_CHECKING:
     from flam_core.config import Params
 
 CLASS_MAP = "yamnet_class_map.csv"
-TOP_K = 3
-# Softmax temperature over the top-3 cosines, chosen on val_unseen (BENCHMARKS.md, "AudioSet
-# classifier"): 0.05 puts most weight on the nearest class while a near tie shares it.
-TEMPERATURE = 0.05
 
 
 def class_map_path(weights: Path | str | None = None) -> Path:
@@ -68,17 +66,6 @@ def load_class_names(weights: Path | str | None = None) -> list[str]:
     if [r.get("index") for r in rows] != [str(i) for i in range(NUM_CLASSES)]:
         raise ConfigError(f"{path}: expected {NUM_CLASSES} rows index,mid,display_name with indices 0..520")
     return [r["display_name"] for r in rows]
-
-
-def class_weights(prompt_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
-    """`[K, Dt]` prompt features, `[C, Dt]` class-name features -> `[K, C]` weights: softmax over
-    the `TOP_K` nearest classes by cosine (over `TEMPERATURE`), zero elsewhere. Equal cosines are
-    ordered by class index, so the matching is deterministic."""
-    cos = F.normalize(prompt_features.float(), dim=-1) @ F.normalize(class_features.float(), dim=-1).T
-    order = torch.sort(-cos, dim=1, stable=True).indices[:, :TOP_K]
-    top = torch.gather(cos, 1, order)
-    weights = torch.zeros_like(cos)
-    return weights.scatter_(1, order, torch.softmax(top / TEMPERATURE, dim=1))
 
 
 @dataclass(frozen=True)

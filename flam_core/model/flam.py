@@ -45,6 +45,7 @@ from flam_core.config import Params
 from flam_core.errors import DataError
 from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.model.base import AudioEncoder
+from flam_core.model.fusion import ClassifierFusion
 from flam_core.model.mga_clap import LocalityAwareBlock, ModalitySharedCodebook
 from flam_core.model.score_norm import CohortNorm
 from flam_core.model.text_encoder import TextEncoder
@@ -220,16 +221,54 @@ class FlamModel(torch.nn.Module):
         # set by calibration (`flam calibrate`, read back by `load_model`): scores normalised
         # over a cohort of training frames; None: the unbiased score
         self.score_norm: CohortNorm | None = None
+        # set with a cohort fused with the backbone's classifier (`flam_core.model.fusion`): frame
+        # and prompt vectors carry the classifier's part after FLAM's
+        self.fusion: ClassifierFusion | None = None
+
+    # --- what the detector scores with -----------------------------------------------------------
+    @property
+    def vector_dim(self) -> int:
+        """The width of `frame_vectors` and `prompt_vectors`: the embedding's, plus the classifier's
+        classes when fused."""
+        return int(self.head.config.embed_dim) + (self.fusion.n_classes if self.fusion is not None else 0)
+
+    def frame_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """`[B, L, Da]` frame features -> `[B, L, vector_dim]`: the unit frame embeddings, then
+        (fused) the classifier's logits."""
+        head = self.head
+        emb = head.frame_embeddings(head.contextualise(features.to(head.logit_scale.dtype)))
+        if self.fusion is None:
+            return emb
+        return torch.cat([emb.float(), self.fusion.logits(features)], dim=-1)
+
+    def prompt_vectors(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[K, Dt]` text features -> (`[K, vector_dim]`, alpha `[K]`, beta `[K]`): the text
+        embeddings, then (fused) the prompts' class weights; the head's scale and bias."""
+        head = self.head
+        text_features = text_features.to(head.logit_scale.dtype)
+        emb = head.text_embeddings(text_features)
+        alpha, beta = head.text_scale_bias(text_features)
+        if self.fusion is not None:
+            emb = torch.cat([emb.float(), self.fusion.prompt_weights(text_features)], dim=-1)
+        return emb, alpha, beta
+
+    def ranking_vectors(self, prompt: torch.Tensor) -> torch.Tensor:
+        """`[K, vector_dim]` prompt vectors -> `[K, vector_dim]` float32 directions whose dot
+        product with a frame vector orders frames as the detector's score does (search)."""
+        if self.score_norm is not None:
+            return self.score_norm.direction(prompt).float()
+        return prompt.float()
 
     def scores(
-        self, frame_emb: torch.Tensor, text_emb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+        self, frames: torch.Tensor, prompt: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
     ) -> torch.Tensor:
-        """What the detector reports, `[B, L, D]` x `[K, D]` -> `[B, K, L]`: the cohort-normalised
-        score when the model is calibrated so (`flam_core.model.score_norm`), else the head's
-        unbiased score."""
+        """What the detector reports, `[B, L, vector_dim]` frame vectors x `[K, vector_dim]`
+        prompt vectors -> `[B, K, L]`: the cohort-normalised score when the model is calibrated
+        so (`flam_core.model.score_norm`, fused or not), else the head's unbiased score."""
         if self.score_norm is not None:
-            return self.score_norm.scores(frame_emb, text_emb)
-        return self.head.detector_scores(frame_emb, text_emb, alpha, beta)
+            return self.score_norm.scores(frames, prompt)
+        d = self.head.config.embed_dim
+        return self.head.detector_scores(frames[..., :d], prompt[:, :d], alpha, beta)
 
     def frames(self, batch: dict[str, Any]) -> torch.Tensor:
         if "frame_features" in batch:

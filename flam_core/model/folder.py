@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from flam_core.config import Params
 from flam_core.errors import ConfigError
 from flam_core.model.flam import FlamModel, build_model
+from flam_core.model.fusion import ClassifierFusion
 from flam_core.model.score_norm import CohortNorm
 from flam_core.utils import atomic_path, atomic_write_text
 
@@ -131,7 +132,20 @@ def load_model(model_dir: Path) -> tuple[FlamModel, Params, dict[str, Any]]:
     calibration = _read_json(calibration_path) if calibration_path.is_file() else {}
     if calibration.get("score_norm"):
         model.score_norm = CohortNorm.load(model_dir, calibration["score_norm"])
+        if model.score_norm.split:
+            model.fusion = _classifier_fusion(model, model.score_norm, model_dir)
     return model.eval(), params, calibration
+
+
+def _classifier_fusion(model: FlamModel, norm: CohortNorm, model_dir: Path) -> ClassifierFusion:
+    """The backbone classifier of a model whose cohort is fused with it (`flam_core.model.fusion`)."""
+    yamnet = getattr(model.audio_encoder, "yamnet", None)
+    if yamnet is None or norm.split != model.head.config.embed_dim or norm.class_features is None:
+        raise ConfigError(
+            f"{model_dir}: calibration.json fuses the scores with the YAMNet classifier, which this "
+            "model does not have (or its cohort does not fit); run `flam calibrate` again"
+        )
+    return ClassifierFusion.of(yamnet.classifier, norm.class_features, norm.class_center, norm.logit_floor)
 
 
 _DAMAGED = "; the model folder is damaged or incomplete: copy it again or retrain it (`flam train`)"

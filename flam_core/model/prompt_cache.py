@@ -57,7 +57,8 @@ SUFFIX = ".f32"
 _DIGEST = 16
 log = logging.getLogger("flam.prompt_cache")
 
-# What the detector keeps per prompt: (embedding [D], alpha [], beta []), float32 on the CPU.
+# What the detector keeps per prompt: (prompt vector [D], alpha [], beta []), float32 on the CPU;
+# D is `FlamModel.vector_dim` (the text embedding, then the class weights when fused).
 PromptRow = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -75,6 +76,7 @@ def model_key(model_dir: Path, model: FlamModel) -> str:
         "model.pt": file_sha256(Path(model_dir) / "model.pt"),
         "config.json": file_sha256(Path(model_dir) / "config.json"),
         "text_encoder": model.text_encoder.identity(),
+        "vector_dim": model.vector_dim,  # fused with the classifier: its class weights follow
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -100,7 +102,7 @@ class PromptCache:
                 os.utime(folder)
         else:
             _prune(root, keep=MAX_MODELS - 1)
-        return cls(folder, key, int(model.head.config.embed_dim))
+        return cls(folder, key, int(model.vector_dim))
 
     def _path(self, text: str) -> Path:
         return self.folder / (hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + SUFFIX)

@@ -25,8 +25,16 @@ detector scores `sigmoid(alpha'_k * cos + beta'_k)` with `alpha'_k = a / sigma_k
 predicted from the text. Within one prompt the order of frames is the head's own (macro AUROC
 and the event-found rate do not change); across prompts the scores line up.
 
-Stored in a model folder as `cohort.npz` (`mean [D]`, `cov [D, D]`, float64; 2 MB at D = 512)
-beside `calibration.json`, whose `score_norm` entry holds `a`, `b` and the cohort's size
+Fused with the backbone's classifier (`flam_core.model.fusion`), the frame vector is `[f; l]`
+(the unit embedding and the classifier's logits) and the prompt vector `[t; c]` (text embedding
+and class weights). Each part is first put in the prompt's own units over the cohort, then
+weighed (`direction`: `q = [t / sigma_t; w c / sigma_c]`, each sigma from its block of the
+covariance), and `q`'s score is normalised as above: still linear in the frame vector, still
+exact for any prompt.
+
+Stored in a model folder as `cohort.npz` (`mean [D]`, `cov [D, D]`, float64; 2 MB at D = 512;
+fused, D = 512 + 521 and the class names' text features `class_features [521, Dt]`) beside
+`calibration.json`, whose `score_norm` entry holds `a`, `b`, the cohort's size and the fusion
 (`flam_core.model.folder.load_model` reads both).
 """
 
@@ -55,16 +63,45 @@ class CohortNorm:
     n_frames: int  # cohort frames the moments came from
     scale: float = 1.0  # a
     shift: float = 0.0  # b
+    # fused with the classifier: the frame embedding's width in the vectors (the classifier's
+    # logits follow it), the classifier part's weight w, the class names' text features; 0: FLAM alone
+    split: int = 0
+    weight: float = 0.0
+    class_features: torch.Tensor | None = None
+    class_center: torch.Tensor | None = None  # the classifier's mean logits (`ClassifierFusion.center`)
+    logit_floor: float | None = None  # `ClassifierFusion.floor`
 
     @classmethod
-    def from_frames(cls, frames: torch.Tensor) -> CohortNorm:
-        """The moments of `[N, D]` frame embeddings (N >= 2)."""
+    def from_frames(
+        cls,
+        frames: torch.Tensor,
+        split: int = 0,
+        weight: float = 0.0,
+        class_features: torch.Tensor | None = None,
+        class_center: torch.Tensor | None = None,
+        logit_floor: float | None = None,
+    ) -> CohortNorm:
+        """The moments of `[N, D]` frame vectors (N >= 2); fused: `split`, `weight`,
+        `class_features`, `class_center` and `logit_floor` as the fields say."""
         if frames.ndim != 2 or frames.shape[0] < 2:
             raise DataError(f"a cohort needs at least 2 frame embeddings [N, D], got {tuple(frames.shape)}")
+        if not 0 <= split < frames.shape[1] or (split > 0) != (class_features is not None):
+            raise DataError(f"a fused cohort needs 0 < split < {frames.shape[1]} and the class features")
+        if split and not weight > 0:
+            raise DataError(f"the classifier's weight in a fused cohort must be positive, got {weight}")
         x = frames.double()
         mean = x.mean(0)
         centred = x - mean
-        return cls(mean=mean, cov=centred.T @ centred / (x.shape[0] - 1), n_frames=int(x.shape[0]))
+        return cls(
+            mean=mean,
+            cov=centred.T @ centred / (x.shape[0] - 1),
+            n_frames=int(x.shape[0]),
+            split=int(split),
+            weight=float(weight),
+            class_features=None if class_features is None else class_features.float(),
+            class_center=None if class_center is None else class_center.float(),
+            logit_floor=None if logit_floor is None else float(logit_floor),
+        )
 
     def with_map(self, scale: float, shift: float) -> CohortNorm:
         if not scale > 0:
@@ -72,45 +109,77 @@ class CohortNorm:
         return replace(self, scale=float(scale), shift=float(shift))
 
     # --- scoring -------------------------------------------------------------------------------
-    def moments(self, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[K, D]` text embeddings -> each prompt's cohort mean and standard deviation `[K]`."""
-        t = text_emb.double()
-        mu = t @ self.mean
-        var = torch.einsum("kd,de,ke->k", t, self.cov, t)
-        return mu, var.clamp_min(1e-12).sqrt()
+    @staticmethod
+    def _spread(v: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("kd,de,ke->k", v, cov, v).clamp_min(1e-12).sqrt()
 
-    def z(self, cos: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """`[B, K, L]` cosines of `[K, D]` prompts -> their z-scores over the cohort."""
-        mu, sigma = self.moments(text_emb)
-        return ((cos.double() - mu[None, :, None]) / sigma[None, :, None]).to(cos.dtype)
+    def direction(self, prompt: torch.Tensor) -> torch.Tensor:
+        """`[K, D]` prompt vectors -> the directions `q` (float64) whose dot product with a frame
+        vector is the prompt's score before normalisation: the prompt itself, or fused,
+        `[t / sigma_t; w c / sigma_c]`."""
+        p = prompt.double()
+        if not self.split:
+            return p
+        d = self.split
+        t, c = p[:, :d], p[:, d:]
+        t = t / self._spread(t, self.cov[:d, :d])[:, None]
+        return torch.cat([t, self.weight * c / self._spread(c, self.cov[d:, d:])[:, None]], dim=1)
 
-    def scale_bias(self, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[K, D]` -> (alpha' `[K]`, beta' `[K]`) with `sigmoid(alpha' cos + beta')` the score."""
-        mu, sigma = self.moments(text_emb)
+    def moments(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[K, D]` prompt vectors -> the cohort mean and standard deviation `[K]` of their scores
+        before normalisation (`direction`)."""
+        q = self.direction(prompt)
+        return q @ self.mean, self._spread(q, self.cov)
+
+    def z(self, frames: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """`[B, L, D]` frame vectors x `[K, D]` prompts -> `[B, K, L]` z-scores over the cohort."""
+        q = self.direction(prompt)
+        mu, sigma = q @ self.mean, self._spread(q, self.cov)
+        dot = torch.einsum("bld,kd->bkl", frames.double(), q)
+        return ((dot - mu[None, :, None]) / sigma[None, :, None]).to(frames.dtype)
+
+    def scores(self, frames: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """`[B, L, D]` frame vectors x `[K, D]` prompts -> `[B, K, L]` probabilities
+        `sigmoid(a z + b)`, folded into one scale and bias per prompt:
+        `sigmoid(alpha' q.x + beta')`, `alpha' = a / sigma`, `beta' = b - a mu / sigma`."""
+        q = self.direction(prompt)
+        mu, sigma = q @ self.mean, self._spread(q, self.cov)
         alpha = self.scale / sigma
-        return alpha.to(text_emb.dtype), (self.shift - alpha * mu).to(text_emb.dtype)
-
-    def scores(self, frame_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """`[B, L, D]` frame embeddings x `[K, D]` prompts -> `[B, K, L]` probabilities."""
-        alpha, beta = self.scale_bias(text_emb)
-        cos = torch.einsum("bld,kd->bkl", frame_emb, text_emb)
-        return torch.sigmoid(alpha[None, :, None] * cos + beta[None, :, None])
+        beta = self.shift - alpha * mu
+        # fused, the classifier's logits reach far beyond the unit embedding's range: in float64,
+        # a frame's score does not depend on how many frames it is batched with
+        dtype = torch.float64 if self.split else frames.dtype
+        dot = torch.einsum("bld,kd->bkl", frames.to(dtype), q.to(dtype))
+        scores = torch.sigmoid(alpha.to(dtype)[None, :, None] * dot + beta.to(dtype)[None, :, None])
+        return scores.to(frames.dtype)
 
     # --- storage -------------------------------------------------------------------------------
     def entry(self) -> dict[str, Any]:
         """What `calibration.json` keeps under `score_norm` (the moments go to `COHORT_FILE`)."""
-        return {
+        entry: dict[str, Any] = {
             "method": METHOD,
             "scale": self.scale,
             "shift": self.shift,
             "cohort_frames": self.n_frames,
             "file": COHORT_FILE,
         }
+        if self.split:
+            entry["fusion"] = {
+                "frame_dim": self.split,
+                "classifier_weight": self.weight,
+                "logit_floor": self.logit_floor,
+            }
+        return entry
 
     def save(self, model_dir: Path | str) -> Path:
         path = Path(model_dir) / COHORT_FILE
+        arrays = {"mean": self.mean.numpy(), "cov": self.cov.numpy()}
+        if self.class_features is not None:
+            arrays["class_features"] = self.class_features.numpy()
+        if self.class_center is not None:
+            arrays["class_center"] = self.class_center.numpy()
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
-            np.savez(handle, mean=self.mean.numpy(), cov=self.cov.numpy())
+            np.savez(handle, **arrays)
         return path
 
     @classmethod
@@ -124,12 +193,33 @@ class CohortNorm:
                 f"{path} is missing: calibration.json normalises scores over a cohort it no longer "
                 "has; run `flam calibrate` again"
             )
+        fusion = entry.get("fusion") or {}
         try:
             with np.load(path) as data:
                 mean, cov = np.asarray(data["mean"], np.float64), np.asarray(data["cov"], np.float64)
+                classes = np.asarray(data["class_features"], np.float32) if fusion else None
+                center = np.asarray(data["class_center"], np.float32) if fusion else None
         except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{path} is not a cohort file (mean, cov): {exc}") from exc
+            fields = "mean, cov, class_features, class_center" if fusion else "mean, cov"
+            raise ConfigError(f"{path} is not a cohort file ({fields}): {exc}") from exc
         if mean.ndim != 1 or cov.shape != (mean.size, mean.size):
             raise ConfigError(f"{path}: mean {mean.shape} and covariance {cov.shape} do not fit")
-        norm = cls(torch.from_numpy(mean), torch.from_numpy(cov), int(entry.get("cohort_frames", 0)))
+        split = int(fusion.get("frame_dim", 0))
+        fits = (
+            classes is not None
+            and center is not None
+            and classes.shape[0] == center.size == mean.size - split
+        )
+        if fusion and not (0 < split < mean.size and fits):
+            raise ConfigError(f"{path}: {mean.size} dimensions do not fit a fusion at frame_dim {split}")
+        norm = cls(
+            torch.from_numpy(mean),
+            torch.from_numpy(cov),
+            int(entry.get("cohort_frames", 0)),
+            split=split,
+            weight=float(fusion.get("classifier_weight", 0.0)),
+            class_features=None if classes is None else torch.from_numpy(classes),
+            class_center=None if center is None else torch.from_numpy(center),
+            logit_floor=None if fusion.get("logit_floor") is None else float(fusion["logit_floor"]),
+        )
         return norm.with_map(float(entry["scale"]), float(entry["shift"]))

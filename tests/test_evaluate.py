@@ -116,18 +116,9 @@ def test_calibration_writes_threshold_ece_and_plots(
 def test_calibration_without_normalisation_leaves_the_unbiased_detector(
     calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
 ):
-    import shutil
-
-    folder = tmp_path / "flam"
-    shutil.copytree(smoke_models / "flam", folder)
-    assert (folder / "cohort.npz").is_file()
-    result = calibrate(
-        smoke_params(*PARAMS, "calibration.score_norm=none"),
-        model_dir=folder,
-        features_dir=smoke_features,
-        library_dir=smoke_library[0],
-        recipes_dir=smoke_recipes[0],
-        report_dir=tmp_path / "report",
+    assert (smoke_models / "flam" / "cohort.npz").is_file()
+    folder, result = _calibrate_a_copy(
+        "calibration.score_norm=none", smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
     )
     assert result.score_norm is None and set(result.ece_balanced) == {"posterior", "unbiased"}
     # no real-recording set given: the shared threshold is val_unseen's
@@ -145,19 +136,15 @@ def test_calibration_without_normalisation_leaves_the_unbiased_detector(
 def test_calibration_fused_with_the_classifier_scores_with_both(
     calibrated, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path
 ):
-    import shutil
-
     import torch
 
-    folder = tmp_path / "flam"
-    shutil.copytree(smoke_models / "flam", folder)
-    result = calibrate(
-        smoke_params(*PARAMS, "calibration.classifier_weight=0.5"),
-        model_dir=folder,
-        features_dir=smoke_features,
-        library_dir=smoke_library[0],
-        recipes_dir=smoke_recipes[0],
-        report_dir=tmp_path / "report",
+    folder, result = _calibrate_a_copy(
+        "calibration.classifier_weight=0.5",
+        smoke_models,
+        smoke_features,
+        smoke_library,
+        smoke_recipes,
+        tmp_path,
     )
     model, _, calibration = load_model(folder)
     d = model.head.config.embed_dim
@@ -181,6 +168,23 @@ def test_calibration_fused_with_the_classifier_scores_with_both(
     model.score_norm = replace(norm, split=0, mean=norm.mean[:d], cov=norm.cov[:d, :d])
     alone = vocabulary_scores(model, split.cache, split.vocabulary, kind="cohort_z")
     assert np.abs(alone - z).max() > 0.1
+
+
+def _calibrate_a_copy(override, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path):
+    """(folder, result): `flam calibrate` with one override, on a copy of the smoke FLAM model."""
+    import shutil
+
+    folder = tmp_path / "flam"
+    shutil.copytree(smoke_models / "flam", folder)
+    result = calibrate(
+        smoke_params(*PARAMS, override),
+        model_dir=folder,
+        features_dir=smoke_features,
+        library_dir=smoke_library[0],
+        recipes_dir=smoke_recipes[0],
+        report_dir=tmp_path / "report",
+    )
+    return folder, result
 
 
 def _mixer(smoke_library):

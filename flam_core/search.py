@@ -13,8 +13,9 @@ An index folder holds
                                 folder; the object's s3:// URI for an S3 prefix), size, mtime_ns,
                                 duration_s, n_frames, first_row (global), chunk, deleted
     chunks/chunk-<n>.npy        float16 `[rows, D]` unit-norm frame embeddings, memory-mapped
-    chunks/chunk-<n>.codes.npy  uint8 `[rows, D / 4]` product-quantizer codes of the same rows
-    pq-centroids.npy            float32 `[D / 2, 16, 2]` the product quantizer's codebook
+    chunks/chunk-<n>.codes.npy  uint8 `[rows, ceil(D / 4)]` product-quantizer codes of the same rows
+    pq-centroids.npy            float32 `[ceil(D / 2), 16, 2]` the product quantizer's codebook (an
+                                odd D is coded with one zero dimension appended)
 
 Indexing is incremental and append-only: each run (every `batch_files` files) writes new chunk
 files and a new files table, and never rewrites a chunk. A file whose size or mtime changed gets
@@ -30,7 +31,7 @@ Search. For one query the frame score is a monotone function of the cosine betwe
 text embeddings (`alpha > 0`), so the best frames by inner product are the best frames by score.
 Small indexes (fewer than `PQ_MIN_ROWS` live frames) are scanned exactly in float32. Larger ones
 are scanned with faiss' 4-bit product-quantizer fast scan (`IndexPQFastScan`, one 4-bit code per
-pair of dimensions: 128 bytes per 512-d frame, 128 MB per million frames, held in memory); its
+pair of dimensions: 128 bytes per 512-d frame, 259 per 1033-d fused frame, held in memory); its
 `rerank` best candidates are re-scored exactly from the float16 embeddings. At one million frames
 on the reference machine (2 cores) an exact float32 scan takes ~200 ms per query, the fast scan
 plus re-ranking ~22 ms with recall@10 = 1.0 against exact search, even on random unit vectors,
@@ -167,8 +168,29 @@ def _to_float32(array: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(array)).float().numpy()
 
 
-def _pq_subquantizers(dim: int) -> int:
-    return dim // 2 if dim % 2 == 0 else dim
+def _pq_dim(dim: int) -> int:
+    """The product quantizer codes pairs of dimensions: an odd-sized embedding (FLAM's 512 with the
+    classifier's 521 logits, `flam_core.model.fusion`) gets one zero dimension appended, which
+    changes no inner product and halves its codes against one 4-bit code per dimension."""
+    return dim + dim % 2
+
+
+def _pq_padded(vectors: np.ndarray, pq_dim: int) -> np.ndarray:
+    """float32 `[N, D]` (or `[D]`) rows, zero-padded to the quantizer's `pq_dim`, contiguous."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    pad = pq_dim - vectors.shape[-1]
+    if pad:
+        vectors = np.concatenate([vectors, np.zeros((*vectors.shape[:-1], pad), np.float32)], axis=-1)
+    return np.ascontiguousarray(vectors)
+
+
+def _pq_from_centroids(faiss: Any, centroids: np.ndarray, bits: int) -> Any:
+    """An `IndexPQ` with the stored codebook `[M, 2**bits, dsub]` (its dimension is M * dsub)."""
+    m, _, dsub = centroids.shape
+    index = faiss.IndexPQ(m * dsub, m, bits, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(centroids.astype(np.float32).ravel(), index.pq.centroids)
+    index.is_trained = True
+    return index
 
 
 @contextlib.contextmanager
@@ -347,20 +369,15 @@ class _IndexWriter:
     # -- product quantizer ----------------------------------------------------------------------
     def _quantizer(self) -> Any:
         if self._pq is None:
-            faiss = _faiss()
-            m = _pq_subquantizers(self.dim)
-            index = faiss.IndexPQ(self.dim, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-            centroids = np.load(self.dir / self.meta["pq"]["centroids"]).astype(np.float32)
-            faiss.copy_array_to_vector(centroids.ravel(), index.pq.centroids)
-            index.is_trained = True
-            self._pq = index
+            info = self.meta["pq"]
+            self._pq = _pq_from_centroids(_faiss(), np.load(self.dir / info["centroids"]), int(info["bits"]))
         return self._pq
 
     def _encode(self, emb: np.ndarray, batch: int = 65_536) -> np.ndarray:
         index = self._quantizer()
         with _faiss_threads(1):
             parts = [
-                index.pq.compute_codes(np.ascontiguousarray(emb[i : i + batch], dtype=np.float32))
+                index.pq.compute_codes(_pq_padded(emb[i : i + batch], index.d))
                 for i in range(0, len(emb), batch)
             ]
         return np.concatenate(parts) if parts else np.zeros((0, index.pq.code_size), np.uint8)
@@ -379,11 +396,12 @@ class _IndexWriter:
             chunk = self.meta["chunks"][c]
             mine = which == c
             sample[mine] = self.chunk_array(chunk)[rows[mine] - chunk["first_row"]]
+        pq_dim = _pq_dim(self.dim)
+        m = pq_dim // 2
         with _faiss_threads(1) as faiss:
-            m = _pq_subquantizers(self.dim)
-            index = faiss.IndexPQ(self.dim, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-            index.train(sample)
-        centroids = faiss.vector_to_array(index.pq.centroids).reshape(m, 2**PQ_BITS, self.dim // m)
+            index = faiss.IndexPQ(pq_dim, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+            index.train(_pq_padded(sample, pq_dim))
+        centroids = faiss.vector_to_array(index.pq.centroids).reshape(m, 2**PQ_BITS, pq_dim // m)
         _save_npy(self.dir / CENTROIDS_NAME, centroids.astype(np.float32))
         self._pq = index
         self.meta["pq"] = {
@@ -646,12 +664,17 @@ class SearchIndex:
     def _load_pq(self) -> Any:
         faiss = _faiss()
         info = self.meta["pq"]
-        index = faiss.IndexPQ(
-            self.dim, int(info["subquantizers"]), int(info["bits"]), faiss.METRIC_INNER_PRODUCT
-        )
-        centroids = np.load(self.dir / info["centroids"]).astype(np.float32)
-        faiss.copy_array_to_vector(centroids.ravel(), index.pq.centroids)
-        index.is_trained = True
+        centroids = np.load(self.dir / info["centroids"])
+        if (
+            centroids.ndim != 3
+            or centroids.shape[0] != int(info["subquantizers"])
+            or centroids.shape[0] * centroids.shape[2] not in (self.dim, _pq_dim(self.dim))
+        ):
+            raise DataError(
+                f"{self.dir / info['centroids']}: codebook {centroids.shape} does not fit "
+                f"{info['subquantizers']} subquantizers over {self.dim} dimensions"
+            )
+        index = _pq_from_centroids(faiss, centroids, int(info["bits"]))
         for chunk in self.meta["chunks"]:
             path = self.dir / "chunks" / f"{chunk['name']}.codes.npy"
             if not chunk["codes"] or not path.is_file():
@@ -728,7 +751,7 @@ class SearchIndex:
         wanted = max(n, self.rerank)
         while True:
             with _faiss_threads(1):
-                _, found = self._pq.search(q[None], min(wanted, self.n_rows))
+                _, found = self._pq.search(_pq_padded(q[None], self._pq.d), min(wanted, self.n_rows))
             rows = found[0][found[0] >= 0]
             rows = rows[self.live[rows]]
             if len(rows) >= min(max(n, self.rerank // 2), self.n_live) or wanted >= self.n_rows:

@@ -196,7 +196,9 @@ def test_search_matches_brute_force_detection(tmp_path, mixer, plan, which, requ
     # Growing past `pq_min_rows` trains the quantizer and codes the existing chunks, embedding nothing.
     upgraded = build_index(folder, tmp_path / "index", detector, progress=False, pq_min_rows=1)
     assert (upgraded["search"], upgraded["embedded"]) == ("pq", 0)
-    assert (tmp_path / "index" / "chunks" / "chunk-000000.codes.npy").is_file()
+    codes = np.load(tmp_path / "index" / "chunks" / "chunk-000000.codes.npy")
+    dim = detector.model.vector_dim  # one 4-bit code per pair of dimensions, an odd size padded
+    assert codes.dtype == np.uint8 and codes.shape[1] == ((dim + 1) // 2 * 4 + 7) // 8
     index = SearchIndex.open(tmp_path / "index")
     assert index.method == "pq"
     check(index)

@@ -78,16 +78,16 @@ def latency(detector: FlamDetector, workdir: Path, n_frames: int, n_queries: int
     index_dir = workdir / "synthetic-index"
     started = time.perf_counter()
     written = write_embeddings(
-        index_dir, model_reference(detector), synthetic_files(n_frames, detector.model.head.config.embed_dim)
+        index_dir, model_reference(detector), synthetic_files(n_frames, detector.model.vector_dim)
     )
     build_s = time.perf_counter() - started
     started = time.perf_counter()
     index = SearchIndex.open(index_dir)
     open_s = time.perf_counter() - started
     queries = (QUERIES * (n_queries // len(QUERIES) + 1))[:n_queries]
-    vectors = {q: detector.prompt_embeddings([q])[0][0].numpy() for q in queries}
+    vectors = {q: detector.ranking_vector(q) for q in queries}
     search(index, detector, queries[0])  # first call checks the model fingerprint once
-    # Exact reference: every frame in float32 (2 GB per million 512-d frames), one BLAS matvec.
+    # Exact reference: every frame in float32 (4 bytes per dimension per frame), one BLAS matvec.
     exact = np.concatenate([np.asarray(c, dtype=np.float32) for c in index.chunks])
     exact_ms, exact_top = [], {}
     for q in queries:

@@ -395,6 +395,8 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
             {"loss": out["loss"].detach(), "grads": {name: local[name].grad for name in LEAVES}},
             Path(out_dir) / f"rank{rank}.pt",
         )
+        # No rank tears its connections down while its peer may still be reading from them.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -72,7 +72,8 @@ def main() -> None:
         raise SystemExit(f"{args.real}: settings are chosen on validation sets only")
     params = load_params(args.params)
     flam = FlamDetector.from_dir(args.model)
-    flam.model.score_norm = None
+    flam.model.score_norm = None  # FLAM's own scores, whatever its calibration fused into them
+    flam.model.fusion = None
     classifier = FlamDetector(audioset_model(params), params, {}, source="AudioSet classifier")
     real = RealSet.read(args.real)
     prompts = real.labels

@@ -109,7 +109,7 @@ def main() -> None:
     for floor in FLOORS:
         model.fusion = replace(raw, floor=floor)
         fused = cohort_moments(model, train, params)  # the weight is set per variant below
-        center = model.fusion.center
+        center = fused.class_center
         for path, vec in vectors.items():
             frames = torch.cat([vec[:, :d], vec[:, d:].clamp_min(floor) - center], dim=1)[None]
             for w in WEIGHTS:

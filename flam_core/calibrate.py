@@ -186,6 +186,8 @@ def calibrate(
     train = FeatureCache(features_dir, "train")
     kinds = KINDS
     cohort = cohort_moments(model, train, params)
+    if model.fusion is not None:
+        model.fusion = model.fusion.centred(cohort.class_center)
     if params.calibration.score_norm == "cohort":
         model.score_norm = cohort
         model.score_norm = fit_score_map(model, unseen)
@@ -287,8 +289,9 @@ def classifier_fusion(model: Any, params: Params) -> ClassifierFusion | None:
 def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNorm:
     """The moments of `model`'s frame vectors (`FlamModel.frame_vectors`: fused with the
     classifier when `model.fusion` is set) over the cohort's training mixtures (`cohort_rows`;
-    `flam_core.model.score_norm`). Fused, the classifier's logits are centred on their cohort
-    mean: `model.fusion` becomes the centred classifier, which the moments describe."""
+    `flam_core.model.score_norm`). Fused, the moments are those of the classifier's logits
+    centred on their cohort mean (`class_center`): they describe
+    `model.fusion.centred(norm.class_center)`, which the caller attaches; `model` is unchanged."""
     import torch
 
     rows = cohort_rows(train, params)
@@ -307,7 +310,6 @@ def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNor
     shift = cohort[:, d:].double().mean(0).float()
     cohort[:, d:] -= shift
     center = shift + (fusion.center if fusion.center is not None else 0.0)
-    model.fusion = fusion.centred(center)
     return CohortNorm.from_frames(
         cohort,
         split=d,

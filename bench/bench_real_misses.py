@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from flam_core.evaluation.frames import frame_truth
-from flam_core.evaluation.real import RealSet, _detect
+from flam_core.evaluation.real import RealSet
 from flam_core.inference import FlamDetector
 
 NEAR = 5
@@ -66,7 +66,7 @@ def main() -> None:
 
     found, coverage, polyphony, kinds, confusions = [], [], [], [], Counter()
     for i in dataset.audio_ids:
-        probs, _ = _detect(detector, dataset.files[i], prompts, dataset.durations[i])
+        probs = detector.detect(dataset.files[i], prompts).probs
         truth = frame_truth(dataset.ground_truth[i], prompts, probs.shape[1], detector.frame_hop_s)
         events = truth & ~np.isin(np.asarray(prompts), list(ambiences))[:, None]
         for label in {e.label for e in dataset.ground_truth[i]} - ambiences:

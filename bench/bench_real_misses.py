@@ -1,4 +1,4 @@
-"""Where the detector misses events on real recordings (validation sets only).
+"""Where the detector misses events on real recordings (validation sets only: a test set is refused).
 
     python bench/bench_real_misses.py models/flam [data/val_real]
 
@@ -52,10 +52,8 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("real", type=Path, nargs="?", default=Path("data/val_real"))
     args = parser.parse_args()
-    if "test" in args.real.name:
-        raise SystemExit(f"{args.real}: diagnose on validation sets only")
+    real = RealSet.read_for_choosing(args.real)  # never the test set
     detector = FlamDetector.from_dir(args.model)
-    real = RealSet.read(args.real)
     dataset, prompts = real.recordings, real.labels
     ambiences = set(real.summary["background_labels"])
     text = F.normalize(detector.model.text_encoder(prompts).float(), dim=-1)

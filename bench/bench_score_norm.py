@@ -68,14 +68,12 @@ def main() -> None:
     parser.add_argument("real", type=Path, nargs="?", default=Path("data/val_real"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
-    if "test" in args.real.name:
-        raise SystemExit(f"{args.real}: settings are chosen on validation sets only")
+    real = RealSet.read_for_choosing(args.real)  # never the test set
     params = load_params(args.params)
     flam = FlamDetector.from_dir(args.model)
     flam.model.score_norm = None  # FLAM's own scores, whatever its calibration fused into them
     flam.model.fusion = None
     classifier = FlamDetector(audioset_model(params), params, {}, source="AudioSet classifier")
-    real = RealSet.read(args.real)
     prompts = real.labels
     text_emb, alpha, beta = flam.prompt_embeddings(prompts)
     weights, _, _ = classifier.prompt_embeddings(prompts)

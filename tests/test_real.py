@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import zlib
 from pathlib import Path
 
@@ -217,8 +218,8 @@ class _Noisy(_Oracle):
         return Detection("noisy", self.frame_hop_s, truth.duration_s, prompts, probs, segments)
 
 
-def test_the_real_threshold_maximises_the_segment_f1_the_test_reports(real_set):
-    out, _ = real_set
+def test_the_real_threshold_maximises_the_segment_f1_the_test_reports(val_real_set):
+    out, _ = val_real_set
     noisy = _Noisy(RealSet.read(out))
     threshold, best = real_threshold(noisy, out)
     assert 0.0 < threshold < 1.0
@@ -234,3 +235,19 @@ def test_the_real_threshold_maximises_the_segment_f1_the_test_reports(real_set):
     # a perfect ranking is separated wherever the threshold falls between its two levels
     threshold, best = real_threshold(_Oracle(RealSet.read(out)), out)
     assert 0.0 <= threshold < 1.0 and best > 0.9
+
+
+def test_a_set_knows_its_split_and_no_setting_is_chosen_on_the_test(real_set, val_real_set, tmp_path):
+    test, val = RealSet.read(real_set[0]), RealSet.read(val_real_set[0])
+    assert (test.split, val.split) == (REAL_SPLIT, VAL_REAL_SPLIT)
+    assert RealSet.read_for_choosing(val_real_set[0]).split == VAL_REAL_SPLIT
+    with pytest.raises(DataError, match="is the real-recording test set"):
+        real_threshold(_Oracle(test), real_set[0])
+    # a set written before the split was recorded is refused with the fix, not guessed from its name
+    old = tmp_path / "val_real"
+    shutil.copytree(val_real_set[0], old)
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["split"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(DataError, match="rebuild it"):
+        RealSet.read(old)

@@ -73,6 +73,7 @@ class RealSetSummary:
     sources: list[str]  # the held-out sources the clips come from
     encodings: list[str]  # "wav 16000 Hz mono", ...
     seed: int
+    split: str  # REAL_SPLIT (the test) or VAL_REAL_SPLIT: what the set may be used for
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,6 +201,7 @@ def build_real_set(
             sources=sorted(set(events["source_package"]) | set(backgrounds["source_package"])),
             encodings=sorted(encodings),
             seed=cfg.seed,
+            split=split,
         )
         atomic_write_text(staging / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from flam_core.data.sources import REAL_SPLIT
 from flam_core.data.tsv import SedDataset
 from flam_core.errors import DataError, SilentAudioError
 from flam_core.evaluation.frames import frame_auroc, frame_truth
@@ -61,6 +62,10 @@ class RealSet:
                 f"{folder} is not a built real-recording set (no summary.json): run `flam synth real`"
             )
         content = json.loads(summary.read_text())
+        if "split" not in content:
+            raise DataError(
+                f"{folder} was built without its split in summary.json: rebuild it (`flam synth real`)"
+            )
         return cls(
             folder=folder,
             recordings=SedDataset(folder / "recordings", folder / "recordings.tsv"),
@@ -68,6 +73,23 @@ class RealSet:
             labels=list(content["labels"]),
             summary=content,
         )
+
+    @property
+    def split(self) -> str:
+        """`test_real` (the test) or `val_real` (settings may be chosen on it)."""
+        return str(self.summary["split"])
+
+    @classmethod
+    def read_for_choosing(cls, folder: Path | str) -> RealSet:
+        """`read`, for choosing a setting on the set: the test set is refused (settings are
+        chosen on validation sets only)."""
+        real = cls.read(folder)
+        if real.split == REAL_SPLIT:
+            raise DataError(
+                f"{real.folder} is the real-recording test set ({REAL_SPLIT}): settings are chosen "
+                "on the validation set (test_real.val_out_dir) only"
+            )
+        return real
 
 
 def _detect(system: FileScorer, path: Path, prompts: list[str], duration_s: float) -> tuple[np.ndarray, list]:
@@ -118,8 +140,9 @@ def _occurring(dataset: SedDataset) -> list[str]:
 def real_threshold(system: FileScorer, real_dir: Path | str) -> tuple[float, float]:
     """The single threshold, shared by every prompt, that maximises macro segment F1 of `system`
     over the recordings of the set in `real_dir` after its median filter: the rule of
-    `flam_core.evaluation.splits.detector_threshold`, on real recordings. Returns (threshold, F1)."""
-    real = RealSet.read(real_dir)
+    `flam_core.evaluation.splits.detector_threshold`, on real recordings. Returns (threshold, F1).
+    The test set is refused (`RealSet.read_for_choosing`)."""
+    real = RealSet.read_for_choosing(real_dir)
     dataset, prompts = real.recordings, real.labels
     scored = _score_recordings(system, dataset, prompts)
     occurring = _occurring(dataset)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from flam_core.evaluation.frames import frame_truth
-from flam_core.evaluation.real import RealSet
+from flam_core.evaluation.real import RealSet, event_found
 from flam_core.inference import FlamDetector
 
 NEAR = 5
@@ -62,18 +62,17 @@ def main() -> None:
     for k, row in enumerate(similarity.topk(NEAR, dim=1).indices.tolist()):
         near.update((k, j) for j in row)
 
-    found, coverage, polyphony, kinds, confusions = [], [], [], [], Counter()
+    coverage, polyphony, kinds, confusions = [], [], [], Counter()
     for i in dataset.audio_ids:
         probs = detector.detect(dataset.files[i], prompts).probs
         truth = frame_truth(dataset.ground_truth[i], prompts, probs.shape[1], detector.frame_hop_s)
         events = truth & ~np.isin(np.asarray(prompts), list(ambiences))[:, None]
         for label in {e.label for e in dataset.ground_truth[i]} - ambiences:
             k = prompts.index(label)
-            inside, outside = truth[k], ~truth[k]
-            if not (inside.any() and outside.any()):
+            hit = event_found(probs[k], truth[k])
+            if hit is None:
                 continue
-            hit = bool(probs[k][inside].max() > probs[k][outside].max())
-            found.append(hit)
+            inside, outside = truth[k], ~truth[k]
             coverage.append(inside.mean())
             polyphony.append((events[:, inside].sum(0) - 1).mean())
             if hit:
@@ -87,7 +86,8 @@ def main() -> None:
             kinds.append("near event" if any((k, j) in near for j in there) else "other event")
             confusions.update((label, prompts[j]) for j in there if (k, j) in near)
 
-    found_arr, cov, poly, kind = map(np.asarray, (found, coverage, polyphony, kinds))
+    cov, poly, kind = map(np.asarray, (coverage, polyphony, kinds))
+    found_arr = kind == "found"
     n_rec = len(dataset.audio_ids)
     print(
         f"{args.real}: {n_rec} recordings, {len(prompts)} prompts ({len(ambiences)} ambiences); "

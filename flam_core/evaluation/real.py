@@ -137,6 +137,16 @@ def _occurring(dataset: SedDataset) -> list[str]:
     return sorted({e.label for i in dataset.audio_ids for e in dataset.ground_truth[i]})
 
 
+def event_found(scores: np.ndarray, truth: np.ndarray) -> bool | None:
+    """Whether a label sounding in a recording scores higher somewhere inside its spans than
+    anywhere outside them: `[T]` scores of its prompt, `[T]` frame truth. None when the label
+    sounds in every frame or in none (nothing to compare)."""
+    inside, outside = scores[truth], scores[~truth]
+    if not (inside.size and outside.size):
+        return None
+    return bool(inside.max() > outside.max())
+
+
 def real_threshold(system: FileScorer, real_dir: Path | str) -> tuple[float, float]:
     """The single threshold, shared by every prompt, that maximises macro segment F1 of `system`
     over the recordings of the set in `real_dir` after its median filter: the rule of
@@ -167,10 +177,9 @@ def _recording_metrics(system: FileScorer, dataset: SedDataset, prompts: list[st
     ):
         sounding = {e.label for e in dataset.ground_truth[i]}
         for p in sounding:
-            k = index[p]
-            inside, outside = probs[k][truth[k]], probs[k][~truth[k]]
-            if inside.size and outside.size:
-                found[p].append(bool(inside.max() > outside.max()))
+            hit = event_found(probs[index[p]], truth[index[p]])
+            if hit is not None:
+                found[p].append(hit)
         detected = {s["prompt"] for s in segments}
         absent += len(prompts) - len(sounding)
         alarms += len(detected - sounding)

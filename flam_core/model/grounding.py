@@ -18,7 +18,8 @@ of `flam_core.model.fusion.class_weights`), so texts that differ a little are gr
 
 The 521 class-name features and classifier rows are buffers of the head, saved with every model:
 a model reads back the grounding it was trained with whatever YAMNet weights sit beside it.
-Measured on `val_unseen` and `val_real` in BENCHMARKS.md ("Prompts grounded in the classifier").
+Measured on `val_unseen` and `val_real` in BENCHMARKS.md ("Prompts grounded in the backbone's
+classifier").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from flam_core.errors import ConfigError
 from flam_core.model.text_encoder import TextEncoder
+from flam_core.model.yamnet import default_weights_path, load_class_names, load_yamnet
 
 # Softmax temperature over the 521 class-name cosines: most weight on the nearest few classes.
 TEMPERATURE = 0.05
@@ -82,8 +84,6 @@ def backbone_grounding(text_encoder: TextEncoder) -> TextGrounding:
     """The grounding of the installed YAMNet: its class map's names through `text_encoder` (the
     model's own), and its classifier's rows. Kept once per process for each weights file and
     encoder (source and window): encoding the 521 names costs about a second."""
-    from flam_core.model.yamnet import default_weights_path, load_class_names, load_yamnet
-
     weights = default_weights_path()
     key = (str(weights), weights.stat().st_mtime_ns, text_encoder.source, text_encoder.max_length)
     if key not in _TABLES:

@@ -89,9 +89,6 @@ def default_weights_path() -> Path:
     return flam_cache_dir() / "yamnet" / "yamnet.pt"
 
 
-# --------------------------------------------------------------------------- network
-
-
 CLASS_MAP = "yamnet_class_map.csv"
 
 
@@ -105,7 +102,7 @@ def load_class_names(weights: Path | str | None = None) -> list[str]:
     path = class_map_path(weights)
     if not path.is_file():
         raise ConfigError(
-            f"AudioSet class map not found at {path}: run `python scripts/convert_yamnet.py` "
+            f"AudioSet class map not found at {path}: run `{CONVERT_COMMAND}` "
             "(`make install` does), which extracts it next to the YAMNet weights"
         )
     with path.open(newline="", encoding="utf-8") as handle:
@@ -113,6 +110,9 @@ def load_class_names(weights: Path | str | None = None) -> list[str]:
     if [r.get("index") for r in rows] != [str(i) for i in range(NUM_CLASSES)]:
         raise ConfigError(f"{path}: expected {NUM_CLASSES} rows index,mid,display_name with indices 0..520")
     return [r["display_name"] for r in rows]
+
+
+# --------------------------------------------------------------------------- network
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

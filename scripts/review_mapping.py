@@ -29,26 +29,13 @@ import torch
 from flam_core.audio.io import read_audio
 from flam_core.config import Params
 from flam_core.data.catalog.debian import AUDIO_SUFFIXES, fetch_package, load_mapping, map_files
-from flam_core.errors import DataError
-from flam_core.model.yamnet import default_weights_path, load_yamnet
+from flam_core.model.yamnet import default_weights_path, load_class_names, load_yamnet
 
 RATE = 16000
 MAX_SECONDS = 30.0  # longer files are reviewed on their first 30 s, as the library caps them
 # Label words too generic to count as agreement with a class name.
 STOP_WORDS = {"a", "an", "the", "of", "on", "in", "into", "with", "and", "at", "by", "from", "to", "being"}
 STOP_WORDS |= {"sound", "someone", "something"}
-
-
-def class_names(weights: Path) -> list[str]:
-    """The 521 AudioSet display names, in the classifier's output order."""
-    path = weights.with_name("yamnet_class_map.csv")
-    if not path.is_file():
-        raise DataError(f"no class map at {path}; run scripts/convert_yamnet.py")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if len(rows) != 521 or [int(r["index"]) for r in rows] != list(range(521)):
-        raise DataError(f"{path}: expected 521 rows indexed 0..520")
-    return [r["display_name"] for r in rows]
 
 
 def words(text: str) -> set[str]:
@@ -83,7 +70,7 @@ def review(package: str, cache_dir: Path, top: int) -> list[dict[str, object]]:
     ]
     selected, report = map_files(mapping, relpaths, seed=0)
     weights = default_weights_path()
-    names = class_names(weights)
+    names = load_class_names(weights)
     model = load_yamnet(weights)
     rows = []
     for rel, rule in selected:

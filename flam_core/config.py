@@ -44,6 +44,20 @@ DEBIAN_PACKAGES = (
     "hedgewars-data",
     "frozen-bubble-data",
     "openttd-opensfx",
+    "openclonk-data",
+    "hydrogen-drumkits",
+    "scorched3d-data",
+    "lmms-common",
+    "supertuxkart-data",
+    "torcs-data",
+    "fillets-ng-data",
+    "flare-game",
+    "lugaru-data",
+    "colobot-common-sounds",
+    "boswars-data",
+    "foobillardplus-data",
+    "tuxfootball",
+    "7kaa-data",
 )
 
 # Sources the library renders itself (midi, speech, procedural catalog builders).

@@ -8,7 +8,9 @@ tools=(fluidsynth espeak-ng)
 packages=(scratch tuxpaint-stamps-default minetest-data qabcs-data sound-theme-freedesktop sound-icons
           redeclipse-data supertux-data bucklespring-data extremetuxracer-data freeciv-data
           gcompris-qt-data sonic-pi-samples simutrans-pak64 minetest-mod-homedecor hedgewars-data
-          frozen-bubble-data openttd-opensfx fluid-soundfont-gm)
+          frozen-bubble-data openttd-opensfx openclonk-data hydrogen-drumkits scorched3d-data
+          lmms-common supertuxkart-data torcs-data fillets-ng-data flare-game lugaru-data
+          colobot-common-sounds boswars-data foobillardplus-data tuxfootball 7kaa-data fluid-soundfont-gm)
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

@@ -1,4 +1,5 @@
 import fnmatch
+import gzip
 import importlib.util
 import itertools
 import struct
@@ -15,10 +16,13 @@ from flam_core.data.catalog.debian import (
     AUDIO_SUFFIXES,
     MappingRule,
     PackageMapping,
+    c4group_files,
+    is_c4group,
     is_openttd_catalogue,
     load_mapping,
     map_files,
     qt_resources,
+    unpack_c4group,
     unpack_openttd_catalogue,
     unpack_qt_resources,
 )
@@ -143,6 +147,49 @@ def test_openttd_sound_catalogues_are_unpacked_to_titled_wav_files(tmp_path):
     assert (tmp_path / "sounds.cat.d/01_early-jet-take-off.wav").read_bytes() == wavs[1]
     (tmp_path / "messages.cat").write_bytes(b"not a sound catalogue")
     assert not is_openttd_catalogue(tmp_path / "messages.cat")
+
+
+def c4group(entries: dict[str, bytes | dict]) -> bytes:
+    """An unpacked C4Group (scrambled header, records, data); a dict value is a child group."""
+    header = bytearray(b"RedWolf Design GrpFolder".ljust(28, b"\0") + struct.pack("<iii", 1, 2, len(entries)))
+    header = np.frombuffer(bytes(header.ljust(204, b"\0")), np.uint8) ^ 237
+    records, data = b"", b""
+    for name, content in entries.items():
+        payload = c4group(content) if isinstance(content, dict) else content
+        child = isinstance(content, dict)
+        records += name.encode().ljust(260, b"\0") + struct.pack(
+            "<iiiiii", 1, child, len(payload), len(data), 0, 0
+        )
+        records += bytes(316 - 284)
+        data += payload
+    return header.reshape(-1, 3)[:, ::-1].tobytes() + records + data
+
+
+def test_c4group_archives_are_unpacked_with_nested_groups(tmp_path):
+    inner = {"Chop1.ogg": b"OggS-chop", "Graphics.png": b"PNG"}
+    archive = c4group({"Axe.ocd": inner, "Thunder.wav": b"RIFF-thunder", "Script.c": b"func"})
+    bundle = tmp_path / "Sound.ocg"
+    bundle.write_bytes(b"\x1e\x8c" + gzip.compress(archive)[2:])
+    assert is_c4group(bundle)
+    assert c4group_files(bundle) == {
+        "Axe.ocd/Chop1.ogg": b"OggS-chop",
+        "Axe.ocd/Graphics.png": b"PNG",
+        "Thunder.wav": b"RIFF-thunder",
+        "Script.c": b"func",
+    }
+    assert unpack_c4group(bundle, tmp_path / "Sound.ocg.d") == 2
+    assert (tmp_path / "Sound.ocg.d/Axe.ocd/Chop1.ogg").read_bytes() == b"OggS-chop"
+    assert (tmp_path / "Sound.ocg.d/Thunder.wav").read_bytes() == b"RIFF-thunder"
+    assert not (tmp_path / "Sound.ocg.d/Axe.ocd/Graphics.png").exists()
+    (tmp_path / "notes.gz").write_bytes(gzip.compress(b"plain gzip, not a group"))
+    assert not is_c4group(tmp_path / "notes.gz")
+    truncated = tmp_path / "Broken.ocg"
+    truncated.write_bytes(b"\x1e\x8c" + gzip.compress(archive[:-8])[2:])  # last entry cut short
+    with pytest.raises(DataError, match=r"Broken\.ocg: unreadable C4Group archive"):
+        c4group_files(truncated)
+    (tmp_path / "Garbage.ocg").write_bytes(b"\x1e\x8c" + bytes(40))
+    with pytest.raises(DataError, match=r"Garbage\.ocg: unreadable C4Group archive"):
+        c4group_files(tmp_path / "Garbage.ocg")
 
 
 def test_midi_plan_is_seeded_and_slots_do_not_overlap():

@@ -127,6 +127,21 @@ def test_split_sizes_follow_the_fractions():
     pd.testing.assert_frame_equal(split, again)
 
 
+def test_a_label_that_also_names_backgrounds_is_never_held_out():
+    """Backgrounds play under training mixtures with their label as a prompt: such a label
+    cannot be an unseen one, whatever the draw."""
+    events = pd.DataFrame(
+        {"clip_id": [f"e{i:03d}" for i in range(100)], "label": [f"l{i % 10}" for i in range(100)]}
+    )
+    backgrounds = pd.DataFrame({"clip_id": [f"b{i}" for i in range(8)], "label": [f"l{i}" for i in range(8)]})
+    table = pd.concat([events.assign(kind="event"), backgrounds.assign(kind="background")], ignore_index=True)
+    for seed in range(5):
+        split, heldout = assign_splits(table, SplitParams(seed=seed, heldout_label_fraction=0.2))
+        assert heldout == ["l8", "l9"]  # the two labels without a background, as 20% of 10 asks
+        assert set(split.loc[split["heldout"], "label"]) == {"l8", "l9"}
+        assert (split.loc[split["kind"] == "background", "split"] != "test").any()  # backgrounds still split
+
+
 def test_held_out_sources_go_whole_to_test_real_and_the_rest_splits_as_without_them():
     table = pd.DataFrame(
         {

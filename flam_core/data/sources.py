@@ -296,7 +296,9 @@ def assign_splits(
     other sources), whatever its label; a clip matched by both is a DataError. The rest is split
     as follows.
 
-    A seeded `heldout_label_fraction` of event labels is held out (heldout=True): a seeded
+    A seeded `heldout_label_fraction` of event labels is held out (heldout=True), drawn from
+    the labels no background carries (a background plays under training mixtures with its
+    label as a prompt, so its label could not stay unseen): a seeded
     `heldout_val_fraction` of those labels goes entirely to `val` (the never-trained prompts
     the detection threshold is chosen on), the others entirely to `test`; with two held-out
     labels or more, each side keeps at least one. Every other event label is split clip by
@@ -319,9 +321,11 @@ def assign_splits(
         ]
         return pd.concat(parts).loc[table.index], heldout
     event_labels = sorted(table.loc[table["kind"] == "event", "label"].unique())
-    n_heldout = math.ceil(splits.heldout_label_fraction * len(event_labels))
+    background_labels = set(table.loc[table["kind"] == "background", "label"])
+    candidates = [label for label in event_labels if label not in background_labels]
+    n_heldout = min(math.ceil(splits.heldout_label_fraction * len(event_labels)), len(candidates))
     rng = np.random.default_rng(stable_seed(splits.seed, "heldout"))
-    heldout = sorted(rng.choice(event_labels, size=n_heldout, replace=False).tolist()) if event_labels else []
+    heldout = sorted(rng.choice(candidates, size=n_heldout, replace=False).tolist()) if candidates else []
     n_val_heldout = round(splits.heldout_val_fraction * len(heldout))
     if len(heldout) >= 2 and splits.heldout_val_fraction > 0:
         n_val_heldout = min(max(n_val_heldout, 1), len(heldout) - 1)

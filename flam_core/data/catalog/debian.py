@@ -4,7 +4,9 @@ A package is fetched with `apt-get download` (no dependencies, nothing installed
 with `dpkg-deb -x` into the cache; both steps are skipped when their result is there. Audio
 packed in bundles is unpacked next to the bundle, so mappings address it like any other file:
 Qt resource bundles (`*.rcc`, gcompris-qt-data) into `<bundle>.rcc.d/<resource path>`, OpenTTD
-sound catalogues (`*.cat`, openttd-opensfx) into `<bundle>.cat.d/<NN>_<title>.wav`.
+sound catalogues (`*.cat`, openttd-opensfx) into `<bundle>.cat.d/<NN>_<title>.wav`, OpenClonk
+C4Group archives (`*.ocg`/`*.ocd`/..., openclonk-data; any file with their gzip magic 1e 8c)
+into `<bundle>.d/<path inside>`, nested groups as folders.
 `mappings/<package>.yaml` says which files are which sound (first matching pattern wins);
 files matching `exclude` were reviewed and left out; the rest are counted as unmapped.
 """
@@ -12,6 +14,7 @@ files matching `exclude` were reviewed and left out; the rest are counted as unm
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import re
 import struct
 import zlib
@@ -81,6 +84,8 @@ def fetch_package(package: str, cache_dir: Path) -> Path:
         for bundle in sorted(staging.rglob("*.cat")):
             if is_openttd_catalogue(bundle):
                 unpack_openttd_catalogue(bundle, bundle.with_name(bundle.name + ".d"))
+        for bundle in sorted(p for p in staging.rglob("*") if p.is_file() and is_c4group(p)):
+            unpack_c4group(bundle, bundle.with_name(bundle.name + ".d"))
         (staging / ".complete").write_text(found[-1].name + "\n")
     return target
 
@@ -231,3 +236,88 @@ def unpack_openttd_catalogue(bundle: Path, out_dir: Path) -> int:
         title = re.sub(r"[^a-z0-9]+", "-", (quoted.group(1) if quoted else name).lower()).strip("-")
         (out_dir / f"{index:02d}_{title or 'sound'}.wav").write_bytes(wav)
     return len(entries)
+
+
+# OpenClonk C4Group (src/c4group/C4Group.{h,cpp}): a gzip stream whose magic 1f 8b is written as
+# 1e 8c, holding a 204-byte header (id "RedWolf Design GrpFolder", ver 1.x, entry count; stored
+# XOR 237 with every byte triple reversed), then one 316-byte record per entry (name[260], packed,
+# child-group flag, size, ...; not scrambled), then the entries' data back to back in record order.
+# A child group's data is itself a header + records + data, without a gzip layer of its own.
+_C4GROUP_MAGIC = b"\x1e\x8c"
+_C4GROUP_ID = b"RedWolf Design GrpFolder"
+_C4GROUP_HEADER = 204
+_C4GROUP_RECORD = 316
+
+
+def _c4group_entry_count(header: bytes) -> int:
+    """Entry count of a scrambled C4Group header; ValueError if it is not one."""
+    if len(header) < _C4GROUP_HEADER:
+        raise ValueError("truncated group header")
+    plain = np.frombuffer(header[:_C4GROUP_HEADER], np.uint8) ^ 237
+    plain = plain.reshape(-1, 3)[:, ::-1].tobytes()  # 204 = 68 whole triples
+    ver1, ver2, entries = struct.unpack_from("<iii", plain, 28)
+    if plain[:28].split(b"\0")[0] != _C4GROUP_ID or ver1 != 1 or ver2 > 2 or not 0 <= entries < 1 << 20:
+        raise ValueError("no C4Group header")
+    return entries
+
+
+def c4group_files(bundle: Path) -> dict[str, bytes]:
+    """The files of an OpenClonk C4Group archive by path ('/'-joined through nested groups)."""
+    try:
+        blob = bundle.read_bytes()
+        if blob[:2] not in (_C4GROUP_MAGIC, b"\x1f\x8b"):
+            raise ValueError("no gzip magic")
+        data = memoryview(gzip.decompress(b"\x1f\x8b" + blob[2:]))
+        files: dict[str, bytes] = {}
+
+        def walk(start: int, end: int, prefix: str) -> None:
+            count = _c4group_entry_count(bytes(data[start : start + _C4GROUP_HEADER]))
+            at = start + _C4GROUP_HEADER + count * _C4GROUP_RECORD
+            if at > end:
+                raise ValueError(f"the entry records of {prefix or 'the archive'} run past its end")
+            for index in range(count):
+                record = start + _C4GROUP_HEADER + index * _C4GROUP_RECORD
+                raw_name = bytes(data[record : record + 260]).split(b"\0")[0]
+                child, size = struct.unpack_from("<ii", data, record + 264)
+                name = raw_name.decode("utf-8", "replace")
+                if not name or name in (".", "..") or "/" in name or "\\" in name:
+                    raise ValueError(f"unsafe entry name {raw_name!r}")
+                if size < 0 or at + size > end:
+                    raise ValueError(f"entry {prefix}{name} runs past the end of its group")
+                if child:  # like the engine, only records flagged as child groups are opened as groups
+                    walk(at, at + size, f"{prefix}{name}/")
+                else:
+                    files[prefix + name] = bytes(data[at : at + size])
+                at += size
+
+        walk(0, len(data), "")
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
+        raise DataError(f"{bundle}: unreadable C4Group archive: {exc}") from exc
+    return files
+
+
+def is_c4group(path: Path) -> bool:
+    """Whether `path` starts like a packed C4Group: the 1e 8c magic and a valid group header."""
+    with path.open("rb") as handle:
+        if handle.read(2) != _C4GROUP_MAGIC:
+            return False
+        head = _C4GROUP_MAGIC + handle.read(1 << 16)
+    try:
+        plain = zlib.decompressobj(wbits=31).decompress(b"\x1f\x8b" + head[2:], _C4GROUP_HEADER)
+        _c4group_entry_count(plain)
+    except (ValueError, zlib.error):
+        return False
+    return True
+
+
+def unpack_c4group(bundle: Path, out_dir: Path) -> int:
+    """Write the audio files of a C4Group archive under `out_dir` (nested groups as folders);
+    return how many."""
+    written = 0
+    for path, payload in c4group_files(bundle).items():
+        if Path(path).suffix.lower() in AUDIO_SUFFIXES:
+            target = out_dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(payload)
+            written += 1
+    return written

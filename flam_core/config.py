@@ -58,6 +58,18 @@ DEBIAN_PACKAGES = (
     "foobillardplus-data",
     "tuxfootball",
     "7kaa-data",
+    "ufoai-sound",
+    "nexuiz-data",
+    "flightgear-data-base",
+    "warzone2100-data",
+    "ardentryst",
+    "openarena-data",
+    "minetest-mod-mesecons",
+    "tuxtype-data",
+    "lomiri-sounds",
+    "tuxmath-data",
+    "granatier",
+    "minetest-mod-xdecor",
 )
 
 # Sources the library renders itself (midi, speech, procedural catalog builders).

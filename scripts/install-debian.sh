@@ -10,7 +10,10 @@ packages=(scratch tuxpaint-stamps-default minetest-data qabcs-data sound-theme-f
           gcompris-qt-data sonic-pi-samples simutrans-pak64 minetest-mod-homedecor hedgewars-data
           frozen-bubble-data openttd-opensfx openclonk-data hydrogen-drumkits scorched3d-data
           lmms-common supertuxkart-data torcs-data fillets-ng-data flare-game lugaru-data
-          colobot-common-sounds boswars-data foobillardplus-data tuxfootball 7kaa-data fluid-soundfont-gm)
+          colobot-common-sounds boswars-data foobillardplus-data tuxfootball 7kaa-data ufoai-sound
+          nexuiz-data flightgear-data-base warzone2100-data ardentryst openarena-data
+          minetest-mod-mesecons tuxtype-data lomiri-sounds tuxmath-data granatier minetest-mod-xdecor
+          fluid-soundfont-gm)
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import itertools
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from flam_core.data.catalog.debian import (
     unpack_c4group,
     unpack_openttd_catalogue,
     unpack_qt_resources,
+    unpack_zip,
 )
 from flam_core.data.catalog.folder import folder_clips
 from flam_core.data.catalog.midi import GM_SOUNDS, plan_slots
@@ -190,6 +192,33 @@ def test_c4group_archives_are_unpacked_with_nested_groups(tmp_path):
     (tmp_path / "Garbage.ocg").write_bytes(b"\x1e\x8c" + bytes(40))
     with pytest.raises(DataError, match=r"Garbage\.ocg: unreadable C4Group archive"):
         c4group_files(tmp_path / "Garbage.ocg")
+
+
+def test_zip_archives_are_unpacked_to_their_audio(tmp_path):
+    bundle = tmp_path / "base.wz"
+    with zipfile.ZipFile(bundle, "w") as archive:  # stored, so the corruption below finds the bytes
+        archive.writestr("audio/sfx/boom.ogg", b"OggS-boom")
+        archive.writestr("sound/Rain.WAV", b"RIFF-rain")
+        archive.writestr("audio/", b"")
+        archive.writestr("stats/weapons.json", b"{}")
+    assert unpack_zip(bundle, tmp_path / "base.wz.d") == 2
+    assert (tmp_path / "base.wz.d/audio/sfx/boom.ogg").read_bytes() == b"OggS-boom"
+    assert (tmp_path / "base.wz.d/sound/Rain.WAV").read_bytes() == b"RIFF-rain"
+    assert not (tmp_path / "base.wz.d/stats").exists()
+    for unsafe in ("../escape.ogg", "/abs/escape.ogg", "sound/../../escape.wav"):
+        evil = tmp_path / "evil.pk3"
+        with zipfile.ZipFile(evil, "w") as archive:
+            archive.writestr(zipfile.ZipInfo(unsafe), b"OggS-evil")
+        with pytest.raises(DataError, match=r"evil\.pk3: .*unsafe member path"):
+            unpack_zip(evil, tmp_path / "evil.pk3.d")
+    assert not (tmp_path / "escape.ogg").exists() and not Path("/abs/escape.ogg").exists()
+    corrupt = tmp_path / "data.zip"
+    corrupt.write_bytes(bundle.read_bytes().replace(b"RIFF-rain", b"RIFF-RAIN"))  # CRC mismatch
+    with pytest.raises(DataError, match=r"data\.zip: unreadable zip archive"):
+        unpack_zip(corrupt, tmp_path / "data.zip.d")
+    (tmp_path / "garbage.zip").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(DataError, match=r"garbage\.zip: unreadable zip archive"):
+        unpack_zip(tmp_path / "garbage.zip", tmp_path / "garbage.zip.d")
 
 
 def test_midi_plan_is_seeded_and_slots_do_not_overlap():

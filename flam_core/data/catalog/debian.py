@@ -6,7 +6,8 @@ packed in bundles is unpacked next to the bundle, so mappings address it like an
 Qt resource bundles (`*.rcc`, gcompris-qt-data) into `<bundle>.rcc.d/<resource path>`, OpenTTD
 sound catalogues (`*.cat`, openttd-opensfx) into `<bundle>.cat.d/<NN>_<title>.wav`, OpenClonk
 C4Group archives (`*.ocg`/`*.ocd`/..., openclonk-data; any file with their gzip magic 1e 8c)
-into `<bundle>.d/<path inside>`, nested groups as folders.
+into `<bundle>.d/<path inside>`, nested groups as folders, and zip archives (`*.zip`, Quake 3
+`*.pk3`, Warzone 2100 `*.wz`; checked with `zipfile.is_zipfile`) into `<bundle>.d/<member path>`.
 `mappings/<package>.yaml` says which files are which sound (first matching pattern wins);
 files matching `exclude` were reviewed and left out; the rest are counted as unmapped.
 """
@@ -17,8 +18,9 @@ import fnmatch
 import gzip
 import re
 import struct
+import zipfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import yaml
@@ -30,6 +32,7 @@ from flam_core.utils import atomic_dir, run_tool, stable_seed
 
 MAPPINGS_DIR = Path(__file__).parent / "mappings"
 AUDIO_SUFFIXES = (".wav", ".ogg", ".oga", ".flac")
+ZIP_SUFFIXES = (".zip", ".pk3", ".wz")
 _APT_HINT = "Run `make deps` (it runs apt-get update and installs the Debian tools)."
 
 
@@ -86,6 +89,9 @@ def fetch_package(package: str, cache_dir: Path) -> Path:
                 unpack_openttd_catalogue(bundle, bundle.with_name(bundle.name + ".d"))
         for bundle in sorted(p for p in staging.rglob("*") if p.is_file() and is_c4group(p)):
             unpack_c4group(bundle, bundle.with_name(bundle.name + ".d"))
+        for bundle in sorted(p for p in staging.rglob("*") if p.suffix.lower() in ZIP_SUFFIXES):
+            if bundle.is_file() and zipfile.is_zipfile(bundle):
+                unpack_zip(bundle, bundle.with_name(bundle.name + ".d"))
         (staging / ".complete").write_text(found[-1].name + "\n")
     return target
 
@@ -320,4 +326,25 @@ def unpack_c4group(bundle: Path, out_dir: Path) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(payload)
             written += 1
+    return written
+
+
+def unpack_zip(bundle: Path, out_dir: Path) -> int:
+    """Write the audio members of a zip archive under `out_dir` at their member paths; return how
+    many. An absolute or `..` member path is refused."""
+    written = 0
+    try:
+        with zipfile.ZipFile(bundle) as archive:
+            for member in archive.infolist():
+                path = PurePosixPath(member.filename)
+                if member.is_dir() or path.suffix.lower() not in AUDIO_SUFFIXES:
+                    continue
+                if path.is_absolute() or ".." in path.parts:
+                    raise ValueError(f"unsafe member path {member.filename!r}")
+                target = out_dir / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+                written += 1
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
+        raise DataError(f"{bundle}: unreadable zip archive: {exc}") from exc
     return written

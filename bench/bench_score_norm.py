@@ -16,7 +16,11 @@ rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scori
 - `audioset`: the AudioSet classifier baseline's prompt score (`flam_core.model.audioset`);
 - `fused floor F w W`: the detector fused with the backbone's classifier
   (`flam_core.model.fusion`): logits floored at F, the classifier's part weighed W, the z-score
-  of the sum over the same cohort (the library's own `cohort_moments`, fused).
+  of the sum over the same cohort (the library's own `cohort_moments`, fused);
+- `logit fused floor F w W`: the classifier's part added to `logit` in the head's own scale:
+  `alpha * cos + beta + W * alpha * sigma_t * z_c`, with `z_c` the classifier part's z-score over
+  the same fused cohort and `sigma_t` the cosine's cohort spread (so W weighs the two parts in
+  cohort units, as in `fused`, while each prompt keeps its calibrated scale and bias).
 """
 
 from __future__ import annotations
@@ -108,11 +112,19 @@ def main() -> None:
         model.fusion = replace(raw, floor=floor)
         fused = cohort_moments(model, train, params)  # the weight is set per variant below
         center = fused.class_center
+        c = prompt[:, d:].double()
+        c_mu = (c @ fused.mean[d:].double()).numpy()[:, None]
+        c_sigma = torch.einsum("kd,de,ke->k", c, fused.cov[d:, d:].double(), c).sqrt().numpy()[:, None]
+        head_scale = alpha.numpy()[:, None] * sigma  # the logit's units per cohort z of the cosine
         for path, vec in vectors.items():
             frames = torch.cat([vec[:, :d], vec[:, d:].clamp_min(floor) - center], dim=1)[None]
+            z_c = ((vec[:, d:].clamp_min(floor) - center).double() @ c.T).numpy().T
+            z_c = (z_c - c_mu) / c_sigma
             for w in WEIGHTS:
                 z = replace(fused, weight=w).z(frames, prompt)[0].numpy()
                 variants.setdefault(f"fused floor {floor} w {w}", {})[path] = z
+                logit = variants["logit"][path] + w * head_scale * z_c
+                variants.setdefault(f"logit fused floor {floor} w {w}", {})[path] = logit
     print(
         f"{args.real}: {len(real.recordings.audio_ids)} recordings, {len(real.clips.audio_ids)} clips, "
         f"{len(prompts)} prompts; cohort {cohort.n_frames} frames of "

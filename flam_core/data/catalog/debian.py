@@ -82,16 +82,7 @@ def fetch_package(package: str, cache_dir: Path) -> Path:
             raise ExternalToolError(f"apt-get download {package} produced no .deb in {debs}")
     with atomic_dir(target) as staging:
         run_tool(["dpkg-deb", "-x", str(found[-1]), str(staging)])
-        for bundle in sorted(staging.rglob("*.rcc")):
-            unpack_qt_resources(bundle, bundle.with_name(bundle.name + ".d"))
-        for bundle in sorted(staging.rglob("*.cat")):
-            if is_openttd_catalogue(bundle):
-                unpack_openttd_catalogue(bundle, bundle.with_name(bundle.name + ".d"))
-        for bundle in sorted(p for p in staging.rglob("*") if p.is_file() and is_c4group(p)):
-            unpack_c4group(bundle, bundle.with_name(bundle.name + ".d"))
-        for bundle in sorted(p for p in staging.rglob("*") if p.suffix.lower() in ZIP_SUFFIXES):
-            if bundle.is_file() and zipfile.is_zipfile(bundle):
-                unpack_zip(bundle, bundle.with_name(bundle.name + ".d"))
+        unpack_bundles(staging)
         (staging / ".complete").write_text(found[-1].name + "\n")
     return target
 
@@ -132,16 +123,37 @@ def qt_resources(bundle: Path) -> dict[str, bytes]:
     return files
 
 
-def unpack_qt_resources(bundle: Path, out_dir: Path) -> int:
-    """Write the audio files of a Qt resource bundle under `out_dir`; return how many."""
+def unpack_bundles(root: Path) -> None:
+    """Unpack the audio of every bundle under `root` into `<bundle>.d/` beside it. Unpackers
+    write audio files only (never another bundle), so one pass over the files finds them all."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        out_dir = path.with_name(path.name + ".d")
+        if path.name.endswith(".rcc"):
+            unpack_qt_resources(path, out_dir)
+        elif path.name.endswith(".cat") and is_openttd_catalogue(path):
+            unpack_openttd_catalogue(path, out_dir)
+        elif path.suffix.lower() in ZIP_SUFFIXES and zipfile.is_zipfile(path):
+            unpack_zip(path, out_dir)
+        elif is_c4group(path):
+            unpack_c4group(path, out_dir)
+
+
+def _write_audio(files: dict[str, bytes], out_dir: Path) -> int:
+    """Write the audio files of an archive's `{path: bytes}` under `out_dir` (a path with a
+    `..` part is skipped); return how many."""
     written = 0
-    for path, payload in qt_resources(bundle).items():
+    for path, payload in files.items():
         if Path(path).suffix.lower() in AUDIO_SUFFIXES and ".." not in Path(path).parts:
             target = out_dir / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(payload)
             written += 1
     return written
+
+
+def unpack_qt_resources(bundle: Path, out_dir: Path) -> int:
+    """Write the audio files of a Qt resource bundle under `out_dir`; return how many."""
+    return _write_audio(qt_resources(bundle), out_dir)
 
 
 def map_files(
@@ -319,14 +331,7 @@ def is_c4group(path: Path) -> bool:
 def unpack_c4group(bundle: Path, out_dir: Path) -> int:
     """Write the audio files of a C4Group archive under `out_dir` (nested groups as folders);
     return how many."""
-    written = 0
-    for path, payload in c4group_files(bundle).items():
-        if Path(path).suffix.lower() in AUDIO_SUFFIXES:
-            target = out_dir / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(payload)
-            written += 1
-    return written
+    return _write_audio(c4group_files(bundle), out_dir)
 
 
 def unpack_zip(bundle: Path, out_dir: Path) -> int:

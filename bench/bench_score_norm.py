@@ -117,9 +117,9 @@ def main() -> None:
         c_sigma = torch.einsum("kd,de,ke->k", c, fused.cov[d:, d:].double(), c).sqrt().numpy()[:, None]
         head_scale = alpha.numpy()[:, None] * sigma  # the logit's units per cohort z of the cosine
         for path, vec in vectors.items():
-            frames = torch.cat([vec[:, :d], vec[:, d:].clamp_min(floor) - center], dim=1)[None]
-            z_c = ((vec[:, d:].clamp_min(floor) - center).double() @ c.T).numpy().T
-            z_c = (z_c - c_mu) / c_sigma
+            logits = vec[:, d:].clamp_min(floor) - center
+            frames = torch.cat([vec[:, :d], logits], dim=1)[None]
+            z_c = ((logits.double() @ c.T).numpy().T - c_mu) / c_sigma
             for w in WEIGHTS:
                 z = replace(fused, weight=w).z(frames, prompt)[0].numpy()
                 variants.setdefault(f"fused floor {floor} w {w}", {})[path] = z

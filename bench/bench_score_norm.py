@@ -6,7 +6,9 @@ Every recording and clip of `val_real` is embedded once by the model and by the 
 AudioSet classifier; then each way of scoring a prompt is measured by the real-recording test's
 own metrics (`flam_core.evaluation.real.evaluate_real_set`): macro and pooled frame AUROC (pooled: all
 prompts' frames together, which asks whether one threshold can serve every prompt), event-found
-rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scorings:
+rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Then the prior's
+weights at the params' floor and weight on the synthetic validation splits `val` and
+`val_unseen` (macro and pooled frame AUROC). Scorings:
 
 - `unbiased`: the head's `p / (p + sigmoid(beta))`, its per-prompt scale and bias predicted
   from the text; `logit`: `alpha * cos + beta`; `cosine`: the bare cosine;
@@ -16,7 +18,9 @@ rate, zero-shot top-1 / top-5 of the isolated clips over the set's labels. Scori
 - `audioset`: the AudioSet classifier baseline's prompt score (`flam_core.model.audioset`);
 - `fused floor F w W`: the detector fused with the backbone's classifier
   (`flam_core.model.fusion`): logits floored at F, the classifier's part weighed W, the z-score
-  of the sum over the same cohort (the library's own `cohort_moments`, fused);
+  of the sum over the same cohort (the library's own `cohort_moments`, fused), no prior;
+- `fused floor F w W prior L`: the same plus L times the head's bias, the prompt's learned prior
+  logit (`calibration.prior_weight`), at the params' floor and weight;
 - `logit fused floor F w W`: the classifier's part added to `logit` in the head's own scale:
   `alpha * cos + beta + W * alpha * sigma_t * z_c`, with `z_c` the classifier part's z-score over
   the same fused cohort and `sigma_t` the cosine's cohort spread (so W weighs the two parts in
@@ -33,17 +37,22 @@ import numpy as np
 import torch
 
 from flam_core.calibrate import cohort_moments, cohort_rows
-from flam_core.config import load_params
+from flam_core.config import Params, load_params
+from flam_core.data.mixer import Mixer
 from flam_core.detection import Detection
+from flam_core.evaluation.frames import frame_auroc, vocabulary_scores
 from flam_core.evaluation.real import RealSet, evaluate_real_set
+from flam_core.evaluation.splits import MixtureSplit
 from flam_core.features import FeatureCache
 from flam_core.inference import FlamDetector
 from flam_core.model.audioset import audioset_model
+from flam_core.model.flam import FlamModel
 from flam_core.model.fusion import ClassifierFusion
 from flam_core.model.score_norm import CohortNorm
 
 FLOORS = (-20.0, -13.8, -10.0, -6.9, -4.6, -2.2)
 WEIGHTS = (0.125, 0.25, 0.375, 0.5, 1.0)
+PRIOR_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
 
 
 def _embed(detector: FlamDetector, path: Path) -> np.ndarray:
@@ -74,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     real = RealSet.read_for_choosing(args.real)  # never the test set
     params = load_params(args.params)
+    calibration = params.calibration
     flam = FlamDetector.from_dir(args.model)
     flam.model.score_norm = None  # FLAM's own scores, whatever its calibration fused into them
     flam.model.fusion = None
@@ -108,7 +118,7 @@ def main() -> None:
         for name, value in row.items():
             variants.setdefault(name, {})[path] = value
     raw = model.fusion
-    for floor in FLOORS:
+    for floor in sorted({*FLOORS, calibration.classifier_logit_floor}):
         model.fusion = replace(raw, floor=floor)
         fused = cohort_moments(model, train, params)  # the weight is set per variant below
         center = fused.class_center
@@ -120,9 +130,15 @@ def main() -> None:
             logits = vec[:, d:].clamp_min(floor) - center
             frames = torch.cat([vec[:, :d], logits], dim=1)[None]
             z_c = ((logits.double() @ c.T).numpy().T - c_mu) / c_sigma
-            for w in WEIGHTS:
-                z = replace(fused, weight=w).z(frames, prompt)[0].numpy()
+            for w in sorted({*WEIGHTS, calibration.classifier_weight}):
+                z = replace(fused, weight=w, prior_weight=0.0).logits(frames, prompt, beta)[0].numpy()
                 variants.setdefault(f"fused floor {floor} w {w}", {})[path] = z
+                if (floor, w) == (calibration.classifier_logit_floor, calibration.classifier_weight):
+                    default = fused
+                    for prior in PRIOR_WEIGHTS:
+                        name = f"fused floor {floor} w {w} prior {prior}"
+                        norm = replace(fused, weight=w, prior_weight=prior)
+                        variants.setdefault(name, {})[path] = norm.logits(frames, prompt, beta)[0].numpy()
                 logit = variants["logit"][path] + w * head_scale * z_c
                 variants.setdefault(f"logit fused floor {floor} w {w}", {})[path] = logit
     print(
@@ -144,6 +160,26 @@ def main() -> None:
             shot["top5"],
         )
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in figures) + " |")
+    model.fusion = replace(raw, floor=calibration.classifier_logit_floor).centred(default.class_center)
+    _synthetic_rows(model, replace(default, weight=calibration.classifier_weight), params)
+
+
+def _synthetic_rows(model: FlamModel, fused: CohortNorm, params: Params) -> None:
+    """Macro and pooled frame AUROC on `val` and `val_unseen` of the fused cohort logit at each
+    prior weight (0 and `PRIOR_WEIGHTS`)."""
+    mixer = Mixer.for_library(params, Path(params.sources.out_dir))
+    features, recipes = Path(params.train.features_dir), Path(params.synth.out_dir)
+    splits = [MixtureSplit(params, name, features, mixer, recipes) for name in ("val", "val_unseen")]
+    print("\n| prior weight | val macro / pooled AUROC | val_unseen macro / pooled AUROC |")
+    print("|---|---|---|")
+    for prior in (0.0, *PRIOR_WEIGHTS):
+        model.score_norm = replace(fused, prior_weight=prior)
+        cells = []
+        for split in splits:
+            logits = vocabulary_scores(model, split.cache, split.vocabulary, kind="logit")
+            auroc = frame_auroc(split.truth, logits)
+            cells.append(f"{auroc['macro']:.3f} / {auroc['micro']:.3f}")
+        print(f"| {prior} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from the labels of `test_unseen`):
   empirical frame prior (Spearman and Pearson correlation, scatter plot).
 - **One scale for every prompt.** With `calibration.score_norm: cohort` (the default) the
   detector does not report `s`: each prompt's cosine becomes its z-score over a cohort of
-  training frames, and one logistic curve fitted on `val_unseen` maps it to a probability
-  (`flam_core.model.score_norm`; `fit_score_map`). The per-prompt scale and bias the head
+  training frames, the head's bias (the prompt's learned prior logit) is added with weight
+  `calibration.prior_weight`, and one logistic curve fitted on `val_unseen` maps the sum to a
+  probability (`flam_core.model.score_norm`; `fit_score_map`). The per-prompt scale and bias the head
   predicts from the text do not carry to prompts far from the training labels; the cohort
   measures every prompt on the same audio. The cohort's moments are written either way
   (`cohort.npz`); `calibration.json`'s `score_norm` says whether the detector uses them.
@@ -304,7 +305,7 @@ def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNor
     cohort = torch.cat(frames)
     fusion = model.fusion
     if fusion is None:
-        return CohortNorm.from_frames(cohort)
+        return CohortNorm.from_frames(cohort, prior_weight=params.calibration.prior_weight)
     # the classifier's logits centred on their cohort mean (`ClassifierFusion.center`)
     d = model.head.config.embed_dim
     shift = cohort[:, d:].double().mean(0).float()
@@ -317,28 +318,30 @@ def cohort_moments(model: Any, train: FeatureCache, params: Params) -> CohortNor
         class_features=fusion.class_features,
         class_center=center,
         logit_floor=fusion.floor,
+        prior_weight=params.calibration.prior_weight,
     )
 
 
 def fit_score_map(model: Any, unseen: MixtureSplit) -> CohortNorm:
     """The model's cohort normalisation (`model.score_norm`, its moments set) with the shared map
-    `sigmoid(a z + b)` fitted to the novel labels of `val_unseen` by logistic regression, each
-    label's positive and negative frames weighted equally (the even prior of the unbiased score)."""
+    `sigmoid(a * logit + b)` (the logit: the z-score plus the weighted prior, `CohortNorm.logits`)
+    fitted to the novel labels of `val_unseen` by logistic regression, each label's positive and
+    negative frames weighted equally (the even prior of the unbiased score)."""
     from sklearn.linear_model import LogisticRegression
 
-    z = vocabulary_scores(model, unseen.cache, unseen.vocabulary, kind="cohort_z")
+    logits = vocabulary_scores(model, unseen.cache, unseen.vocabulary, kind="logit")
     truth = unseen.truth
     weights = balanced_weights(truth).ravel()
     if not weights.any():
         raise DataError("val_unseen has no label with both sounding and silent frames to calibrate on")
     keep = weights > 0
     fit = LogisticRegression(C=1e4).fit(
-        z.reshape(-1, 1)[keep], truth.ravel()[keep], sample_weight=weights[keep] / weights[keep].mean()
+        logits.reshape(-1, 1)[keep], truth.ravel()[keep], sample_weight=weights[keep] / weights[keep].mean()
     )
     scale, shift = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if not scale > 0:
         raise DataError(
-            f"on val_unseen the cohort z-score does not rise with the truth (slope {scale:.3g}): "
+            f"on val_unseen the cohort logit does not rise with the truth (slope {scale:.3g}): "
             "the model does not detect novel labels; set calibration.score_norm=none"
         )
     return model.score_norm.with_map(scale, shift)

@@ -485,6 +485,9 @@ class CalibrationParams(_Section):
     # (`flam_core.model.score_norm`); none: the head's unbiased score as it stands
     score_norm: Literal["cohort", "none"] = "cohort"
     cohort_mixtures: int = Field(1000, ge=1, le=1_000_000)  # training mixtures whose frames form the cohort
+    # the head's bias (a prompt's learned prior logit) added to the cohort z-score with this
+    # weight (`flam_core.model.score_norm`; score_norm: cohort only); 0: the z-score alone
+    prior_weight: float = Field(0.5, ge=0.0, le=100.0)
     # where the shared threshold for novel prompts is chosen: val_real, the real-recording
     # validation set (when built; else val_unseen), or val_unseen, synthetic mixtures of held-out
     # labels (the synthetic test's threshold either way)

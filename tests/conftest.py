@@ -125,10 +125,13 @@ def val_real_set(smoke_library, tmp_path_factory) -> tuple[Path, object]:
     return out, build_real_set(smoke_params(), library, out, split=VAL_REAL_SPLIT)
 
 
-def fuse_with_classifier(folder: Path, features: Path, weight: float = 0.5, floor: float = -13.8) -> None:
+def fuse_with_classifier(
+    folder: Path, features: Path, weight: float = 0.5, floor: float = -13.8, prior_weight: float = 0.0
+) -> None:
     """Calibrate the model folder's detector as fused with the backbone's classifier
-    (`flam_core.model.fusion`) over a small cohort of the training features, by hand: the
-    cohort's moments and an arbitrary increasing map, no threshold search."""
+    (`flam_core.model.fusion`; the head's prior at `prior_weight`) over a small cohort of the
+    training features, by hand: the cohort's moments and an arbitrary increasing map, no threshold
+    search."""
     import json
 
     import numpy as np
@@ -158,6 +161,7 @@ def fuse_with_classifier(folder: Path, features: Path, weight: float = 0.5, floo
         class_features=model.fusion.class_features,
         class_center=center,
         logit_floor=floor,
+        prior_weight=prior_weight,
     ).with_map(1.0, -0.5)
     norm.save(folder)
     (folder / "calibration.json").write_text(json.dumps({"threshold": 0.5, "score_norm": norm.entry()}))

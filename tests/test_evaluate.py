@@ -101,8 +101,10 @@ def test_calibration_writes_threshold_ece_and_plots(
     assert saved["segment_f1_macro_at_0.5"] == result.segment_f1_macro_at_0_5
     event = event_f1(*args, threshold=result.threshold_unseen)["f1_macro"]
     assert result.threshold_event_f1_macro == pytest.approx(event, abs=1e-4)
-    # the detector scores are normalised over a cohort of training frames (calibration.score_norm)
+    # the detector scores are normalised over a cohort of training frames (calibration.score_norm),
+    # the head's prior added at calibration.prior_weight
     assert model.score_norm is not None and saved["score_norm"] == model.score_norm.entry()
+    assert saved["score_norm"]["prior_weight"] == 0.5
     assert saved["score_norm"]["scale"] > 0 and (smoke_models / "flam" / "cohort.npz").is_file()
     assert set(result.ece_balanced) == {"posterior", "unbiased", "normalised"}
     assert set(result.ece_balanced_unseen) == {"posterior", "unbiased", "normalised"}
@@ -160,14 +162,14 @@ def test_calibration_fused_with_the_classifier_scores_with_both(
     split = MixtureSplit(
         smoke_params(), "val_unseen", smoke_features, _mixer(smoke_library), smoke_recipes[0]
     )
-    z = vocabulary_scores(model, split.cache, split.vocabulary, kind="cohort_z")
-    expected = torch.sigmoid(norm.scale * torch.from_numpy(z).double() + norm.shift).numpy()
+    logits = vocabulary_scores(model, split.cache, split.vocabulary, kind="logit")
+    expected = torch.sigmoid(norm.scale * torch.from_numpy(logits).double() + norm.shift).numpy()
     np.testing.assert_allclose(vocabulary_scores(model, split.cache, split.vocabulary), expected, atol=1e-5)
     # the fused score is not FLAM's alone: the classifier's part moves it
     model.fusion = None
     model.score_norm = replace(norm, split=0, mean=norm.mean[:d], cov=norm.cov[:d, :d])
-    alone = vocabulary_scores(model, split.cache, split.vocabulary, kind="cohort_z")
-    assert np.abs(alone - z).max() > 0.1
+    alone = vocabulary_scores(model, split.cache, split.vocabulary, kind="logit")
+    assert np.abs(alone - logits).max() > 0.1
 
 
 def _calibrate_a_copy(override, smoke_models, smoke_features, smoke_library, smoke_recipes, tmp_path):

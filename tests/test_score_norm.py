@@ -1,6 +1,6 @@
-"""Cohort score normalisation: exact cohort moments, the folded scale and bias, one scale for
-prompts whose raw scores sit at different levels, the fusion with the backbone's classifier, and
-the model folder's cohort file."""
+"""One scale for every prompt: exact cohort moments, the folded scale and bias of both logits
+(the cohort z-score and the head's own), one scale for prompts whose raw scores sit at different
+levels, the fusion with the backbone's classifier, and the model folder's cohort file."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ def _unit(*shape: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
+def _bias(k: int, seed: int) -> torch.Tensor:
+    """A head's bias for `k` prompts: their learned prior logits."""
+    return torch.randn(k, generator=torch.Generator().manual_seed(seed)) * 2 - 3
+
+
 def test_cohort_moments_equal_the_prompts_scores_over_the_cohort():
     cohort, texts = _unit(400, 16, seed=0), _unit(5, 16, seed=1)
     norm = CohortNorm.from_frames(cohort)
@@ -33,12 +38,13 @@ def test_cohort_moments_equal_the_prompts_scores_over_the_cohort():
 def test_scores_are_the_shared_map_of_the_z_score_and_fold_into_a_scale_and_bias():
     cohort, texts, frames = _unit(300, 8, seed=2), _unit(3, 8, seed=3), _unit(2, 7, 8, seed=4)
     norm = CohortNorm.from_frames(cohort).with_map(1.7, -0.4)
+    beta = _bias(3, seed=30)  # at prior weight 0 (the default) the z-score sets the bias aside
     cos = torch.einsum("bld,kd->bkl", frames, texts)
     brute = (cohort @ texts.T).double()
     z = (cos.double() - brute.mean(0)[None, :, None]) / brute.std(0)[None, :, None]
     expected = torch.sigmoid(1.7 * z - 0.4)
-    torch.testing.assert_close(norm.scores(frames, texts).double(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(norm.z(frames, texts).double(), z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.scores(frames, texts, beta).double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(norm.logits(frames, texts, beta).double(), z, atol=1e-5, rtol=0)
     # per prompt, an increasing function of the cosine: the head's frame order is kept
     assert (norm.direction(texts) == texts.double()).all()
 
@@ -55,14 +61,15 @@ def test_prompts_at_different_levels_come_out_on_one_scale():
     cohort[:, 0] = cohort[:, 0] * 4 + 0.6  # prompt 0: high, wide
     cohort[:, 1] = cohort[:, 1] - 0.3  # prompt 1: low, narrow
     norm = CohortNorm.from_frames(cohort)
-    z = norm.z(cohort[None], texts)[0]
+    beta = _bias(2, seed=31)
+    z = norm.logits(cohort[None], texts, beta)[0]
     np.testing.assert_allclose(z.mean(1).numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(z.std(1).numpy(), 1.0, atol=1e-3)
     mu, sigma = norm.moments(texts)
     standout = (mu + 3 * sigma).float()  # 3 cohort SDs above ordinary audio, for each prompt
     frames = torch.zeros(1, 2, d)
     frames[0, 0, 0], frames[0, 1, 1] = standout[0], standout[1]
-    scores = norm.with_map(2.0, -1.0).scores(frames, texts)[0]  # [K, L]
+    scores = norm.with_map(2.0, -1.0).scores(frames, texts, beta)[0]  # [K, L]
     assert scores[0, 0] == pytest.approx(scores[1, 1].item(), abs=1e-5)
     assert scores[0, 0] == pytest.approx(torch.sigmoid(torch.tensor(5.0)).item(), abs=1e-5)
 
@@ -104,8 +111,8 @@ def test_a_model_folder_with_a_cohort_scores_with_it(flam_model, tmp_path):
     detector = FlamDetector.from_dir(folder)
     assert detector.model.score_norm is not None
     frames = _unit(9, dim, seed=9).numpy()
-    text_emb, _, _ = detector.prompt_embeddings(["dog barking", "rain"])
-    expected = norm.scores(torch.from_numpy(frames)[None], text_emb)[0].numpy()
+    text_emb, _, beta = detector.prompt_embeddings(["dog barking", "rain"])
+    expected = norm.scores(torch.from_numpy(frames)[None], text_emb, beta)[0].numpy()
     np.testing.assert_allclose(detector.score(frames, ["dog barking", "rain"]), expected, atol=1e-6)
     (folder / COHORT_FILE).unlink()
     with pytest.raises(ConfigError, match="run `flam calibrate` again"):
@@ -135,10 +142,14 @@ def test_the_fused_score_is_the_z_score_of_the_weighted_sum_of_both_parts_z_scor
     new = [(frames[0, :, :d] @ texts.T).double(), (frames[0, :, d:] @ weights.T).double()]
     fused = (new[0] - mean[0]) / sd[0] + w * (new[1] - mean[1]) / sd[1]
     expected = ((fused - summed.mean(0)) / summed.std(0)).T[None]  # [1, K, L]
-    torch.testing.assert_close(norm.z(frames, prompts).double(), expected, atol=1e-5, rtol=0)
+    beta = _bias(3, seed=32)
+    torch.testing.assert_close(norm.logits(frames, prompts, beta).double(), expected, atol=1e-5, rtol=0)
     mapped = norm.with_map(1.5, -0.5)
     torch.testing.assert_close(
-        mapped.scores(frames, prompts).double(), torch.sigmoid(1.5 * expected - 0.5), atol=1e-5, rtol=0
+        mapped.scores(frames, prompts, beta).double(),
+        torch.sigmoid(1.5 * expected - 0.5),
+        atol=1e-5,
+        rtol=0,
     )
     # the direction orders frames as the score does (what search retrieves by)
     order = torch.argsort(frames[0].double() @ norm.direction(prompts).T, dim=0)
@@ -147,6 +158,39 @@ def test_the_fused_score_is_the_z_score_of_the_weighted_sum_of_both_parts_z_scor
         CohortNorm.from_frames(cohort, split=d, weight=w)
     with pytest.raises(DataError, match="positive"):
         CohortNorm.from_frames(cohort, split=d, weight=0.0, class_features=torch.zeros(c, 4))
+
+
+def test_the_prior_weight_adds_the_heads_bias_to_the_z_score(tmp_path):
+    d, c, lam = 6, 5, 0.5
+    cohort = _fused_cohort(500, d, c, seed=20)
+    texts = _unit(3, d, seed=21)
+    weights = torch.softmax(torch.randn(3, c, generator=torch.Generator().manual_seed(22)), 1)
+    prompts = torch.cat([texts, weights], 1)
+    beta = _bias(3, seed=23)
+    fused = dict(split=d, weight=0.25, class_features=torch.zeros(c, 4), class_center=torch.zeros(c))
+    plain = CohortNorm.from_frames(cohort, **fused)
+    norm = CohortNorm.from_frames(cohort, prior_weight=lam, **fused).with_map(0.7, 0.3)
+    frames = _fused_cohort(8, d, c, seed=24)[None]
+    z = plain.logits(frames, prompts, beta)  # prior weight 0: the z-score, whatever the bias
+    torch.testing.assert_close(z, plain.logits(frames, prompts, beta + 4.0))
+    expected = z.double() + lam * beta.double()[None, :, None]
+    torch.testing.assert_close(norm.logits(frames, prompts, beta).double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        norm.scores(frames, prompts, beta).double(), torch.sigmoid(0.7 * expected + 0.3), atol=1e-6, rtol=0
+    )
+    # a prompt with a higher prior scores higher on the same evidence; within a prompt the frame
+    # order is the z-score's
+    same = norm.scores(frames, prompts[:1].expand(2, -1), torch.tensor([-4.0, -1.0]))[0]
+    assert (same[1] > same[0]).all()
+    assert (torch.argsort(same[0]) == torch.argsort(same[1])).all()
+    # the weight travels with the model folder; a folder calibrated before it reads as 0
+    norm.save(tmp_path)
+    entry = json.loads(json.dumps(norm.entry()))
+    assert entry["prior_weight"] == lam and CohortNorm.load(tmp_path, entry).prior_weight == lam
+    entry.pop("prior_weight")
+    assert CohortNorm.load(tmp_path, entry).prior_weight == 0.0
+    with pytest.raises(DataError, match="prior's weight"):
+        CohortNorm.from_frames(cohort, prior_weight=-1.0)
 
 
 def test_a_fused_cohort_file_round_trips_and_a_misfit_is_refused(tmp_path):
@@ -183,7 +227,7 @@ def test_a_model_folder_fused_with_the_classifier_scores_with_both(flam_model, s
 
     folder = tmp_path / "model"
     shutil.copytree(flam_model, folder)
-    fuse_with_classifier(folder, smoke_features, weight=0.5)
+    fuse_with_classifier(folder, smoke_features, weight=0.5, prior_weight=0.5)
     detector = FlamDetector.from_dir(folder)
     model, norm = detector.model, detector.model.score_norm
     d = model.head.config.embed_dim
@@ -198,8 +242,9 @@ def test_a_model_folder_fused_with_the_classifier_scores_with_both(flam_model, s
     np.testing.assert_allclose(vectors[:, d:], logits.numpy(), rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :d], axis=1), 1.0, atol=1e-5)
     prompts = ["dog barking", "rain"]
-    prompt, _, _ = detector.prompt_embeddings(prompts)
+    prompt, _, beta = detector.prompt_embeddings(prompts)
     features = model.text_encoder(prompts)
     torch.testing.assert_close(prompt[:, d:], class_weights(features, norm.class_features))
-    expected = norm.scores(torch.from_numpy(vectors)[None], prompt)[0].numpy()
+    assert norm.prior_weight == 0.5
+    expected = norm.scores(torch.from_numpy(vectors)[None], prompt, beta)[0].numpy()
     np.testing.assert_allclose(detector.score(vectors, prompts), expected, atol=1e-6)

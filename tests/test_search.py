@@ -164,8 +164,13 @@ def test_empty_folder_and_undecodable_folder_are_errors(tmp_path, detector):
 @pytest.mark.parametrize("which", ["detector", "fused_detector"])
 def test_search_matches_brute_force_detection(tmp_path, mixer, plan, which, request):
     detector = request.getfixturevalue(which)
+    # the index re-scores from its float16 frame vectors, `detect` from float32 ones: a score moves
+    # by a few 1e-5, and fused by up to about 1e-4 (the classifier's 521 logits span a wider range
+    # than the unit embedding, so float16 rounds them more coarsely)
+    tol = 1e-4
     if which == "fused_detector":  # the classifier's logits ride along in every frame vector
         assert detector.model.vector_dim == detector.model.head.config.embed_dim + 521
+        tol = 5e-4
     folder = tmp_path / "mixtures"
     for i in MIXTURES:
         write_wav(folder / f"part{i % 3}" / f"mix-{i:03d}.wav", mixer.render(plan, i))
@@ -182,11 +187,11 @@ def test_search_matches_brute_force_detection(tmp_path, mixer, plan, which, requ
         for query in queries:
             expected = sorted(reference[query], reverse=True)
             got = search(index, detector, query, top=4)
-            np.testing.assert_allclose([g["score"] for g in got], [r[0] for r in expected[:4]], atol=1e-4)
+            np.testing.assert_allclose([g["score"] for g in got], [r[0] for r in expected[:4]], atol=tol)
             for g in got:  # each answer is one of detect's segments, with its score
                 assert any(
                     (r[1], r[2], r[3]) == (g["file"], g["onset"], g["offset"])
-                    and abs(r[0] - g["score"]) < 1e-4
+                    and abs(r[0] - g["score"]) < tol
                     for r in expected
                 ), g
 

@@ -19,7 +19,7 @@ from flam_core.errors import DataError
 from flam_core.features import FeatureCache
 from flam_core.model.flam import FlamModel
 
-ScoreKind = Literal["detector", "unbiased", "approximate", "posterior", "cohort_z"]
+ScoreKind = Literal["detector", "unbiased", "approximate", "posterior", "logit"]
 
 
 def truth_matrix(cache: FeatureCache, vocabulary: Sequence[str]) -> np.ndarray:
@@ -47,12 +47,12 @@ def vocabulary_scores(
     `kind`: "detector" what the detector reports (`FlamModel.scores`: cohort-normalised when
     the model is calibrated so, else unbiased), "unbiased" `p / (p + sigmoid(beta))`, "approximate"
     `sigmoid(alpha * cos)`, "posterior" `p = sigmoid(alpha * cos + beta)` (the learned prior
-    left in), or "cohort_z" the z-score over the calibration's cohort (a model with a
-    `score_norm` only)."""
+    left in), or "logit" the cohort logit before its shared map to a probability (the z-score plus
+    the weighted prior, `CohortNorm.logits`; a model with a `score_norm` only)."""
     model.eval()
     head = model.head
-    if kind == "cohort_z" and model.score_norm is None:
-        raise DataError("cohort z-scores need a model whose scores are normalised over a cohort")
+    if kind == "logit" and model.score_norm is None:
+        raise DataError("cohort logits need a model whose scores are normalised over a cohort")
     # the detector's vectors (the classifier's part after the embeddings, when fused); the head's
     # own scores read the embeddings alone
     prompt, alpha, beta = model.prompt_vectors(model.text_encoder(list(vocabulary)))
@@ -69,8 +69,8 @@ def vocabulary_scores(
             scores.append(head.detector_scores(frame_emb, text_emb, alpha, beta))
         elif kind == "approximate":
             scores.append(head.approximate_scores(frame_emb, text_emb, alpha))
-        elif kind == "cohort_z":
-            scores.append(model.score_norm.z(vectors, prompt))  # type: ignore[union-attr]
+        elif kind == "logit":
+            scores.append(model.score_norm.logits(vectors, prompt, beta))  # type: ignore[union-attr]
         elif kind == "posterior":
             scores.append(torch.sigmoid(head.frame_logits(frame_emb, text_emb, alpha, beta)))
         else:

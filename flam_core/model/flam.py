@@ -279,9 +279,10 @@ class FlamModel(torch.nn.Module):
     ) -> torch.Tensor:
         """What the detector reports, `[B, L, vector_dim]` frame vectors x `[K, vector_dim]`
         prompt vectors -> `[B, K, L]`: the cohort-normalised score when the model is calibrated
-        so (`flam_core.model.score_norm`, fused or not), else the head's unbiased score."""
+        so (`flam_core.model.score_norm`, fused or not, with the head's prior `beta`), else the
+        head's unbiased score."""
         if self.score_norm is not None:
-            return self.score_norm.scores(frames, prompt)
+            return self.score_norm.scores(frames, prompt, beta)
         d = self.head.config.embed_dim
         return self.head.detector_scores(frames[..., :d], prompt[:, :d], alpha, beta)
 

@@ -426,7 +426,7 @@ def test_evaluation_report_compares_flam_with_its_baseline(
         "seen PSDS1 (alpha_st=0, as in open-vocabulary SED papers) |"
     ) in results
     for label, suffix in (
-        ("cohort-normalised sigmoid(a z + b) (the detector)", ""),
+        ("cohort-normalised sigmoid(a (z + lambda beta) + b) (the detector)", ""),
         ("unbiased p / (p + sigmoid(beta))", "_unbiased"),
         ("approximate sigmoid(alpha cos)", "_approximate"),
     ):

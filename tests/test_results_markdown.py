@@ -268,7 +268,7 @@ def test_cases_cover_the_optional_parts() -> None:
     assert {c for c, t in texts.items() if "## Held-out prompts near AudioSet" in t} == real
     assert {c for c, t in texts.items() if shortfall in t} == {"full", "shortfall_without_targets"}
     assert {c for c, t in texts.items() if truth in t} == {"full"}
-    detector = "| cohort-normalised sigmoid(a z + b) (the detector) |"
+    detector = "| cohort-normalised sigmoid(a (z + lambda beta) + b) (the detector) |"
     assert {c for c, t in texts.items() if detector in t} == {"full"}
     assert all(t.count("| unbiased p / (p + sigmoid(beta)) |") == 1 for t in texts.values())
     assert "# profile: smoke" in texts["full"] and "| extra_ablation |" in texts["full"]

@@ -69,7 +69,7 @@ AUDIOSET = "audioset"  # the frozen backbone's AudioSet classifier (`flam_core.m
 MOMENT_SYSTEMS = ("flam", "global", "mga_clap", AUDIOSET)  # scored on moment retrieval
 HEATMAP_SYSTEMS = ("flam", "global", "mga_clap")  # drawn side by side in the heatmaps
 UNBIASED_LABEL = "unbiased p / (p + sigmoid(beta))"
-DETECTOR_LABEL = "cohort-normalised sigmoid(a z + b) (the detector)"
+DETECTOR_LABEL = "cohort-normalised sigmoid(a (z + lambda beta) + b) (the detector)"
 NAMES = {
     AUDIOSET: "AudioSet classifier (frozen backbone, no training)",
     "flam": "FLAM",

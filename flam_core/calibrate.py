@@ -16,9 +16,10 @@ from the labels of `test_unseen`):
   detector does not report `s`: each prompt's cosine becomes its z-score over a cohort of
   training frames, the head's bias (the prompt's learned prior logit) is added with weight
   `calibration.prior_weight`, and one logistic curve fitted on `val_unseen` maps the sum to a
-  probability (`flam_core.model.score_norm`; `fit_score_map`). The per-prompt scale and bias the head
-  predicts from the text do not carry to prompts far from the training labels; the cohort
-  measures every prompt on the same audio. The cohort's moments are written either way
+  probability (`flam_core.model.score_norm`; `fit_score_map`). The per-prompt scale the head
+  predicts from the text does not carry to prompts far from the training labels; the cohort
+  measures every prompt on the same audio, and the bias, at its weight, says how common and
+  how long the sound is. The cohort's moments are written either way
   (`cohort.npz`); `calibration.json`'s `score_norm` says whether the detector uses them.
 - **Threshold.** The single threshold on the detector's score, after its 3-frame median
   filter, that maximises macro segment F1 (1 s segments, sed_scores_eval) over a vocabulary. Segment

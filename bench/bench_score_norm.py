@@ -118,13 +118,15 @@ def main() -> None:
         for name, value in row.items():
             variants.setdefault(name, {})[path] = value
     raw = model.fusion
+    cohorts: dict[float, CohortNorm] = {}  # the fused cohort at each floor
     for floor in sorted({*FLOORS, calibration.classifier_logit_floor}):
         model.fusion = replace(raw, floor=floor)
-        fused = cohort_moments(model, train, params)  # the weight is set per variant below
+        fused = cohorts[floor] = cohort_moments(model, train, params)  # weights set per variant below
         center = fused.class_center
         c = prompt[:, d:].double()
-        c_mu = (c @ fused.mean[d:].double()).numpy()[:, None]
-        c_sigma = torch.einsum("kd,de,ke->k", c, fused.cov[d:, d:].double(), c).sqrt().numpy()[:, None]
+        # the classifier part's cohort moments: its block of the fused cohort, as a cohort of its own
+        classes = CohortNorm(fused.mean[d:], fused.cov[d:, d:], fused.n_frames)
+        c_mu, c_sigma = (x.numpy()[:, None] for x in classes.moments(c))
         head_scale = alpha.numpy()[:, None] * sigma  # the logit's units per cohort z of the cosine
         for path, vec in vectors.items():
             logits = vec[:, d:].clamp_min(floor) - center
@@ -134,7 +136,6 @@ def main() -> None:
                 z = replace(fused, weight=w, prior_weight=0.0).logits(frames, prompt, beta)[0].numpy()
                 variants.setdefault(f"fused floor {floor} w {w}", {})[path] = z
                 if (floor, w) == (calibration.classifier_logit_floor, calibration.classifier_weight):
-                    default = fused
                     for prior in PRIOR_WEIGHTS:
                         name = f"fused floor {floor} w {w} prior {prior}"
                         norm = replace(fused, weight=w, prior_weight=prior)
@@ -160,6 +161,7 @@ def main() -> None:
             shot["top5"],
         )
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in figures) + " |")
+    default = cohorts[calibration.classifier_logit_floor]
     model.fusion = replace(raw, floor=calibration.classifier_logit_floor).centred(default.class_center)
     _synthetic_rows(model, replace(default, weight=calibration.classifier_weight), params)
 

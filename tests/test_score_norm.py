@@ -1,6 +1,6 @@
-"""One scale for every prompt: exact cohort moments, the folded scale and bias of both logits
-(the cohort z-score and the head's own), one scale for prompts whose raw scores sit at different
-levels, the fusion with the backbone's classifier, and the model folder's cohort file."""
+"""Cohort score normalisation: exact cohort moments, the folded scale and bias, one scale for
+prompts whose raw scores sit at different levels, the head's prior added at its weight, the fusion
+with the backbone's classifier, and the model folder's cohort file."""
 
 from __future__ import annotations
 

@@ -342,6 +342,8 @@ class LoaderParams(_Section):
     batch_size: int = Field(16, ge=1, le=65536)
     texts_per_audio: int = Field(5, ge=1, le=64)  # N: the text buffer has N x batch_size slots
     background_texts: bool = True  # each mixture's background label is a text too (one more slot)
+    # texts of training labels absent from the batch, drawn per batch: negatives everywhere
+    negative_texts: int = Field(0, ge=0, le=4096)
     num_workers: int = Field(2, ge=0, le=64)
     shuffle: bool = True
     seed: int = 0

@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flam_core.config import Params
-from flam_core.data.loader import Collate, IndexedDataset, make_loader
+from flam_core.data.loader import Collate, IndexedDataset, make_loader, text_vocabulary
 from flam_core.errors import ConfigError, DataError, FlamError
 from flam_core.features import FeatureCache
 from flam_core.losses import (
@@ -248,7 +248,18 @@ def _train_loader(
     if features_dir is not None:
         cache = FeatureCache(features_dir, "train")
         dataset = IndexedDataset(cache, shuffle=loader.shuffle, seed=loader.seed, rank=rank, world_size=world)
-        collate = Collate(loader.texts_per_audio, loader.batch_size, background_texts=loader.background_texts)
+        collate = Collate(
+            loader.texts_per_audio,
+            loader.batch_size,
+            background_texts=loader.background_texts,
+            negative_texts=loader.negative_texts,
+            vocabulary=(
+                text_vocabulary((labels for _, labels in cache.labels), loader.background_texts)
+                if loader.negative_texts
+                else None
+            ),
+            seed=loader.seed,
+        )
         # Its own generator: creating an iterator must not draw from the global RNG, or the
         # batches skipped on resume would shift the dropout masks of a resumed run.
         generator = torch.Generator().manual_seed(loader.seed)

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from flam_core.data.loader import Collate, MixtureDataset, make_loader
+from flam_core.data.loader import Collate, MixtureDataset, make_loader, plan_vocabulary, text_vocabulary
 from flam_core.data.mixer import Mixer
 from flam_core.data.recipes import read_recipes
 from flam_core.data.sources import load_manifest
+from flam_core.errors import ConfigError
 from tests.conftest import smoke_params
 
 
@@ -58,6 +59,53 @@ def test_texts_are_labelled_against_every_mixture_by_label(setup):
                 expected = np.zeros(mixer.frames.n_frames, bool)
             assert np.array_equal(batch["labels"][i, k].numpy(), expected), (k, i, label)
     assert shared > len([t for t in batch["text_labels"] if t])  # labels recur across mixtures
+
+
+def test_vocabulary_negatives_are_absent_labels_drawn_per_batch(setup):
+    _, _, recipes_dir, mixer = setup
+    plan = mixer.plan(read_recipes(recipes_dir / "train.parquet"))
+    mixtures = [mixer.mix(plan, i) for i in range(len(plan))]
+    vocabulary = plan_vocabulary(mixer, plan, backgrounds=True)
+    # the plan's vocabulary is what the mixtures' own labels name
+    assert vocabulary == text_vocabulary((m.labels for m in mixtures), backgrounds=True)
+    assert text_vocabulary(m.labels for m in mixtures) == plan_vocabulary(mixer, plan)
+    plain = Collate(texts_per_audio=1, batch_size=2, background_texts=True)
+    collate = Collate(1, 2, background_texts=True, negative_texts=3, vocabulary=vocabulary, seed=7)
+    draws = set()
+    for start in range(0, len(mixtures) - 1, 2):
+        pair = mixtures[start : start + 2]
+        own, batch = plain(pair), collate(pair)
+        n_own, n = int(own["text_mask"].sum()), int(batch["text_mask"].sum())
+        assert len(batch["texts"]) == len(own["texts"]) + 3 == 2 * 2 + 3
+        assert batch["texts"][:n_own] == own["texts"][:n_own]  # the batch's own texts first, unchanged
+        added = batch["text_labels"][n_own:n]
+        assert n - n_own == 3 and len(set(added)) == 3
+        assert not set(added) & set(own["text_labels"][:n_own])  # labels no text of the batch names
+        for k in range(n_own, n):
+            assert batch["texts"][k] in vocabulary[batch["text_labels"][k]]
+            for i, mixture in enumerate(pair):  # labelled by label, like every text
+                labels = mixture.labels
+                row = (
+                    labels.labels.index(batch["text_labels"][k])
+                    if batch["text_labels"][k] in labels.labels
+                    else None
+                )
+                expected = labels.frames[row] if row is not None else np.zeros(mixer.frames.n_frames, bool)
+                assert np.array_equal(batch["labels"][i, k].numpy(), expected)
+        assert collate(pair)["texts"] == batch["texts"]  # the same batch draws the same texts
+        draws.add(tuple(added))
+    assert len(draws) > 1  # and other batches other ones
+    with pytest.raises(ConfigError, match="vocabulary"):
+        Collate(1, 2, negative_texts=3)
+    # the loader draws them from its split's vocabulary
+    first = {}
+    for v in (0, 3):
+        params = smoke_params("loader.batch_size=4", "loader.num_workers=0", f"loader.negative_texts={v}")
+        first[v] = next(iter(make_loader(params, "train", recipes_dir=recipes_dir, mixer=mixer)))
+    assert len(first[3]["texts"]) == len(first[0]["texts"]) + 3
+    n_own, n = int(first[0]["text_mask"].sum()), int(first[3]["text_mask"].sum())
+    assert n == n_own + 3 and first[3]["texts"][:n_own] == first[0]["texts"][:n_own]
+    assert set(first[3]["text_labels"][n_own:n]) <= set(vocabulary) - set(first[0]["text_labels"])
 
 
 def test_workers_read_disjoint_slices_covering_the_split_once(setup):

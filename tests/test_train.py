@@ -132,6 +132,16 @@ def test_every_ablation_trains_to_a_model(feature_cache, tmp_path, mode):
     assert metrics.steps == 8
 
 
+def test_vocabulary_negatives_reach_the_frame_and_prior_losses(feature_cache, tmp_path):
+    for v in (0, 4):
+        run(feature_cache, tmp_path, f"v{v}", "train.steps=2", f"loader.negative_texts={v}")
+    (plain, header), (negatives, _) = losses(tmp_path, "v0"), losses(tmp_path, "v4")
+    sed, prior = header.index("sed"), header.index("prior")
+    # the same first batch (same model, same mixtures) with 4 texts more, negative everywhere
+    assert plain[0, sed] != negatives[0, sed] and plain[0, prior] != negatives[0, prior]
+    assert (tmp_path / "v4" / "model.pt").is_file()
+
+
 def test_a_split_without_events_fails_before_any_step(feature_cache, tmp_path):
     no_events = tmp_path / "no-events"
     shutil.copytree(feature_cache, no_events)

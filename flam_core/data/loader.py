@@ -26,6 +26,14 @@ mixture j also contains "dog barking" (as an event or as its background), the te
 "a dog barks" from mixture i is positive in j's frames where the dog sounds, not a
 negative. The buffer is padded to a fixed S, so every batch has the same shapes.
 
+Vocabulary negatives (`loader.negative_texts` = V > 0): the buffer also takes up to V texts of
+training labels that no text of the batch names, one caption each, drawn uniformly over the
+split's labels (`text_vocabulary`) by a generator seeded with the loader's seed and the batch's
+mixture ids (so a batch draws the same texts in any worker, and on resume). They are labelled
+like every other text (by label, against every mixture): almost always negative everywhere. Without
+them a text meets in a batch only the mixtures around the one it came from, and never learns
+where it must stay silent on the rest of the vocabulary; S grows by V.
+
 Workers: with `num_workers` DataLoader workers (and optionally `rank`/`world_size` for
 data-parallel training), each worker reads a disjoint slice of the (per-epoch shuffled)
 mixture order, so an epoch yields every mixture exactly once.
@@ -33,7 +41,7 @@ mixture order, so an epoch yields every mixture exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,7 @@ from flam_core.audio.features import LogMel
 from flam_core.config import Params
 from flam_core.data.mixer import FrameLabels, Mixer, MixPlan, Mixture
 from flam_core.data.recipes import read_recipes
+from flam_core.errors import ConfigError
 from flam_core.utils import stable_seed
 
 
@@ -147,9 +156,20 @@ class Collate:
         batch_size: int,
         features: LogMel | None = None,
         background_texts: bool = False,
+        negative_texts: int = 0,
+        vocabulary: Mapping[str, Sequence[str]] | None = None,
+        seed: int = 0,
     ) -> None:
+        if negative_texts < 0:
+            raise ConfigError(f"negative_texts must be >= 0, got {negative_texts}")
+        if negative_texts and not vocabulary:
+            raise ConfigError("negative_texts > 0 needs the training vocabulary to draw them from")
         self.texts_per_audio, self.background_texts = texts_per_audio, background_texts
-        self.slots = (texts_per_audio + int(background_texts)) * batch_size
+        self.negative_texts, self.seed = negative_texts, seed
+        # labels in sorted order, each with its sorted captions: the draw depends on the set only
+        self.vocabulary = {label: sorted(vocabulary[label]) for label in sorted(vocabulary or {})}
+        self._vocabulary_labels = list(self.vocabulary)
+        self.slots = (texts_per_audio + int(background_texts)) * batch_size + negative_texts
         self.features = features
 
     def __call__(self, mixtures: Sequence[Mixture | CachedMixture]) -> dict[str, Any]:
@@ -166,6 +186,8 @@ class Collate:
                     seen.add(labels.captions[k])
                     texts.append(labels.captions[k])
                     text_labels.append(labels.labels[k])
+        if self.negative_texts:
+            self._add_negatives(mixtures, texts, text_labels)
         n_texts = len(texts)
         n_frames = mixtures[0].labels.frames.shape[1]
         targets = np.zeros((len(mixtures), self.slots, n_frames), dtype=bool)
@@ -196,6 +218,48 @@ class Collate:
                 batch["features"] = self.features(audio)
         return batch
 
+    def _add_negatives(self, mixtures: Sequence[Any], texts: list[str], text_labels: list[str]) -> None:
+        """Append up to `negative_texts` captions of vocabulary labels no text names yet."""
+        rng = np.random.default_rng([self.seed, *(int(m.mixture_id) for m in mixtures)])
+        named, added = set(text_labels), 0
+        for j in rng.permutation(len(self._vocabulary_labels)):
+            label = self._vocabulary_labels[j]
+            if label in named:
+                continue
+            captions = self.vocabulary[label]
+            caption = captions[int(rng.integers(len(captions)))]
+            if caption in texts:  # another label's caption, already in the buffer
+                continue
+            texts.append(caption)
+            text_labels.append(label)
+            added += 1
+            if added == self.negative_texts:
+                return
+
+
+def text_vocabulary(labelled: Iterable[FrameLabels], backgrounds: bool = False) -> dict[str, set[str]]:
+    """label -> its captions, over mixtures' labels: what the loader may put in a text buffer
+    (`backgrounds`: with `loader.background_texts`, the backgrounds' labels too)."""
+    vocabulary: dict[str, set[str]] = {}
+    for labels in labelled:
+        for label, caption, event in zip(labels.labels, labels.captions, labels.is_event, strict=True):
+            if event or backgrounds:
+                vocabulary.setdefault(label, set()).add(caption)
+    return vocabulary
+
+
+def plan_vocabulary(mixer: Mixer, plan: MixPlan, backgrounds: bool = False) -> dict[str, set[str]]:
+    """`text_vocabulary` of a recipe split resolved by `mixer`: its mixtures' labels, no audio rendered."""
+    return text_vocabulary((mixer.frame_labels(plan, i) for i in range(len(plan))), backgrounds)
+
+
+def _split_plan(
+    params: Params, split: str, library_dir: Path | None, recipes_dir: Path | None, mixer: Mixer | None
+) -> tuple[Mixer, MixPlan]:
+    """The mixer of the library and the recipe split it resolves (`mixer`: one already built)."""
+    mixer = mixer or Mixer.for_library(params, Path(library_dir or params.sources.out_dir))
+    return mixer, mixer.plan(read_recipes(Path(recipes_dir or params.synth.out_dir) / f"{split}.parquet"))
+
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
@@ -214,18 +278,29 @@ def make_loader(
     """A DataLoader over one recipe split: on the fly by default, from `shards` when given."""
     loader = params.loader
     features = LogMel(params.features, params.audio.sample_rate) if loader.features else None
-    collate = Collate(loader.texts_per_audio, loader.batch_size, features, loader.background_texts)
     if shards is not None:
         dataset: IterableDataset = ShardDataset(shards, rank, world_size)
-    else:
-        library_dir = Path(library_dir or params.sources.out_dir)
-        recipes_dir = Path(recipes_dir or params.synth.out_dir)
-        if mixer is None:
-            mixer = Mixer.for_library(params, library_dir)
-        plan = mixer.plan(read_recipes(recipes_dir / f"{split}.parquet"))
-        dataset = MixtureDataset(
-            mixer, plan, loader.shuffle and split == "train", loader.seed, rank, world_size
+        split_plan = (
+            _split_plan(params, split, library_dir, recipes_dir, mixer) if loader.negative_texts else None
         )
+    else:
+        split_plan = _split_plan(params, split, library_dir, recipes_dir, mixer)
+        shuffle = loader.shuffle and split == "train"
+        dataset = MixtureDataset(*split_plan, shuffle, loader.seed, rank, world_size)
+    vocabulary = (
+        plan_vocabulary(*split_plan, loader.background_texts)
+        if split_plan and loader.negative_texts
+        else None
+    )
+    collate = Collate(
+        loader.texts_per_audio,
+        loader.batch_size,
+        features,
+        loader.background_texts,
+        loader.negative_texts,
+        vocabulary,
+        loader.seed,
+    )
     return DataLoader(
         dataset,
         batch_size=loader.batch_size,

@@ -220,7 +220,8 @@ class Collate:
 
     def _add_negatives(self, mixtures: Sequence[Any], texts: list[str], text_labels: list[str]) -> None:
         """Append up to `negative_texts` captions of vocabulary labels no text names yet."""
-        rng = np.random.default_rng([self.seed, *(int(m.mixture_id) for m in mixtures)])
+        # numpy seeds are non-negative: a negative loader seed wraps around
+        rng = np.random.default_rng([self.seed % 2**64, *(int(m.mixture_id) for m in mixtures)])
         named, added = set(text_labels), 0
         for j in rng.permutation(len(self._vocabulary_labels)):
             label = self._vocabulary_labels[j]
